@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine (Python 3.11, CPU or GPU):
+#   make run    create .venv if missing, install the project, run `dvc repro`
+#   make test   same install, then the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Stages call `python -m pipeline...`: put the venv first so DVC finds the right Python.
+export PATH := $(abspath $(BIN)):$(PATH)
+# pip's "no index page" warnings from local mirrors are noise, not news.
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: run test install lint params bench clean
+
+# The stamp is newer than pyproject.toml once installed, so a second `make` installs nothing.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+	@touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+# Rewrite params.yaml from conf/ exactly as DVC's Hydra integration does on `dvc exp run`.
+params: install
+	$(BIN)/python -m pipeline.cli params
+
+bench: install
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf outputs multirun lightning_logs .pytest_cache

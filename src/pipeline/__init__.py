@@ -1,0 +1,3 @@
+"""CNN image-classification experiment pipeline: DVC + Hydra + Lightning + Ray Tune + MLflow."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,15 @@
+"""Image-classification models, created by name: ``create_model("lenet5", ...)``."""
+
+# Importing the family modules runs their @register_model decorators.
+from pipeline.models import lenet, mlp, vgg  # noqa: F401
+from pipeline.models.complexity import count_macs, count_parameters
+from pipeline.models.registry import create_model, list_models, model_defaults, register_model
+
+__all__ = [
+    "count_macs",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "model_defaults",
+    "register_model",
+]

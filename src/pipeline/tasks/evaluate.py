@@ -1,0 +1,97 @@
+"""The evaluate task: score the best checkpoint on the test split, log into the train run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from pipeline.config import prepare
+from pipeline.data.batches import TensorBatches, to_tensors
+from pipeline.errors import DataError
+from pipeline.layout import Layout
+from pipeline.reports.figures import confusion_matrix_png
+from pipeline.tasks.common import load_data, write_json
+from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.training.module import Classifier
+
+
+@torch.inference_mode()
+def predict(net: torch.nn.Module, images: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
+    """Class probabilities for NHWC uint8 images, in order."""
+    net.eval()
+    x, y = to_tensors(images, np.zeros(len(images), dtype=np.int64))
+    batches = TensorBatches(x, y, batch_size=batch_size, shuffle=False)
+    return torch.cat([F.softmax(net(xb), dim=1) for xb, _ in batches]).numpy()
+
+
+def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[dict, list[dict], np.ndarray]:
+    """Overall metrics, per-class rows and the confusion matrix."""
+    pred = probs.argmax(axis=1)
+    ids = list(range(len(classes)))
+    p, r, f1, support = precision_recall_fscore_support(labels, pred, labels=ids, zero_division=0)
+    overall = {
+        "acc": float((pred == labels).mean()),
+        "loss": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()),
+        "precision_macro": float(p.mean()), "recall_macro": float(r.mean()), "f1_macro": float(f1.mean()),
+        "n": int(len(labels)),
+    }
+    per_class = [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
+                  "support": int(support[i])} for i, c in enumerate(classes)]
+    return overall, per_class, confusion_matrix(labels, pred, labels=ids)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score `models/best.ckpt` on the test split; writes `metrics/test.json` and plots."""
+    cfg = prepare(cfg)
+    layout = Layout.from_cfg(cfg)
+    if not layout.best_ckpt.exists():
+        raise DataError(f"No checkpoint at {layout.best_ckpt}: run the train stage first (`dvc repro train`).")
+    raw, splits = load_data(cfg, layout)
+    module = Classifier.load_from_checkpoint(layout.best_ckpt, map_location="cpu")
+    images, labels = raw.images[splits.test], raw.labels[splits.test]
+    probs = predict(module.net, images, batch_size=cfg.data.eval_batch_size)
+    overall, per_class, cm = scores(probs, labels, raw.classes)
+
+    write_json(layout.metrics / "test.json", {"test": overall})
+    write_json(layout.plots / "per_class.json", per_class)
+    names = raw.classes
+    write_json(layout.plots / "confusion.json",
+               [{"actual": names[a], "predicted": names[b]} for a, b in zip(labels, probs.argmax(axis=1))])
+    confusion_matrix_png(cm, names, layout.plots / "confusion.png")
+
+    run = _resume_run(layout) if cfg.tracking.enabled else None
+    with run if run is not None else contextlib.nullcontext():
+        if run is not None:
+            run.log_metrics({f"test/{k}": v for k, v in overall.items() if k != "n"})
+            for name in ("confusion.png", "per_class.json", "confusion.json"):
+                run.log_artifact(layout.plots / name)
+            run.log_artifact(layout.metrics / "test.json")
+            if cfg.tracking.log_model:
+                log_model(run, module.net, images[:4])
+    return {f"test/{k}": v for k, v in overall.items()}
+
+
+def _resume_run(layout: Layout) -> TrackedRun | None:
+    if not layout.run_file.exists():
+        return None
+    info = json.loads(layout.run_file.read_text())
+    return TrackedRun.resume(tracking_uri=info["tracking_uri"], run_id=info["run_id"])
+
+
+def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray) -> None:
+    """`mlflow.pytorch.log_model` into the run, with an input example (N, C, H, W) in [0, 1]."""
+    import mlflow
+    import mlflow.pytorch
+
+    example = to_tensors(example_images, np.zeros(len(example_images)))[0].float().div(255).numpy()
+    mlflow.set_tracking_uri(run.tracking_uri)
+    with mlflow.start_run(run_id=run.run_id):
+        # Explicit requirements skip MLflow's slow import-scanning inference.
+        mlflow.pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "cnn-pipeline"])

@@ -1,0 +1,130 @@
+"""The train task: fit a registry model with Lightning on the train split, select by val/acc."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import flatten, model_args, prepare, to_container
+from pipeline.data.batches import ArrayDataModule, channel_stats
+from pipeline.layout import Layout
+from pipeline.models import count_macs, count_parameters
+from pipeline.reports.figures import learning_curves_png
+from pipeline.tasks.common import load_data, tracking_target, write_json
+from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
+from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
+from pipeline.training.module import Classifier
+
+
+def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
+          run_tags: dict[str, str] | None = None) -> dict[str, float]:
+    """Train one model as configured; returns the best epoch's metrics (keys like `val/acc`).
+
+    Writes `models/{best,last}.ckpt`, `models/run.json`, `metrics/train.json` and the
+    per-epoch curves in `plots/`, and tracks everything in one MLflow run.
+    """
+    cfg = prepare(cfg)
+    layout = Layout.from_cfg(cfg)
+    raw, splits = load_data(cfg, layout)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    dm = ArrayDataModule(raw.images, raw.labels, train_idx=splits.train, val_idx=splits.val, test_idx=splits.test,
+                         batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed)
+    channels = cfg.data.channels
+    mean, std = channel_stats(dm.subset("train")[0]) if cfg.data.normalize else ([0.0] * channels, [1.0] * channels)
+    args = model_args(cfg, num_classes=len(raw.classes))
+    arch = args.pop("name")
+    module = Classifier(arch=arch, arch_kwargs=args, mean=mean, std=std, resize=cfg.data.resize,
+                        optimizer=to_container(cfg.optimizer), scheduler=to_container(cfg.scheduler))
+    input_shape = (channels, cfg.data.image_size, cfg.data.image_size)
+    size = {"model/params": count_parameters(module.net), "model/macs": count_macs(module.net, input_shape)}
+
+    for stale in (layout.best_ckpt, layout.last_ckpt):
+        stale.unlink(missing_ok=True)  # else Lightning would write best-v1.ckpt beside it
+    layout.models.mkdir(parents=True, exist_ok=True)
+    resolved = to_container(cfg)
+    (layout.models / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+
+    run = _start_run(cfg, layout, raw.manifest, parent_run_id, run_tags) if cfg.tracking.enabled else None
+    with run if run is not None else contextlib.nullcontext():
+        if run is not None:
+            run.log_params(flatten(resolved))
+            run.log_params({"model.arch": arch, **{f"model/{k}": v for k, v in size.items()}})
+            run.log_metrics(size)
+            run.log_artifact(layout.models / "config.yaml")
+            write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
+        recorder = EpochRecorder(run)
+        checkpoint = BestCheckpoint(dirpath=layout.models, filename="best", monitor=cfg.optimized_metric, mode="max",
+                                     save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
+        cbs: list[Callback] = [recorder, checkpoint, *callbacks]
+        es = cfg.trainer.early_stopping
+        if es.enabled:
+            cbs.append(EarlyStopping(monitor=cfg.optimized_metric, mode="max", patience=es.patience,
+                                     min_delta=es.min_delta, check_finite=True))
+        trainer = _trainer(cfg, cbs)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        elapsed = time.perf_counter() - start
+
+        metrics = _summary(recorder.rows, cfg.optimized_metric, size, elapsed)
+        _write_outputs(layout, recorder.rows, metrics)
+        if run is not None:
+            run.log_metrics({f"best/{k}": v for k, v in metrics.items() if k.startswith(("train/", "val/"))})
+            run.log_metrics({"time/train_s": elapsed, "epochs": metrics["epochs"]})
+            run.log_artifact(layout.plots / "learning_curves.png")
+            run.log_artifact(layout.metrics / "train.json")
+            if recorder.diverged:
+                run.set_tags({"diverged": "true"})
+    return metrics
+
+
+def _start_run(cfg: DictConfig, layout: Layout, manifest: dict, parent_run_id: str | None,
+               extra_tags: dict[str, str] | None) -> TrackedRun:
+    target = tracking_target(cfg)
+    tags = {"dataset": cfg.data.name, "model": cfg.model.name, "config_name": cfg.name,
+            "split_sha256": tree_sha256(layout.splits), **git_commit(layout.root), **(extra_tags or {})}
+    dvc_hash = dvc_out_hash(layout.root, "split", layout.splits)
+    if dvc_hash:
+        tags["dvc_split_md5"] = dvc_hash
+    run_name = cfg.tracking.run_name or f"{cfg.name}-{cfg.model.name}-{cfg.data.name}"
+    return TrackedRun.start(**target, run_name=run_name, tags=tags, parent_run_id=parent_run_id)
+
+
+def _trainer(cfg: DictConfig, callbacks: list[Callback]) -> L.Trainer:
+    t = cfg.trainer
+    optional = {k: t[k] for k in ("gradient_clip_val", "limit_train_batches", "limit_val_batches") if t[k] is not None}
+    return L.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
+                     deterministic=t.deterministic, callbacks=callbacks, logger=False,
+                     enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
+                     num_sanity_val_steps=0, default_root_dir=cfg.paths.out_dir, **optional)
+
+
+def _summary(rows: list[dict], monitor: str, size: dict, elapsed: float) -> dict[str, float]:
+    """The best epoch's figures by the monitored metric (what the best checkpoint holds)."""
+    key = monitor.replace("/", "_")
+    scored = [r for r in rows if key in r]
+    best = max(scored, key=lambda r: r[key]) if scored else (rows[-1] if rows else {"epoch": -1})
+    out = {k.replace("_", "/", 1): v for k, v in best.items() if k.startswith(("train_", "val_"))}
+    out.update({"best_epoch": best["epoch"], "epochs": len(rows), "time/train_s": elapsed, **size})
+    return out
+
+
+def _write_outputs(layout: Layout, rows: list[dict], metrics: dict[str, float]) -> None:
+    nested: dict = {}
+    for k, v in metrics.items():
+        head, _, tail = k.partition("/")
+        if tail:
+            nested.setdefault(head, {})[tail] = v
+        else:
+            nested[head] = v
+    write_json(layout.metrics / "train.json", nested)
+    write_json(layout.plots / "train_curves.json", rows)
+    learning_curves_png(rows, layout.plots / "learning_curves.png")
+
+
