@@ -55,7 +55,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
             run.log_params(flatten(resolved))
-            run.log_params({"model.arch": arch, **{f"model/{k}": v for k, v in size.items()}})
+            run.log_params({"model.arch": arch, **size})
             run.log_metrics(size)
             run.log_artifact(layout.models / "config.yaml")
             write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})

@@ -1,0 +1,232 @@
+"""Lightning overhead: the pipeline's training path versus a bare PyTorch loop.
+
+Both sides train the same network (``build_network``: ``Preprocess`` + ``create_model``)
+with the same optimizer and schedule, on the same ``TensorBatches`` of the same training
+split, for the same number of optimizer steps, in one process with the same torch thread
+count and determinism setting:
+
+(a) pipeline: ``Classifier`` + ``ArrayDataModule`` + ``lightning.Trainer`` built like
+    ``pipeline.tasks.train._trainer`` (``logger=False``, deterministic as configured,
+    the ``EpochRecorder`` callback) minus what the bench must exclude: no progress bar,
+    no checkpointing, no validation (``limit_val_batches=0``), ``max_steps`` instead of
+    ``max_epochs``.
+(b) bare: forward, cross-entropy, train-mode accuracy and batch-size-weighted epoch sums
+    (what the module logs per epoch), ``zero_grad(set_to_none=True)``, backward, step;
+    the LR schedule stepped once per epoch.
+
+Each run does ``--warmup`` steps and then ``--steps`` timed steps; only the timed steps
+count (the clock starts when step ``warmup + 1`` begins and stops when step
+``warmup + steps`` ends), so one-off costs (Trainer setup, first-call allocations) are
+excluded. The two sides alternate ``--repeats`` times and the best run of each is kept.
+
+    .venv/bin/python bench/overhead.py [--model minivgg] [--steps 600] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from pipeline.config import compose, to_container
+from pipeline.data.batches import ArrayDataModule, TensorBatches, channel_stats
+from pipeline.data.sources import load_source
+from pipeline.data.splits import stratified_split
+from pipeline.training.callbacks import EpochRecorder
+from pipeline.training.module import Classifier, build_network
+from pipeline.training.optim import build_optimizer, build_scheduler
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class Setup:
+    """Everything both sides share: data, split, architecture and optimisation settings."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    train_idx: np.ndarray
+    arch: str
+    arch_kwargs: dict
+    mean: list[float]
+    std: list[float]
+    resize: int | None
+    optimizer: dict
+    scheduler: dict
+    batch_size: int
+    seed: int
+    deterministic: bool
+
+
+@dataclass
+class Result:
+    seconds: float
+    samples: int
+    steps: int
+    final_loss: float
+
+
+def make_setup(args: argparse.Namespace, download_dir: Path) -> Setup:
+    cfg = compose([f"model={args.model}", f"data={args.data}"], conf=CONF_DIR)
+    images, labels, classes, _ = load_source(cfg.data.name, download_dir=download_dir)
+    split = cfg.data.split
+    train_idx, _, _ = stratified_split(labels, val_fraction=split.val_fraction,
+                                       test_fraction=split.test_fraction, seed=split.seed)
+    dm = ArrayDataModule(images, labels, train_idx=train_idx, val_idx=train_idx[:0],
+                         batch_size=1, eval_batch_size=1, seed=0)
+    channels = int(cfg.data.channels)
+    mean, std = (channel_stats(dm.subset("train")[0]) if cfg.data.normalize
+                 else ([0.0] * channels, [1.0] * channels))
+    arch_kwargs = {k: v for k, v in to_container(cfg.model).items() if k != "name"}
+    arch_kwargs.update(in_channels=channels, num_classes=len(classes),
+                       image_size=int(cfg.data.resize or cfg.data.image_size))
+    return Setup(images=images, labels=labels, train_idx=train_idx, arch=cfg.model.name,
+                 arch_kwargs=arch_kwargs, mean=mean, std=std, resize=cfg.data.resize,
+                 optimizer=to_container(cfg.optimizer), scheduler=to_container(cfg.scheduler),
+                 batch_size=args.batch_size or int(cfg.data.batch_size), seed=int(cfg.seed),
+                 deterministic=bool(cfg.trainer.deterministic))
+
+
+# ----------------------------------------------------------------------------- (a) Lightning
+
+
+class _StepClock(Callback):
+    """Starts the clock as optimizer step `warmup + 1` begins, stops it when `last` ends."""
+
+    def __init__(self, warmup: int, last: int) -> None:
+        self.warmup, self.last = warmup, last
+        self.start = self.stop = 0.0
+        self.samples = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+        if trainer.global_step >= self.warmup:
+            self.samples += len(batch[1])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.last:
+            self.stop = time.perf_counter()
+
+
+def run_pipeline(s: Setup, warmup: int, steps: int) -> Result:
+    torch.manual_seed(s.seed)
+    dm = ArrayDataModule(s.images, s.labels, train_idx=s.train_idx, val_idx=s.train_idx[:0],
+                         batch_size=s.batch_size, eval_batch_size=s.batch_size, seed=s.seed)
+    module = Classifier(arch=s.arch, arch_kwargs=s.arch_kwargs, mean=s.mean, std=s.std,
+                        resize=s.resize, optimizer=s.optimizer, scheduler=s.scheduler)
+    clock = _StepClock(warmup, warmup + steps)
+    recorder = EpochRecorder(None)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(max_steps=warmup + steps, max_epochs=-1, accelerator="cpu", devices=1,
+                            precision="32-true", deterministic=s.deterministic,
+                            callbacks=[recorder, clock], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False,
+                            num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root)
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == warmup + steps and clock.stop > 0.0
+    return Result(clock.stop - clock.start, clock.samples, steps,
+                  float(trainer.callback_metrics["train/loss"]))
+
+
+# ----------------------------------------------------------------------------- (b) bare loop
+
+
+def run_bare(s: Setup, warmup: int, steps: int) -> Result:
+    torch.manual_seed(s.seed)
+    torch.use_deterministic_algorithms(s.deterministic)
+    x, y = ArrayDataModule(s.images, s.labels, train_idx=s.train_idx, val_idx=s.train_idx[:0],
+                           batch_size=1, eval_batch_size=1, seed=0).subset("train")
+    batches = TensorBatches(x, y, batch_size=s.batch_size, shuffle=True, seed=s.seed)
+    net = build_network(s.arch, s.arch_kwargs, mean=s.mean, std=s.std, resize=s.resize)
+    net.train()
+    opt_cfg, sched_cfg = dict(s.optimizer), dict(s.scheduler)
+    optimizer = build_optimizer(net.parameters(), opt_cfg.pop("name"), **opt_cfg)
+    scheduler = build_scheduler(optimizer, sched_cfg.pop("name"), **sched_cfg)
+
+    total = warmup + steps
+    step = samples = epoch = 0
+    start = stop = 0.0
+    epoch_loss = 0.0
+    while step < total:
+        batches.set_epoch(epoch)
+        loss_sum = torch.zeros(())
+        acc_sum = torch.zeros(())
+        seen = 0
+        for xb, yb in batches:
+            if step == warmup:
+                start = time.perf_counter()
+            if step >= warmup:
+                samples += len(yb)
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb)
+            acc = (logits.argmax(dim=1) == yb).float().mean()
+            n = len(yb)
+            loss_sum += loss.detach() * n
+            acc_sum += acc * n
+            seen += n
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == total:
+                stop = time.perf_counter()
+                break
+        epoch_loss = float(loss_sum / seen)  # the epoch means the module logs
+        _ = float(acc_sum / seen)
+        scheduler.step()
+        epoch += 1
+    return Result(stop - start, samples, steps, epoch_loss)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="minivgg", help="a conf/model/ name (default minivgg)")
+    parser.add_argument("--data", default="digits", help="a conf/data/ name that needs no download")
+    parser.add_argument("--steps", type=int, default=600, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps before the clock starts")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the data config's (64)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side; the best is kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+
+    warnings.filterwarnings("ignore")  # Lightning's "no val loader"/"few workers" notes
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # "GPU available: False", ...
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = make_setup(args, Path(tmp))
+    best: dict[str, Result] = {}
+    runners = {"pipeline": run_pipeline, "bare": run_bare}
+    for _ in range(args.repeats):
+        for name, fn in runners.items():
+            r = fn(setup, args.warmup, args.steps)
+            if name not in best or r.seconds < best[name].seconds:
+                best[name] = r
+
+    print(f"{args.data} / {setup.arch}, batch {setup.batch_size}, {args.steps} timed steps "
+          f"(+{args.warmup} warm-up), best of {args.repeats}, torch threads {torch.get_num_threads()}")
+    print(f"{'':10} {'samples/s':>10} {'steps/s':>9} {'ms/step':>8} {'final loss':>11}")
+    for name, r in best.items():
+        print(f"{name:10} {r.samples / r.seconds:10.0f} {r.steps / r.seconds:9.1f} "
+              f"{1000 * r.seconds / r.steps:8.3f} {r.final_loss:11.4f}")
+    print(f"ratio (pipeline/bare): {best['bare'].seconds / best['pipeline'].seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()

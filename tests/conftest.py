@@ -1,0 +1,50 @@
+"""Shared fixtures: the real composed config, shrunk for CPU tests, in a temporary project."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig, open_dict
+
+from pipeline.config import compose
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+def make_cfg(tmp: Path, overrides: Sequence[str] = (), *, epochs: int = 2, tracking: bool = True) -> DictConfig:
+    """The real config with small limits, all paths inside `tmp` and a SQLite store there."""
+    cfg = compose([
+        f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
+        f"tracking.enabled={str(tracking).lower()}", *overrides,
+    ], conf=REPO / "conf")
+    with open_dict(cfg):
+        cfg.paths.root = str(tmp)
+        cfg.paths.data_dir = str(tmp / "data")
+        cfg.paths.download_dir = str(tmp / "downloads")
+        cfg.paths.out_dir = str(tmp / "out")
+        if not any(o.startswith("tracking.tracking_uri") for o in overrides):
+            cfg.tracking.tracking_uri = f"sqlite:///{tmp / 'mlflow.db'}"
+            cfg.tracking.artifact_location = str(tmp / "mlartifacts")
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path: Path):
+    """`cfg_factory(["model=lenet5"], epochs=3)` -> a shrunk config rooted in tmp_path."""
+    return lambda overrides=(), **kw: make_cfg(tmp_path, overrides, **kw)
+
+
+@pytest.fixture
+def digits_cfg(cfg_factory) -> DictConfig:
+    """A shrunk digits config whose data (fetch + split) is already prepared."""
+    from pipeline.tasks.prepare import ensure_data
+
+    cfg = cfg_factory()
+    ensure_data(cfg)
+    return cfg

@@ -1,0 +1,116 @@
+"""Configuration: composition, params.yaml agreement, and validation before any work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+
+from pipeline.config import compose, prepare
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_committed_params_yaml_equals_the_composition(tmp_path):
+    # The same function DVC calls on `dvc exp run` (hydra.enabled), so this is exactly its output.
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(CONF), None, "config", str(tmp_path), [])
+    assert out.read_text() == (REPO / "params.yaml").read_text(), "params.yaml is stale: run `make params`"
+
+
+def test_dvc_config_enables_hydra():
+    text = (REPO / ".dvc" / "config").read_text()
+    assert "[hydra]" in text and "enabled = true" in text
+
+
+@pytest.mark.parametrize("group", ["data", "model", "optimizer", "scheduler", "trainer", "tracking"])
+def test_every_group_option_composes_and_validates(group):
+    for option in _options(group):
+        overrides = [f"{group}={option}"]
+        if option == "imagefolder":
+            overrides.append("data.path=/nonexistent/images")
+        cfg = compose(overrides, conf=CONF)
+        assert prepare(cfg) is not None, option
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = compose([f"experiment={experiment}"], conf=CONF)
+    prepare(cfg)
+    assert cfg.name == experiment
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=abc", r"optimizer\.lr must be a number, got 'abc'"),
+        ("optimizer.lr=-0.1", r"optimizer\.lr=-0\.1 is out of range: it must be > 0"),
+        ("model.dropout=1.0", r"model\.dropout=1\.0 is out of range: it must be >= 0 and < 1"),
+        ("model.dropout=-0.2", r"model\.dropout=-0\.2 is out of range"),
+        ("data.batch_size=0", r"data\.batch_size=0 is out of range"),
+        ("trainer.max_epochs=2.5", r"trainer\.max_epochs must be an integer"),
+        ("trainer.early_stopping.patience=-1", r"trainer\.early_stopping\.patience=-1"),
+        ("scheduler.gamma=2", r"scheduler\.gamma=2 is out of range"),
+        ("data.split.test_fraction=1.5", r"data\.split\.test_fraction=1\.5"),
+        ("+model.bogus=3", r"bogus"),
+        ("model.activation=swishy", r"swishy"),
+        ("optimizer=sgd optimizer.momentum=1.5", r"optimizer\.momentum=1\.5"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override, message):
+    cfg = compose(override.split(), conf=CONF)
+    with pytest.raises(ConfigError, match=message):
+        prepare(cfg)
+
+
+def test_model_too_small_for_input_fails_before_training():
+    cfg = compose(["model=minivgg", "model.widths=[8,8,8,8]"], conf=CONF)  # 8 px cannot pool 4 times
+    with pytest.raises(ConfigError, match="minivgg"):
+        prepare(cfg)
+
+
+def test_relative_paths_are_made_absolute(tmp_path):
+    cfg = compose([], conf=CONF)
+    with open_dict(cfg):
+        cfg.paths.root = str(tmp_path)
+    out = prepare(cfg)
+    assert Path(out.paths.data_dir) == tmp_path / "data"
+    assert Path(out.paths.out_dir) == tmp_path
+    assert OmegaConf.select(cfg, "paths.data_dir") == "data"  # the input is not mutated
+
+
+def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "pipeline.train", *overrides, f"paths.root={tmp_path}",
+                           f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_unknown_option_lists_choices(tmp_path):
+    result = _cli(tmp_path, "model=nosuch")
+    assert result.returncode != 0
+    assert "nosuch" in result.stderr
+    for choice in _options("model"):
+        assert choice in result.stderr
+
+
+@pytest.mark.parametrize("override, key", [("optimizer.lr=abc", "optimizer.lr"), ("model.dropout=1.5", "model.dropout")])
+def test_cli_bad_value_exits_before_reading_data_or_creating_a_run(tmp_path, override, key):
+    result = _cli(tmp_path, override)
+    assert result.returncode == 2
+    assert key in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "mlflow.db").exists()

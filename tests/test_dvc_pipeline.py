@@ -1,0 +1,111 @@
+"""The real pipeline: `dvc repro` in a temporary git repository holding this working tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git repository with the project's tracked (and new, not ignored) files."""
+    dest = tmp_path_factory.mktemp("project")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "baseline"], dest)
+    return dest
+
+
+def _stages_run(output: str) -> set[str]:
+    return {s for s in ("fetch", "split", "train", "evaluate") if f"Running stage '{s}'" in output}
+
+
+@pytest.fixture(scope="module")
+def first_repro(project: Path) -> str:
+    return run([str(BIN / "dvc"), "repro"], project)
+
+
+def test_repro_runs_every_stage_and_writes_outputs(project, first_repro):
+    assert _stages_run(first_repro) == {"fetch", "split", "train", "evaluate"}
+    manifest = json.loads((project / "data/raw/digits/manifest.json").read_text())
+    assert manifest["image_shape"] == [8, 8, 1] and manifest["num_samples"] == 1797
+    for rel in ("data/splits/digits/split.json", "models/best.ckpt", "models/last.ckpt", "metrics/train.json",
+                "plots/train_curves.json", "plots/confusion.json", "plots/confusion.png", "plots/learning_curves.png"):
+        assert (project / rel).exists(), rel
+    test = json.loads((project / "metrics/test.json").read_text())["test"]
+    assert test["acc"] >= 0.97, test  # the defaults' promise on digits
+    assert (project / "mlflow.db").exists()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
+    assert status.strip() in ("", "M dvc.lock", "A  dvc.lock", "?? dvc.lock"), status  # outputs are ignored
+
+
+def test_train_tagged_with_dvc_split_hash(project, first_repro):
+    from mlflow.tracking import MlflowClient
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    split_md5 = next(o["md5"] for o in lock["stages"]["split"]["outs"] if o["path"] == "data/splits/digits")
+    run_id = json.loads((project / "models/run.json").read_text())["run_id"]
+    run_info = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
+    assert run_info.data.tags["dvc_split_md5"] == split_md5
+    assert run_info.data.tags["git_commit"]
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.metrics["test/acc"] >= 0.97
+
+
+def test_second_repro_is_a_noop(project, first_repro):
+    out = run([str(BIN / "dvc"), "repro"], project)
+    assert _stages_run(out) == set()
+    assert "up to date" in out.lower()
+
+
+def test_metrics_and_plots_show(project, first_repro):
+    out = run([str(BIN / "dvc"), "metrics", "show"], project)
+    assert "test.acc" in out and "val.acc" in out
+    run([str(BIN / "dvc"), "plots", "show", "-o", "dvc_plots"], project)
+    html = (project / "dvc_plots" / "index.html").read_text()
+    assert "train_curves.json" in html and "confusion" in html
+
+
+def test_exp_run_model_change_reruns_only_train_and_evaluate(project, first_repro):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "lock"], project)
+    out = run([str(BIN / "dvc"), "exp", "run", "-S", "model=lenet5", "-S", "trainer.max_epochs=3"], project)
+    assert _stages_run(out) == {"train", "evaluate"}, out
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["model"]["name"] == "lenet5" and params["model"]["activation"] == "tanh"
+    config = yaml.safe_load((project / "models/config.yaml").read_text())
+    assert config["model"]["name"] == "lenet5"
+    shown = run([str(BIN / "dvc"), "exp", "show", "--no-pager", "--md"], project)
+    assert "lenet5" in shown

@@ -1,0 +1,97 @@
+"""Property tests for the pure split functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.data.splits import load_splits, make_splits, save_splits, stratified_folds, stratified_split
+from pipeline.errors import ConfigError, DataError
+
+
+@st.composite
+def labelings(draw):
+    n_classes = draw(st.integers(2, 6))
+    counts = draw(st.lists(st.integers(12, 60), min_size=n_classes, max_size=n_classes))
+    labels = np.repeat(np.arange(n_classes), counts)
+    order = np.random.default_rng(draw(st.integers(0, 1000))).permutation(len(labels))
+    return labels[order]
+
+
+fractions = st.sampled_from([(0.1, 0.1), (0.15, 0.15), (0.2, 0.1), (0.0, 0.25), (0.25, 0.0)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(labels=labelings(), fr=fractions, k=st.integers(2, 6), seed=st.integers(0, 2**31))
+def test_split_properties(labels, fr, k, seed):
+    val_f, test_f = fr
+    s = make_splits(labels, val_fraction=val_f, test_fraction=test_f, folds=k, seed=seed)
+    n = len(labels)
+    # train/val/test partition the dataset
+    everything = np.concatenate([s.train, s.val, s.test])
+    assert sorted(everything.tolist()) == list(range(n))
+    # each part is stratified: class counts within one of the proportional count
+    counts = np.bincount(labels)
+    for part, frac in ((s.test, test_f), (s.val, val_f)):
+        got = np.bincount(labels[part], minlength=len(counts))
+        assert np.all(np.abs(got - counts * frac) <= 1.0 + 1e-9)
+    # folds partition train+val, never touch test, and are stratified within one sample
+    trainval = np.sort(np.concatenate([s.train, s.val]))
+    assert sorted(np.concatenate(s.folds).tolist()) == trainval.tolist()
+    assert not set(np.concatenate(s.folds).tolist()) & set(s.test.tolist())
+    tv_counts = np.bincount(labels[trainval], minlength=len(counts))
+    for fold in s.folds:
+        got = np.bincount(labels[fold], minlength=len(counts))
+        assert np.all(np.abs(got - tv_counts / k) <= 1.0)
+    # fold i's training set is everything else in train+val
+    tr, va = s.fold(0)
+    assert not set(tr.tolist()) & set(va.tolist())
+    assert len(tr) + len(va) == len(trainval)
+
+
+@settings(max_examples=25, deadline=None)
+@given(labels=labelings(), seed=st.integers(0, 2**31))
+def test_same_seed_same_split_other_seed_differs(labels, seed):
+    a = make_splits(labels, val_fraction=0.15, test_fraction=0.15, folds=3, seed=seed)
+    b = make_splits(labels, val_fraction=0.15, test_fraction=0.15, folds=3, seed=seed)
+    c = make_splits(labels, val_fraction=0.15, test_fraction=0.15, folds=3, seed=seed + 1)
+    for x, y in zip((a.train, a.val, a.test, *a.folds), (b.train, b.val, b.test, *b.folds)):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.test, c.test)
+
+
+def test_fold_class_balance_on_uneven_counts():
+    labels = np.array([0] * 23 + [1] * 7 + [2] * 11)
+    folds = stratified_folds(labels, np.arange(len(labels)), k=5, seed=3)
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1  # balanced overall, not just per class
+    for cls, n in ((0, 23), (1, 7), (2, 11)):
+        per_fold = [int((labels[f] == cls).sum()) for f in folds]
+        assert set(per_fold) <= {n // 5, -(-n // 5)}
+
+
+@pytest.mark.parametrize("val,test", [(-0.1, 0.1), (0.5, 0.5), (0.1, 1.0)])
+def test_bad_fractions_name_the_key(val, test):
+    with pytest.raises(ConfigError, match="data.split"):
+        stratified_split(np.zeros(10, dtype=int), val_fraction=val, test_fraction=test, seed=0)
+
+
+def test_too_many_folds_for_a_class():
+    labels = np.array([0] * 20 + [1] * 3)
+    with pytest.raises(ConfigError, match="data.split.folds=5.*class 1"):
+        stratified_folds(labels, np.arange(len(labels)), k=5, seed=0)
+
+
+def test_save_load_roundtrip_and_param_check(tmp_path):
+    labels = np.repeat(np.arange(3), 30)
+    s = make_splits(labels, val_fraction=0.2, test_fraction=0.2, folds=4, seed=7)
+    save_splits(tmp_path, s, labels)
+    loaded = load_splits(tmp_path, expect={"seed": 7, "folds": 4})
+    np.testing.assert_array_equal(loaded.test, s.test)
+    assert len(loaded.folds) == 4
+    with pytest.raises(DataError, match="seed: split has 7, config asks 8"):
+        load_splits(tmp_path, expect={"seed": 8})
+    with pytest.raises(DataError, match="No split found"):
+        load_splits(tmp_path / "missing")
