@@ -5,8 +5,9 @@ Adding a choice is one dict entry; error messages list the table keys, so they n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
@@ -20,6 +21,33 @@ ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "prelu": nn.PReLU,  # learnable slope, so it has parameters
 }
+
+
+
+class Maxout(nn.Module):
+    """Maxout (Goodfellow et al. 2013) as a drop-in activation: a learned 1x1 map to
+    ``pieces`` candidates per channel, then the max. Channel count is unchanged, so it can
+    stand wherever ReLU does; it adds ``channels * channels * pieces`` weights."""
+
+    def __init__(self, channels: int, pieces: int = 2, dim: int = 2) -> None:
+        super().__init__()
+        if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 2:
+            raise ConfigError(f"maxout needs an integer pieces >= 2, got {pieces!r}.")
+        if channels is None:
+            raise ConfigError("maxout needs to know its channel count; this layer cannot use maxout.")
+        self.pieces, self.dim = pieces, dim
+        self.proj = nn.Conv2d(channels, channels * pieces, 1) if dim == 2 else nn.Linear(channels, channels * pieces)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        if self.dim == 2:
+            n, _, h, w = y.shape
+            return y.view(n, -1, self.pieces, h, w).amax(dim=2)
+        return y.view(*y.shape[:-1], -1, self.pieces).amax(dim=-1)
+
+
+# Activations whose constructor needs the channel count and dimensionality.
+SHAPED_ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {"maxout": Maxout}
 
 POOLS: dict[str, Callable[..., nn.Module]] = {
     "max": nn.MaxPool2d,
@@ -53,9 +81,26 @@ def _build(ctor: Callable[..., nn.Module], what: str, name: object, **kw) -> nn.
         raise ConfigError(f"Bad options {kw} for {what} {name!r}: {exc}") from exc
 
 
-def make_activation(name: str, **kw) -> nn.Module:
-    """Build an activation by name (see ``ACTIVATIONS``); ``kw`` go to its constructor."""
-    return _build(_lookup(ACTIVATIONS, name, "activation"), "activation", name, **kw)
+def make_activation(spec: str | Mapping, channels: int | None = None, dim: int = 2, **kw) -> nn.Module:
+    """Build an activation from a name or a mapping ``{name: ..., **options}``.
+
+    ``make_activation("leaky_relu", negative_slope=0.2)`` and
+    ``make_activation({"name": "maxout", "pieces": 3}, channels=64)`` both work, so a
+    config can say ``activation: elu`` or ``activation: {name: elu, alpha: 0.5}``.
+    ``channels``/``dim`` describe the tensor it acts on (needed by maxout only).
+    """
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        name = options.pop("name", None)
+        kw = {**options, **kw}
+    else:
+        name = spec
+    key = name.lower() if isinstance(name, str) else None
+    if key in SHAPED_ACTIVATIONS:
+        return _build(SHAPED_ACTIVATIONS[key], "activation", name, channels=channels, dim=dim, **kw)
+    table = {**ACTIVATIONS, **SHAPED_ACTIVATIONS}
+    ctor = _lookup(table, name, "activation")
+    return _build(ctor, "activation", name, **kw)
 
 
 def make_pool(

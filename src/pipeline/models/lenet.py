@@ -35,7 +35,7 @@ def _paddings(size: int) -> tuple[int, int, int]:
     return pad1, pad3, _conv_pool(s2, pad3)
 
 
-@register_model("lenet5")
+@register_model("lenet5", min_image_size=8)
 def lenet5(
     *,
     in_channels: int,
@@ -64,7 +64,7 @@ def lenet5(
         return [
             (tag, nn.Conv2d(cin, cout, 5, padding=pad)),
             (f"{tag}_norm", make_norm(batch_norm, cout)),
-            (f"{tag}_act", make_activation(activation)),
+            (f"{tag}_act", make_activation(activation, channels=cout)),
         ]
 
     # Named layers mirror the paper's C/S/F labels, which keeps printouts readable.
@@ -75,10 +75,10 @@ def lenet5(
         ("s4", make_pool(pooling, 2)),
         ("flatten", nn.Flatten()),
         ("c5", nn.Linear(16 * s4h * s4w, 120)),
-        ("c5_act", make_activation(activation)),
+        ("c5_act", make_activation(activation, channels=120, dim=1)),
         ("c5_drop", make_dropout(dropout)),
         ("f6", nn.Linear(120, 84)),
-        ("f6_act", make_activation(activation)),
+        ("f6_act", make_activation(activation, channels=84, dim=1)),
         ("f6_drop", make_dropout(dropout)),
         ("output", nn.Linear(84, num_classes)),
     ]

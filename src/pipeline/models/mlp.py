@@ -38,7 +38,7 @@ def mlp(
         layers += [
             nn.Linear(width, size),
             make_norm(batch_norm, size, dim=1),
-            make_activation(activation),
+            make_activation(activation, channels=size, dim=1),
             make_dropout(dropout),
         ]
         width = size

@@ -17,18 +17,25 @@ from pipeline.models.layers import pair
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
+# Smallest square input each design accepts (a builder given less raises ConfigError).
+_MIN_SIZE: dict[str, int] = {}
 # Supplied by create_model itself, so they are not "the model's own" kwargs.
 _COMMON = ("in_channels", "num_classes", "image_size")
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator registering a builder under ``name``; a duplicate name raises ValueError."""
+def register_model(name: str, *, min_image_size: int = 1) -> Callable[[Builder], Builder]:
+    """Decorator registering a builder under ``name``; a duplicate name raises ValueError.
+
+    ``min_image_size`` documents the smallest input the design takes (tests and
+    `pipeline models` use it); the builder itself must raise ConfigError below it.
+    """
 
     def decorator(fn: Builder) -> Builder:
         if name in _REGISTRY:
             # A silent overwrite would make create_model depend on import order.
             raise ValueError(f"Model {name!r} is already registered by {_REGISTRY[name]!r}.")
         _REGISTRY[name] = fn
+        _MIN_SIZE[name] = min_image_size
         return fn
 
     return decorator
@@ -37,6 +44,12 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
 def list_models() -> list[str]:
     """Sorted names of all registered models."""
     return sorted(_REGISTRY)
+
+
+def min_image_size(name: str) -> int:
+    """The smallest square input (pixels) model ``name`` accepts."""
+    _builder(name)
+    return _MIN_SIZE[name]
 
 
 def _builder(name: str) -> Builder:

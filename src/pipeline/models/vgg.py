@@ -48,7 +48,7 @@ def make_layers(
                 layers.append(make_dropout(pool_dropout, "conv_dropout"))
             continue
         conv = nn.Conv2d(in_channels, item, 3, padding=1)
-        act, norm = make_activation(activation), make_norm(batch_norm, item)
+        act, norm = make_activation(activation, channels=item), make_norm(batch_norm, item)
         block = [conv, act, norm] if norm_after_activation else [conv, norm, act]
         layers += [m for m in block if not isinstance(m, nn.Identity)]
         in_channels = item
@@ -79,7 +79,7 @@ class VGG(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-@register_model("minivgg")
+@register_model("minivgg", min_image_size=4)
 def minivgg(
     *,
     in_channels: int,
@@ -114,7 +114,7 @@ def minivgg(
     )
     classifier = nn.Sequential(
         nn.Linear(widths[-1] * fh * fw, fc_size),
-        make_activation(activation),
+        make_activation(activation, channels=fc_size, dim=1),
         make_norm(batch_norm, fc_size, dim=1),
         make_dropout(dropout),
         nn.Linear(fc_size, num_classes),
