@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.data.splits import load_splits, make_splits, save_splits, stratified_folds, stratified_split
+from pipeline.data.splits import (
+    load_splits,
+    make_splits,
+    save_splits,
+    stratified_folds,
+    stratified_split,
+)
 from pipeline.errors import ConfigError, DataError
 
 

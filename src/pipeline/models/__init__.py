@@ -3,7 +3,13 @@
 # Importing the family modules runs their @register_model decorators.
 from pipeline.models import lenet, mlp, vgg  # noqa: F401
 from pipeline.models.complexity import count_macs, count_parameters
-from pipeline.models.registry import create_model, list_models, min_image_size, model_defaults, register_model
+from pipeline.models.registry import (
+    create_model,
+    list_models,
+    min_image_size,
+    model_defaults,
+    register_model,
+)
 
 __all__ = [
     "count_macs",
