@@ -1,9 +1,9 @@
 """Lightning overhead: the pipeline's training path versus a bare PyTorch loop.
 
 Both sides train the same network (``build_network``: ``Preprocess`` + ``create_model``)
-with the same optimizer and schedule, on the same ``TensorBatches`` of the same training
-split, for the same number of optimizer steps, in one process with the same torch thread
-count and determinism setting:
+with the same optimizer (the config's, at a constant rate: ``scheduler=none``), on the same
+``TensorBatches`` of the same training split, for the same number of optimizer steps, in one
+process with the same torch thread count, seed and determinism setting:
 
 (a) pipeline: ``Classifier`` + ``ArrayDataModule`` + ``lightning.Trainer`` built like
     ``pipeline.tasks.train._trainer`` (``logger=False``, deterministic as configured,
@@ -11,8 +11,11 @@ count and determinism setting:
     no checkpointing, no validation (``limit_val_batches=0``), ``max_steps`` instead of
     ``max_epochs``.
 (b) bare: forward, cross-entropy, train-mode accuracy and batch-size-weighted epoch sums
-    (what the module logs per epoch), ``zero_grad(set_to_none=True)``, backward, step;
-    the LR schedule stepped once per epoch.
+    (what the module logs per epoch), ``zero_grad(set_to_none=True)``, backward, step.
+
+Both start from the same weights and see the same batches, so they end with the same
+training loss (the "final loss" column: the last epoch's mean); a mismatch means the two
+sides no longer do the same work.
 
 Each run does ``--warmup`` steps and then ``--steps`` timed steps; only the timed steps
 count (the clock starts when step ``warmup + 1`` begins and stops when step
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -38,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from pipeline.config import compose, to_container
+from pipeline.config import compose, model_args, to_container
 from pipeline.data.batches import ArrayDataModule, TensorBatches, channel_stats
 from pipeline.data.sources import load_source
 from pipeline.data.splits import stratified_split
 from pipeline.training.callbacks import EpochRecorder
 from pipeline.training.module import Classifier, build_network
-from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.optim import build_optimizer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -70,14 +74,17 @@ class Setup:
 
 @dataclass
 class Result:
-    seconds: float
+    seconds: float  # wall clock
+    cpu: float  # CPU time of the whole process over the same steps
     samples: int
     steps: int
     final_loss: float
 
 
 def make_setup(args: argparse.Namespace, download_dir: Path) -> Setup:
-    cfg = compose([f"model={args.model}", f"data={args.data}"], conf=CONF_DIR)
+    # A constant rate: a schedule is one call per epoch, not what is measured, and LR
+    # schedulers that need the run length in epochs do not fit a run cut by max_steps.
+    cfg = compose([f"model={args.model}", f"data={args.data}", "scheduler=none"], conf=CONF_DIR)
     images, labels, classes, _ = load_source(cfg.data.name, download_dir=download_dir)
     split = cfg.data.split
     train_idx, _, _ = stratified_split(labels, val_fraction=split.val_fraction,
@@ -87,10 +94,9 @@ def make_setup(args: argparse.Namespace, download_dir: Path) -> Setup:
     channels = int(cfg.data.channels)
     mean, std = (channel_stats(dm.subset("train")[0]) if cfg.data.normalize
                  else ([0.0] * channels, [1.0] * channels))
-    arch_kwargs = {k: v for k, v in to_container(cfg.model).items() if k != "name"}
-    arch_kwargs.update(in_channels=channels, num_classes=len(classes),
-                       image_size=int(cfg.data.resize or cfg.data.image_size))
-    return Setup(images=images, labels=labels, train_idx=train_idx, arch=cfg.model.name,
+    arch_kwargs = model_args(cfg, num_classes=len(classes))
+    arch = arch_kwargs.pop("name")
+    return Setup(images=images, labels=labels, train_idx=train_idx, arch=arch,
                  arch_kwargs=arch_kwargs, mean=mean, std=std, resize=cfg.data.resize,
                  optimizer=to_container(cfg.optimizer), scheduler=to_container(cfg.scheduler),
                  batch_size=args.batch_size or int(cfg.data.batch_size), seed=int(cfg.seed),
@@ -105,18 +111,18 @@ class _StepClock(Callback):
 
     def __init__(self, warmup: int, last: int) -> None:
         self.warmup, self.last = warmup, last
-        self.start = self.stop = 0.0
+        self.start = self.stop = self.cpu_start = self.cpu_stop = 0.0
         self.samples = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
         if trainer.global_step >= self.warmup:
             self.samples += len(batch[1])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.last:
-            self.stop = time.perf_counter()
+            self.stop, self.cpu_stop = time.perf_counter(), time.process_time()
 
 
 def run_pipeline(s: Setup, warmup: int, steps: int) -> Result:
@@ -135,8 +141,8 @@ def run_pipeline(s: Setup, warmup: int, steps: int) -> Result:
                             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root)
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == warmup + steps and clock.stop > 0.0
-    return Result(clock.stop - clock.start, clock.samples, steps,
-                  float(trainer.callback_metrics["train/loss"]))
+    return Result(clock.stop - clock.start, clock.cpu_stop - clock.cpu_start, clock.samples, steps,
+                  float(trainer.callback_metrics.get("train/loss", float("nan"))))
 
 
 # ----------------------------------------------------------------------------- (b) bare loop
@@ -150,13 +156,12 @@ def run_bare(s: Setup, warmup: int, steps: int) -> Result:
     batches = TensorBatches(x, y, batch_size=s.batch_size, shuffle=True, seed=s.seed)
     net = build_network(s.arch, s.arch_kwargs, mean=s.mean, std=s.std, resize=s.resize)
     net.train()
-    opt_cfg, sched_cfg = dict(s.optimizer), dict(s.scheduler)
+    opt_cfg = dict(s.optimizer)
     optimizer = build_optimizer(net.parameters(), opt_cfg.pop("name"), **opt_cfg)
-    scheduler = build_scheduler(optimizer, sched_cfg.pop("name"), **sched_cfg)
 
     total = warmup + steps
     step = samples = epoch = 0
-    start = stop = 0.0
+    start = stop = cpu_start = cpu_stop = 0.0
     epoch_loss = 0.0
     while step < total:
         batches.set_epoch(epoch)
@@ -165,7 +170,7 @@ def run_bare(s: Setup, warmup: int, steps: int) -> Result:
         seen = 0
         for xb, yb in batches:
             if step == warmup:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
             if step >= warmup:
                 samples += len(yb)
             logits = net(xb)
@@ -180,13 +185,11 @@ def run_bare(s: Setup, warmup: int, steps: int) -> Result:
             optimizer.step()
             step += 1
             if step == total:
-                stop = time.perf_counter()
+                stop, cpu_stop = time.perf_counter(), time.process_time()
                 break
-        epoch_loss = float(loss_sum / seen)  # the epoch means the module logs
-        _ = float(acc_sum / seen)
-        scheduler.step()
+        epoch_loss, _epoch_acc = float(loss_sum / seen), float(acc_sum / seen)  # as logged
         epoch += 1
-    return Result(stop - start, samples, steps, epoch_loss)
+    return Result(stop - start, cpu_stop - cpu_start, samples, steps, epoch_loss)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -209,6 +212,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         setup = make_setup(args, Path(tmp))
     best: dict[str, Result] = {}
@@ -220,7 +224,8 @@ def main() -> None:
                 best[name] = r
 
     print(f"{args.data} / {setup.arch}, batch {setup.batch_size}, {args.steps} timed steps "
-          f"(+{args.warmup} warm-up), best of {args.repeats}, torch threads {torch.get_num_threads()}")
+          f"(+{args.warmup} warm-up), best of {args.repeats}, torch threads {torch.get_num_threads()}, "
+          f"load avg {os.getloadavg()[0]:.1f}, {time.perf_counter() - began:.0f} s in all")
     print(f"{'':10} {'samples/s':>10} {'steps/s':>9} {'ms/step':>8} {'final loss':>11}")
     for name, r in best.items():
         print(f"{name:10} {r.samples / r.seconds:10.0f} {r.steps / r.seconds:9.1f} "

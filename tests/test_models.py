@@ -102,8 +102,9 @@ def test_model_config_builds_and_matches_defaults(path):
     name = cfg.pop("name")
     assert {"activation", "dropout", "batch_norm"} <= set(cfg)
     assert OmegaConf.to_container(cfg) == model_defaults(name)  # yaml stays in sync with code
-    model = create_model(name, in_channels=3, num_classes=10, image_size=32, **cfg)
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    size = max(32, min_image_size(name))
+    model = create_model(name, in_channels=3, num_classes=10, image_size=size, **cfg)
+    assert model(torch.zeros(2, 3, size, size)).shape == (2, 10)
 
 
 def test_model_configs_exist_for_first_three():

@@ -11,8 +11,9 @@ MLflow 3 notes these tests rely on:
   `load_model` returns an exported `GraphModule` whose `.eval()` raises: it is already in the
   eval mode it was exported in, and `pipeline.tasks.evaluate.predict` (which calls `.eval()`)
   cannot be used on it. `_probs` below runs it directly.
-- `mlflow.set_tracking_uri` (called by `evaluate`) also sets `MLFLOW_TRACKING_URI` in
-  `os.environ`; the autouse fixture puts both back.
+- `mlflow.set_tracking_uri` also sets `MLFLOW_TRACKING_URI` in `os.environ`, so `evaluate`
+  scopes the URI with the variable alone; the autouse fixture still guards the process
+  globals, and the SQLite test checks nothing leaks.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ from pipeline.training.module import Classifier
 
 EXPERIMENT = "cnn-pipeline"
 SERVER_START_TIMEOUT_S = 120  # a cold `mlflow server` import + DB migration on a busy 2-CPU box
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models train fastest on one intra-op thread; with two, OpenMP spin-waiting makes
+    them 3-4x slower whenever other processes compete for a 2-CPU machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +142,8 @@ def test_train_evaluate_tracks_one_run_in_sqlite(digits_cfg, tmp_path: Path,
                                                  isolated_mlflow: Path) -> None:
     best = train(digits_cfg)
     evaluate(digits_cfg)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # evaluate leaves no process-wide URI behind
+    assert tracking_utils._tracking_uri is None
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -200,7 +213,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and proxied local artifacts.
 
     The default security middleware of MLflow 3 accepts Host 127.0.0.1/localhost, so no
-    `--allowed-hosts` is needed for a local client.
+    `--allowed-hosts` is needed for a local client. `--workers 1` and no job runner keep it
+    to two processes.
     """
     root = tmp_path_factory.mktemp("mlflow-server")
     artifacts = root / "server-artifacts"
@@ -210,6 +224,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     url = f"http://127.0.0.1:{port}"
     log = (root / "server.log").open("wb")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # MLflow >= 3.5 also starts a job runner with ~7 Huey worker processes (GenAI scorers,
+    # trace archival); on 2 CPUs they starve training for tens of seconds. Tracking needs none.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     proc = subprocess.Popen(
         [str(executable), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}",

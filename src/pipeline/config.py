@@ -174,9 +174,6 @@ def validate(cfg: DictConfig) -> None:
         _get(cfg, "data.path")
 
     check_number(cfg, "trainer.max_epochs", integer=True, low=1)
-    check_bool(cfg, "trainer.early_stopping.enabled")
-    check_number(cfg, "trainer.early_stopping.patience", integer=True, low=0)
-    check_number(cfg, "trainer.early_stopping.min_delta", low=0)
     check_number(cfg, "trainer.gradient_clip_val", low=0, low_open=True, optional=True)
 
     check_bool(cfg, "tracking.enabled")
@@ -184,9 +181,43 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(_get(cfg, "tracking.tracking_uri"), str):
         raise ConfigError("tracking.tracking_uri must be a URI string, e.g. sqlite:///mlflow.db or http://127.0.0.1:5000.")
 
+    _validate_regularizer(cfg)
+    from pipeline.models.init import INITS
+
+    check_choice(cfg, "init.scheme", ["default", *INITS])
+    check_number(cfg, "init.std", low=0, low_open=True)
+    source = _get(cfg, "transfer.source")
+    if source is not None and not isinstance(source, str):
+        raise ConfigError(f"transfer.source must be a path or URI string, got {source!r}.")
+    if not OmegaConf.is_list(_get(cfg, "transfer.freeze")):
+        raise ConfigError("transfer.freeze must be a list of parameter-name prefixes, e.g. [features].")
+    check_number(cfg, "transfer.pretrained_lr_ratio", low=0)
     _validate_model(cfg)
     validate_optimizer(dict(cfg.optimizer))
     validate_scheduler(dict(cfg.scheduler), max_epochs=cfg.trainer.max_epochs)
+
+
+def _validate_regularizer(cfg: DictConfig) -> None:
+    from pipeline.data.augment import AugmentConfig
+    from pipeline.training.regularizers import TTA
+
+    check_number(cfg, "regularizer.dropout", low=0, high=1, high_open=True, optional=True)
+    check_number(cfg, "regularizer.conv_dropout", low=0, high=1, high_open=True, optional=True)
+    if _get(cfg, "regularizer.batch_norm") is not None:
+        check_bool(cfg, "regularizer.batch_norm")
+    for key in ("l1", "l2", "elastic.alpha", "weight_decay"):
+        check_number(cfg, f"regularizer.{key}", low=0)
+    check_number(cfg, "regularizer.elastic.l1_ratio", low=0, high=1)
+    check_number(cfg, "regularizer.label_smoothing", low=0, high=1, high_open=True)
+    check_bool(cfg, "regularizer.early_stopping.enabled")
+    check_number(cfg, "regularizer.early_stopping.patience", integer=True, low=0)
+    check_number(cfg, "regularizer.early_stopping.min_delta", low=0)
+    check_choice(cfg, "regularizer.tta", list(TTA))
+    augment = to_container(cfg.regularizer.augment)
+    for key in augment:
+        if key != "resized_crop_scale":
+            check_number(cfg, f"regularizer.augment.{key}", integer=key in ("crop_padding", "cutout"), low=0)
+    AugmentConfig.from_dict(augment)
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -208,6 +239,10 @@ def _validate_model(cfg: DictConfig) -> None:
 def model_args(cfg: DictConfig, *, num_classes: int) -> dict[str, Any]:
     """Keyword arguments for `create_model` from the config (the one place that maps them)."""
     kwargs = {k: v for k, v in to_container(cfg.model).items() if k != "name"}
+    # Regularizer choices override the model's own values when set (null keeps them).
+    for key in ("dropout", "conv_dropout", "batch_norm"):
+        if cfg.regularizer.get(key) is not None:
+            kwargs[key] = cfg.regularizer[key]
     return dict(name=cfg.model.name, in_channels=int(cfg.data.channels), num_classes=int(num_classes),
                 image_size=int(cfg.data.resize or cfg.data.image_size), **kwargs)
 

@@ -1,7 +1,7 @@
 """Image-classification models, created by name: ``create_model("lenet5", ...)``."""
 
 # Importing the family modules runs their @register_model decorators.
-from pipeline.models import lenet, mlp, vgg  # noqa: F401
+from pipeline.models import alexnet, densenet, googlenet, lenet, mlp, resnet, resnext, vgg  # noqa: F401
 from pipeline.models.complexity import count_macs, count_parameters
 from pipeline.models.registry import (
     create_model,

@@ -2,6 +2,10 @@
 
 A cfg is a list of ints (3x3 conv with that many output channels) and "M" (2x2 pool),
 e.g. MiniVGG is ``[32, 32, "M", 64, 64, "M"]``; VGG-11..19 are longer lists.
+
+VGG-11/13/16/19 (+ ``_bn``) are configurations A/B/D/E of Simonyan & Zisserman, "Very Deep
+Convolutional Networks for Large-Scale Image Recognition" (ICLR 2015), laid out as
+torchvision's ``vgg11``..``vgg19_bn``: same module indices, so the state_dict keys match.
 """
 
 from __future__ import annotations
@@ -68,15 +72,22 @@ def check_poolable(cfg: Cfg, image_size: int | tuple[int, int], arch: str) -> tu
 
 
 class VGG(nn.Module):
-    """``features`` → flatten → ``classifier``, as in torchvision (minus the adaptive pool)."""
+    """``features`` → ``avgpool`` → flatten → ``classifier``, as in torchvision.
 
-    def __init__(self, features: nn.Module, classifier: nn.Module) -> None:
+    ``avgpool`` defaults to Identity (MiniVGG flattens its map directly); it has no
+    parameters either way, so state_dict keys do not depend on it.
+    """
+
+    def __init__(
+        self, features: nn.Module, classifier: nn.Module, avgpool: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.features = features
+        self.avgpool = avgpool if avgpool is not None else nn.Identity()
         self.classifier = classifier
 
     def forward(self, x):
-        return self.classifier(self.features(x).flatten(1))
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
 @register_model("minivgg", min_image_size=4)
@@ -120,3 +131,162 @@ def minivgg(
         nn.Linear(fc_size, num_classes),
     )
     return VGG(features, classifier)
+
+
+# --- VGG-11..19 (Simonyan & Zisserman 2015, Table 1) -------------------------------------
+
+CFGS: dict[str, list[int | str]] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", *[256] * 3, "M", *[512] * 3, "M", *[512] * 3, "M"],
+    "E": [64, 64, "M", 128, 128, "M", *[256] * 4, "M", *[512] * 4, "M", *[512] * 4, "M"],
+}
+VGG_MIN_SIZE = 32  # five 2x2/2 pools: 32 px ends as a 1x1 map, anything less as 0x0
+HEADS = ("imagenet", "small")
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision's VGG init: He-normal (fan_out) convs, N(0, 0.01) linears, zero biases.
+
+    PyTorch's default init shrinks activations layer by layer, which stalls the deep
+    no-BN VGGs trained from scratch; He init keeps their scale.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def vgg(
+    name: str,
+    cfg: Cfg,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int | tuple[int, int],
+    activation: str,
+    batch_norm: bool,
+    dropout: float,
+    pooling: str,
+    head: str,
+    conv_dropout: float,
+) -> nn.Module:
+    """Family function behind ``vgg11``..``vgg19_bn``.
+
+    ``head="imagenet"``: torchvision's AdaptiveAvgPool2d(7) → Linear(25088, 4096) → act →
+    Dropout → Linear(4096, 4096) → act → Dropout → Linear(num_classes). On 32-px inputs
+    the pool just repeats the 1x1 map 49 times, so that head costs ~100M weights for
+    nothing; ``head="small"`` (the usual CIFAR VGG) is global average pool → Dropout →
+    Linear(512, num_classes). ``conv_dropout`` adds Dropout after every pool.
+    """
+    h, w = pair(image_size)
+    if min(h, w) < VGG_MIN_SIZE:
+        raise ConfigError(
+            f"{name} halves the image 5 times, so it needs image_size >= {VGG_MIN_SIZE}, "
+            f"got {image_size!r}; resize the images (data.resize) or use 'minivgg'."
+        )
+    if head not in HEADS:
+        raise ConfigError(f"{name}: unknown head {head!r}; choose one of: {', '.join(HEADS)}.")
+    features = make_layers(
+        cfg,
+        in_channels,
+        activation=activation,
+        pooling=pooling,
+        batch_norm=batch_norm,
+        pool_dropout=make_dropout(conv_dropout, "conv_dropout").p,  # validate range
+    )
+    width = [c for c in cfg if c != "M"][-1]
+    if head == "imagenet":
+        avgpool = nn.AdaptiveAvgPool2d(7)
+        # Linear → act → Dropout, in torchvision's order, so indices 0/3/6 hold the Linears.
+        classifier = nn.Sequential(
+            nn.Linear(width * 7 * 7, 4096),
+            make_activation(activation, channels=4096, dim=1),
+            make_dropout(dropout),
+            nn.Linear(4096, 4096),
+            make_activation(activation, channels=4096, dim=1),
+            make_dropout(dropout),
+            nn.Linear(4096, num_classes),
+        )
+    else:  # "small"
+        avgpool = nn.AdaptiveAvgPool2d(1)
+        classifier = nn.Sequential(make_dropout(dropout), nn.Linear(width, num_classes))
+    model = VGG(features, classifier, avgpool)
+    init_weights(model)
+    return model
+
+
+# Each builder below is the family function with one cfg; the signatures stay explicit
+# because the registry reads defaults (and the accepted kwargs) from them. At their start
+# ``locals()`` is exactly those keyword arguments.
+
+
+@register_model("vgg11", min_image_size=VGG_MIN_SIZE)
+def vgg11(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+          activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
+          pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+    """VGG-11, configuration A (8 convs + 3 FC)."""
+    return vgg("vgg11", CFGS["A"], **locals())
+
+
+@register_model("vgg13", min_image_size=VGG_MIN_SIZE)
+def vgg13(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+          activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
+          pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+    """VGG-13, configuration B (10 convs + 3 FC)."""
+    return vgg("vgg13", CFGS["B"], **locals())
+
+
+@register_model("vgg16", min_image_size=VGG_MIN_SIZE)
+def vgg16(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+          activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
+          pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+    """VGG-16, configuration D (13 convs + 3 FC)."""
+    return vgg("vgg16", CFGS["D"], **locals())
+
+
+@register_model("vgg19", min_image_size=VGG_MIN_SIZE)
+def vgg19(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+          activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
+          pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+    """VGG-19, configuration E (16 convs + 3 FC)."""
+    return vgg("vgg19", CFGS["E"], **locals())
+
+
+@register_model("vgg11_bn", min_image_size=VGG_MIN_SIZE)
+def vgg11_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+             activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
+             pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+    """VGG-11 with BatchNorm after every conv (conv → BN → act, as torchvision)."""
+    return vgg("vgg11_bn", CFGS["A"], **locals())
+
+
+@register_model("vgg13_bn", min_image_size=VGG_MIN_SIZE)
+def vgg13_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+             activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
+             pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+    """VGG-13 with BatchNorm after every conv."""
+    return vgg("vgg13_bn", CFGS["B"], **locals())
+
+
+@register_model("vgg16_bn", min_image_size=VGG_MIN_SIZE)
+def vgg16_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+             activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
+             pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+    """VGG-16 with BatchNorm after every conv."""
+    return vgg("vgg16_bn", CFGS["D"], **locals())
+
+
+@register_model("vgg19_bn", min_image_size=VGG_MIN_SIZE)
+def vgg19_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+             activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
+             pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+    """VGG-19 with BatchNorm after every conv."""
+    return vgg("vgg19_bn", CFGS["E"], **locals())

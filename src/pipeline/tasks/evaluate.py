@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
@@ -19,15 +19,16 @@ from pipeline.reports.figures import confusion_matrix_png
 from pipeline.tasks.common import load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.training.module import Classifier
+from pipeline.training.regularizers import tta_probabilities
 
 
 @torch.inference_mode()
-def predict(net: torch.nn.Module, images: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
-    """Class probabilities for NHWC uint8 images, in order."""
+def predict(net: torch.nn.Module, images: np.ndarray, *, batch_size: int = 512, tta: str = "none") -> np.ndarray:
+    """Class probabilities for NHWC uint8 images, in order, averaged over the TTA views."""
     net.eval()
     x, y = to_tensors(images, np.zeros(len(images), dtype=np.int64))
     batches = TensorBatches(x, y, batch_size=batch_size, shuffle=False)
-    return torch.cat([F.softmax(net(xb), dim=1) for xb, _ in batches]).numpy()
+    return torch.cat([tta_probabilities(net, xb, tta) for xb, _ in batches]).numpy()
 
 
 def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[dict, list[dict], np.ndarray]:
@@ -55,7 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     raw, splits = load_data(cfg, layout)
     module = Classifier.load_from_checkpoint(layout.best_ckpt, map_location="cpu")
     images, labels = raw.images[splits.test], raw.labels[splits.test]
-    probs = predict(module.net, images, batch_size=cfg.data.eval_batch_size)
+    probs = predict(module.net, images, batch_size=cfg.data.eval_batch_size, tta=cfg.regularizer.tta)
     overall, per_class, cm = scores(probs, labels, raw.classes)
 
     write_json(layout.metrics / "test.json", {"test": overall})
@@ -90,8 +91,17 @@ def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray)
     import mlflow.pytorch
 
     example = to_tensors(example_images, np.zeros(len(example_images)))[0].float().div(255).numpy()
-    mlflow.set_tracking_uri(run.tracking_uri)
-    with mlflow.start_run(run_id=run.run_id):
-        # Explicit requirements skip MLflow's slow import-scanning inference.
-        mlflow.pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "cnn-pipeline"])
+    # log_model only speaks to the "current" tracking URI. The environment variable scopes it
+    # to this call; mlflow.set_tracking_uri would leak into the rest of the process.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = run.tracking_uri
+    try:
+        with mlflow.start_run(run_id=run.run_id):
+            # Explicit requirements skip MLflow's slow import-scanning inference.
+            mlflow.pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous

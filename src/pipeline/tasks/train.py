@@ -14,6 +14,8 @@ from pipeline.config import flatten, model_args, prepare, to_container
 from pipeline.data.batches import ArrayDataModule, channel_stats
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
+from pipeline.models.transfer import freeze, load_state, transfer_weights
+from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
 from pipeline.tasks.common import load_data, tracking_target, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
@@ -30,6 +32,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     per-epoch curves in `plots/`, and tracks everything in one MLflow run.
     """
     cfg = prepare(cfg)
+    quiet()
     layout = Layout.from_cfg(cfg)
     raw, splits = load_data(cfg, layout)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -41,7 +44,10 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     args = model_args(cfg, num_classes=len(raw.classes))
     arch = args.pop("name")
     module = Classifier(arch=arch, arch_kwargs=args, mean=mean, std=std, resize=cfg.data.resize,
-                        optimizer=to_container(cfg.optimizer), scheduler=to_container(cfg.scheduler))
+                        optimizer=to_container(cfg.optimizer), scheduler=to_container(cfg.scheduler),
+                        regularizer=to_container(cfg.regularizer), init=to_container(cfg.init),
+                        augment_seed=cfg.seed)
+    transfer_tags = _transfer(module, cfg.transfer) if cfg.transfer.source else {}
     input_shape = (channels, cfg.data.image_size, cfg.data.image_size)
     size = {"model/params": count_parameters(module.net), "model/macs": count_macs(module.net, input_shape)}
 
@@ -51,6 +57,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     resolved = to_container(cfg)
     (layout.models / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
+    run_tags = {**transfer_tags, **(run_tags or {})}
     run = _start_run(cfg, layout, raw.manifest, parent_run_id, run_tags) if cfg.tracking.enabled else None
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
@@ -63,7 +70,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
         checkpoint = BestCheckpoint(dirpath=layout.models, filename="best", monitor=cfg.optimized_metric, mode="max",
                                      save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
         cbs: list[Callback] = [recorder, checkpoint, *callbacks]
-        es = cfg.trainer.early_stopping
+        es = cfg.regularizer.early_stopping
         if es.enabled:
             cbs.append(EarlyStopping(monitor=cfg.optimized_metric, mode="max", patience=es.patience,
                                      min_delta=es.min_delta, check_finite=True))
@@ -82,6 +89,16 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
             if recorder.diverged:
                 run.set_tags({"diverged": "true"})
     return metrics
+
+
+def _transfer(module: Classifier, transfer: DictConfig) -> dict[str, str]:
+    """Load pretrained weights into the network, freeze, and set the fine-tuning lr groups."""
+    net = module.net[1]
+    loaded = transfer_weights(net, load_state(transfer.source))
+    frozen = freeze(net, transfer.freeze)
+    module.pretrained = (loaded, float(transfer.pretrained_lr_ratio))
+    return {"transfer_source": transfer.source, "transfer_loaded": str(len(loaded)),
+            "transfer_frozen": str(len(frozen))}
 
 
 def _start_run(cfg: DictConfig, layout: Layout, manifest: dict, parent_run_id: str | None,

@@ -29,7 +29,9 @@ class EpochRecorder(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation has already run inside this epoch, so val/* are this epoch's values.
-        metrics = {k: float(trainer.callback_metrics[k]) for k in CURVE_KEYS if k in trainer.callback_metrics}
+        # The curves plus every regularizer's loss term (train/loss_l2, train/loss_aux, ...).
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k in CURVE_KEYS or k.startswith("train/loss_")}
         metrics["time/epoch_s"] = time.perf_counter() - self._start
         row = {"epoch": trainer.current_epoch, **{k.replace("/", "_"): v for k, v in metrics.items()}}
         self.rows.append(row)

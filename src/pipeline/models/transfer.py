@@ -1,0 +1,119 @@
+"""Transfer learning: start from pretrained weights, freeze layers, fine-tune gently.
+
+Sources (`transfer.source`):
+- a checkpoint file: a Lightning `.ckpt` of this pipeline, or a `.pt`/`.pth` state dict
+  or pickled module;
+- an MLflow model URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<id>`;
+- torchvision weights by name: `torchvision:ResNet18_Weights.IMAGENET1K_V1` (downloaded
+  once into torch's cache on a networked machine).
+Weights are matched by parameter name and shape; if the names differ (torchvision's
+layout against ours) but the architecture is the same, by order and shape. Tensors whose
+shape does not match (a classifier for another class count) are skipped, so the new head
+keeps its fresh initialisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+
+# Our LightningModule stores the network as `net = Sequential(Preprocess, model)`.
+_CKPT_PREFIX = "net.1."
+
+
+def load_state(source: str) -> dict[str, torch.Tensor]:
+    """The state dict behind `source` (see the module docstring for the forms)."""
+    if source.startswith("torchvision:"):
+        return _torchvision_state(source.removeprefix("torchvision:"))
+    if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        import mlflow.pytorch
+
+        return _strip(mlflow.pytorch.load_model(source, map_location="cpu").state_dict())
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError(f"transfer.source={source!r}: no such file. Give a checkpoint path, an MLflow URI "
+                          "(runs:/<id>/model) or torchvision:<WeightsName>.")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConfigError(f"transfer.source={source!r} holds a {type(obj).__name__}, not a state dict or model.")
+    return _strip(obj)
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop our wrapper prefixes (`net.1.` from checkpoints, `1.` from logged models)."""
+    for prefix in (_CKPT_PREFIX, "1."):
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
+def _torchvision_state(name: str) -> dict[str, torch.Tensor]:
+    from torchvision.models import get_weight
+
+    try:
+        weights = get_weight(name)
+    except (ValueError, KeyError, AttributeError) as err:
+        raise ConfigError(f"transfer.source=torchvision:{name} is not a torchvision weights name "
+                          "(e.g. ResNet18_Weights.IMAGENET1K_V1).") from err
+    try:
+        return weights.get_state_dict(progress=False)
+    except OSError as err:  # URLError is an OSError: no network and nothing cached
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ConfigError(f"Could not download {name} ({err}). On an offline machine place "
+                          f"{Path(weights.url).name} in {cache}.") from err
+
+
+def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy matching tensors of `state` into `model`; returns the names loaded."""
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(matched) < len(own) // 2:
+        # Names differ (another implementation of the same design): pair tensors in order.
+        positional = {}
+        for (name, mine), theirs in zip(own.items(), state.values()):
+            if mine.shape != theirs.shape:
+                continue
+            positional[name] = theirs
+        if len(positional) > len(matched):
+            matched = positional
+    if not matched:
+        raise ConfigError("transfer.source shares no layer (by name or shape) with this model; "
+                          "check model.name matches the source architecture.")
+    model.load_state_dict(matched, strict=False)
+    params = dict(model.named_parameters())
+    return [k for k in matched if k in params]
+
+
+def freeze(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
+    """Stop gradients for parameters whose name starts with any prefix; returns their names."""
+    prefixes = tuple(prefixes)
+    frozen = []
+    for name, p in model.named_parameters():
+        if prefixes and name.startswith(prefixes):
+            p.requires_grad_(False)
+            frozen.append(name)
+    if prefixes and not frozen:
+        names = sorted({n.split(".")[0] for n, _ in model.named_parameters()})
+        raise ConfigError(f"transfer.freeze={list(prefixes)} matches no parameter; top-level layers are: "
+                          f"{', '.join(names)}.")
+    return frozen
+
+
+def param_groups(model: nn.Module, pretrained: Iterable[str], *, lr: float, ratio: float) -> list[dict]:
+    """Optimizer groups: pretrained parameters at lr * ratio, new ones at lr (frozen ones left out)."""
+    pretrained = set(pretrained)
+    old, new = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (old if name in pretrained else new).append(p)
+    groups = [{"params": new, "lr": lr}, {"params": old, "lr": lr * ratio}]
+    return [g for g in groups if g["params"]]
