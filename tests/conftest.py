@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig, open_dict
 
 from pipeline.config import compose
@@ -15,6 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# Test models are tiny and tests start subprocesses (DVC stages, an MLflow server): one
+# intra-op thread avoids OpenMP threads spin-waiting against each other on small machines.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(1)
 
 
 def make_cfg(tmp: Path, overrides: Sequence[str] = (), *, epochs: int = 2, tracking: bool = True) -> DictConfig:
