@@ -5,13 +5,16 @@ with the same optimizer (the config's, at a constant rate: ``scheduler=none``), 
 ``TensorBatches`` of the same training split, for the same number of optimizer steps, in one
 process with the same torch thread count, seed and determinism setting:
 
-(a) pipeline: ``Classifier`` + ``ArrayDataModule`` + ``lightning.Trainer`` built like
-    ``pipeline.tasks.train._trainer`` (``logger=False``, deterministic as configured,
-    the ``EpochRecorder`` callback) minus what the bench must exclude: no progress bar,
-    no checkpointing, no validation (``limit_val_batches=0``), ``max_steps`` instead of
-    ``max_epochs``.
-(b) bare: forward, cross-entropy, train-mode accuracy and batch-size-weighted epoch sums
-    (what the module logs per epoch), ``zero_grad(set_to_none=True)``, backward, step.
+(a) pipeline: ``Classifier`` (built as ``pipeline.tasks.train`` builds it, regularizer and
+    init settings included) + ``ArrayDataModule`` + the Trainer from
+    ``pipeline.tasks.train._trainer`` (``logger=False``, deterministic as configured, the
+    ``EpochRecorder`` callback), overridden only where the bench must: CPU, no progress
+    bar, no checkpointing, no validation (``limit_val_batches=0``), ``max_steps``.
+(b) bare: forward, cross-entropy (with the configured label smoothing), train-mode accuracy
+    and batch-size-weighted epoch sums (what the module logs per epoch),
+    ``zero_grad(set_to_none=True)``, backward, step. It implements the default regularizer
+    settings only (no penalties, decoupled decay or augmentation); with others the two sides
+    would do different work, which the "final loss" column would show.
 
 Both start from the same weights and see the same batches, so they end with the same
 training loss (the "final loss" column: the last epoch's mean); a mismatch means the two
@@ -36,16 +39,17 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
 
 from pipeline.config import compose, model_args, to_container
 from pipeline.data.batches import ArrayDataModule, TensorBatches, channel_stats
 from pipeline.data.sources import load_source
 from pipeline.data.splits import stratified_split
+from pipeline.tasks.train import _trainer
 from pipeline.training.callbacks import EpochRecorder
 from pipeline.training.module import Classifier, build_network
 from pipeline.training.optim import build_optimizer
@@ -60,16 +64,13 @@ class Setup:
     images: np.ndarray
     labels: np.ndarray
     train_idx: np.ndarray
+    cfg: DictConfig
     arch: str
     arch_kwargs: dict
     mean: list[float]
     std: list[float]
     resize: int | None
-    optimizer: dict
-    scheduler: dict
     batch_size: int
-    seed: int
-    deterministic: bool
 
 
 @dataclass
@@ -96,11 +97,9 @@ def make_setup(args: argparse.Namespace, download_dir: Path) -> Setup:
                  else ([0.0] * channels, [1.0] * channels))
     arch_kwargs = model_args(cfg, num_classes=len(classes))
     arch = arch_kwargs.pop("name")
-    return Setup(images=images, labels=labels, train_idx=train_idx, arch=arch,
+    return Setup(images=images, labels=labels, train_idx=train_idx, cfg=cfg, arch=arch,
                  arch_kwargs=arch_kwargs, mean=mean, std=std, resize=cfg.data.resize,
-                 optimizer=to_container(cfg.optimizer), scheduler=to_container(cfg.scheduler),
-                 batch_size=args.batch_size or int(cfg.data.batch_size), seed=int(cfg.seed),
-                 deterministic=bool(cfg.trainer.deterministic))
+                 batch_size=args.batch_size or int(cfg.data.batch_size))
 
 
 # ----------------------------------------------------------------------------- (a) Lightning
@@ -126,19 +125,19 @@ class _StepClock(Callback):
 
 
 def run_pipeline(s: Setup, warmup: int, steps: int) -> Result:
-    torch.manual_seed(s.seed)
+    cfg = s.cfg
+    torch.manual_seed(cfg.seed)
     dm = ArrayDataModule(s.images, s.labels, train_idx=s.train_idx, val_idx=s.train_idx[:0],
-                         batch_size=s.batch_size, eval_batch_size=s.batch_size, seed=s.seed)
-    module = Classifier(arch=s.arch, arch_kwargs=s.arch_kwargs, mean=s.mean, std=s.std,
-                        resize=s.resize, optimizer=s.optimizer, scheduler=s.scheduler)
+                         batch_size=s.batch_size, eval_batch_size=s.batch_size, seed=cfg.seed)
+    module = Classifier(arch=s.arch, arch_kwargs=s.arch_kwargs, mean=s.mean, std=s.std, resize=s.resize,
+                        optimizer=to_container(cfg.optimizer), scheduler=to_container(cfg.scheduler),
+                        regularizer=to_container(cfg.regularizer), init=to_container(cfg.init),
+                        augment_seed=cfg.seed)
     clock = _StepClock(warmup, warmup + steps)
-    recorder = EpochRecorder(None)
     with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(max_steps=warmup + steps, max_epochs=-1, accelerator="cpu", devices=1,
-                            precision="32-true", deterministic=s.deterministic,
-                            callbacks=[recorder, clock], logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, enable_checkpointing=False,
-                            num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root)
+        trainer = _trainer(cfg, [EpochRecorder(None), clock], max_steps=warmup + steps, max_epochs=-1,
+                           accelerator="cpu", devices=1, enable_progress_bar=False,
+                           enable_checkpointing=False, limit_val_batches=0, default_root_dir=root)
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == warmup + steps and clock.stop > 0.0
     return Result(clock.stop - clock.start, clock.cpu_stop - clock.cpu_start, clock.samples, steps,
@@ -149,15 +148,18 @@ def run_pipeline(s: Setup, warmup: int, steps: int) -> Result:
 
 
 def run_bare(s: Setup, warmup: int, steps: int) -> Result:
-    torch.manual_seed(s.seed)
-    torch.use_deterministic_algorithms(s.deterministic)
+    cfg = s.cfg
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic))
     x, y = ArrayDataModule(s.images, s.labels, train_idx=s.train_idx, val_idx=s.train_idx[:0],
                            batch_size=1, eval_batch_size=1, seed=0).subset("train")
-    batches = TensorBatches(x, y, batch_size=s.batch_size, shuffle=True, seed=s.seed)
-    net = build_network(s.arch, s.arch_kwargs, mean=s.mean, std=s.std, resize=s.resize)
+    batches = TensorBatches(x, y, batch_size=s.batch_size, shuffle=True, seed=cfg.seed)
+    net = build_network(s.arch, s.arch_kwargs, mean=s.mean, std=s.std, resize=s.resize,
+                        init=to_container(cfg.init))
     net.train()
-    opt_cfg = dict(s.optimizer)
+    opt_cfg = to_container(cfg.optimizer)
     optimizer = build_optimizer(net.parameters(), opt_cfg.pop("name"), **opt_cfg)
+    smoothing = float(cfg.regularizer.label_smoothing)
 
     total = warmup + steps
     step = samples = epoch = 0
@@ -174,7 +176,7 @@ def run_bare(s: Setup, warmup: int, steps: int) -> Result:
             if step >= warmup:
                 samples += len(yb)
             logits = net(xb)
-            loss = F.cross_entropy(logits, yb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)
             acc = (logits.argmax(dim=1) == yb).float().mean()
             n = len(yb)
             loss_sum += loss.detach() * n
@@ -203,7 +205,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps before the clock starts")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the data config's (64)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side; the best is kept")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (default 1: see bench/README.md; 0 = torch's default)")
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")  # Lightning's "no val loader"/"few workers" notes
@@ -215,22 +218,23 @@ def main() -> None:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         setup = make_setup(args, Path(tmp))
-    best: dict[str, Result] = {}
-    runners = {"pipeline": run_pipeline, "bare": run_bare}
-    for _ in range(args.repeats):
-        for name, fn in runners.items():
-            r = fn(setup, args.warmup, args.steps)
-            if name not in best or r.seconds < best[name].seconds:
-                best[name] = r
+    runs: dict[str, list[Result]] = {"pipeline": [], "bare": []}
+    for _ in range(args.repeats):  # alternating, so slow phases of a shared machine hit both
+        runs["pipeline"].append(run_pipeline(setup, args.warmup, args.steps))
+        runs["bare"].append(run_bare(setup, args.warmup, args.steps))
+    wall = {k: min(r.seconds for r in v) for k, v in runs.items()}
+    cpu = {k: min(r.cpu for r in v) for k, v in runs.items()}
 
     print(f"{args.data} / {setup.arch}, batch {setup.batch_size}, {args.steps} timed steps "
           f"(+{args.warmup} warm-up), best of {args.repeats}, torch threads {torch.get_num_threads()}, "
           f"load avg {os.getloadavg()[0]:.1f}, {time.perf_counter() - began:.0f} s in all")
-    print(f"{'':10} {'samples/s':>10} {'steps/s':>9} {'ms/step':>8} {'final loss':>11}")
-    for name, r in best.items():
-        print(f"{name:10} {r.samples / r.seconds:10.0f} {r.steps / r.seconds:9.1f} "
-              f"{1000 * r.seconds / r.steps:8.3f} {r.final_loss:11.4f}")
-    print(f"ratio (pipeline/bare): {best['bare'].seconds / best['pipeline'].seconds:.2f}")
+    print(f"{'':10} {'samples/s':>10} {'steps/s':>9} {'ms/step':>8} {'CPU ms/step':>12} {'final loss':>11}")
+    for name, results in runs.items():
+        r = results[0]
+        print(f"{name:10} {r.samples / wall[name]:10.0f} {r.steps / wall[name]:9.1f} "
+              f"{1000 * wall[name] / r.steps:8.2f} {1000 * cpu[name] / r.steps:12.2f} {r.final_loss:11.4f}")
+    print(f"ratio by CPU time (pipeline/bare): {cpu['bare'] / cpu['pipeline']:.2f}")
+    print(f"ratio (pipeline/bare): {wall['bare'] / wall['pipeline']:.2f}")
 
 
 if __name__ == "__main__":

@@ -8,22 +8,28 @@ module indices, so state_dict keys and parameter counts match ``torchvision.mode
 ``alexnet_small`` keeps the shape of the design (five convs, overlapping 3x3/2 pools after
 conv 1, 2 and 5, a two-hidden-layer dropout classifier) but swaps the 11x11/4 stem for a
 5x5/1 conv, pads the pools and ends in global average pooling, so 8..32-px images fit.
+
+``pooling`` picks the pool type of the three 3x3/2 pools, or is a mapping such as
+``{name: avg, kernel_size: 2, stride: 2}`` that also overrides their geometry (keys left
+out keep the design's 3x3/2, padded 0 in ``alexnet`` and 1 in ``alexnet_small``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.models.layers import (
+    PoolSpec,
     check_positive_ints,
     make_activation,
     make_dropout,
     make_norm,
     make_pool,
     pair,
+    probe,
 )
 from pipeline.models.registry import register_model
 
@@ -58,7 +64,7 @@ def _features(
     pool_padding: int,
     activation: str,
     batch_norm: bool,
-    pooling: str,
+    pooling: PoolSpec,
     conv_dropout: float,
 ) -> nn.Sequential:
     """Five convs (first_kernel, 5, 3, 3, 3) → [BN] → act, overlapping 3x3/2 pools.
@@ -99,12 +105,19 @@ def _classifier(
 
 
 def _check_size(name: str, image_size: int | tuple[int, int]) -> None:
+    """The design's minimum (default pools); other pool geometries are probed after."""
     if min(pair(image_size)) < MIN_SIZE[name]:
         other = "alexnet_small" if name == "alexnet" else "mlp"
         raise ConfigError(
             f"{name} needs image_size >= {MIN_SIZE[name]}, got {image_size!r}; "
             f"resize the images (data.resize) or use '{other}'."
         )
+
+
+def _check_pools(name: str, features: nn.Module, in_channels: int,
+                 image_size: int | tuple[int, int], pooling: PoolSpec) -> None:
+    if isinstance(pooling, Mapping):  # string pools keep the geometry _check_size covers
+        probe(features, in_channels, image_size, name, pooling)
 
 
 @register_model("alexnet", min_image_size=MIN_SIZE["alexnet"])
@@ -116,7 +129,7 @@ def alexnet(
     activation: str = "relu",
     batch_norm: bool = False,
     dropout: float = 0.5,
-    pooling: str = "max",
+    pooling: PoolSpec = "max",
     conv_dropout: float = 0.0,
 ) -> nn.Module:
     """AlexNet for >= 63-px inputs (224 in the paper): torchvision's layout.
@@ -131,6 +144,7 @@ def alexnet(
         activation=activation, batch_norm=batch_norm, pooling=pooling,
         conv_dropout=make_dropout(conv_dropout, "conv_dropout").p,
     )
+    _check_pools("alexnet", features, in_channels, image_size, pooling)
     classifier = _classifier(WIDTHS[-1] * 6 * 6, 4096, num_classes, activation, dropout)
     return AlexNet(features, nn.AdaptiveAvgPool2d(6), classifier)
 
@@ -144,7 +158,7 @@ def alexnet_small(
     activation: str = "relu",
     batch_norm: bool = True,
     dropout: float = 0.5,
-    pooling: str = "max",
+    pooling: PoolSpec = "max",
     conv_dropout: float = 0.0,
     widths: Sequence[int] = (32, 96, 192, 128, 128),
     fc_size: int = 256,
@@ -166,5 +180,6 @@ def alexnet_small(
         activation=activation, batch_norm=batch_norm, pooling=pooling,
         conv_dropout=make_dropout(conv_dropout, "conv_dropout").p,
     )
+    _check_pools("alexnet_small", features, in_channels, image_size, pooling)
     classifier = _classifier(widths[-1], fc_size, num_classes, activation, dropout)
     return AlexNet(features, nn.AdaptiveAvgPool2d(1), classifier)

@@ -16,13 +16,23 @@ ignores them their parameters get no gradients (DDP then needs find_unused_param
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.models.layers import make_activation, make_dropout, make_norm, make_pool, pair
+from pipeline.models.layers import (
+    PoolSpec,
+    make_activation,
+    make_dropout,
+    make_norm,
+    make_pool,
+    pair,
+    pool_name,
+    probe,
+)
 from pipeline.models.registry import register_model
 from pipeline.models.vgg import init_weights
 
@@ -64,11 +74,10 @@ class BasicConv2d(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def _pool(pooling: str, kernel: int, stride: int, padding: int = 0) -> nn.Module:
-    pool = make_pool(pooling, kernel, stride, padding)
-    # torchvision rounds pooled sizes up, which is what lets 15 px through the stem.
-    pool.ceil_mode = True
-    return pool
+def _pool(pooling: PoolSpec, kernel: int, stride: int, padding: int = 0) -> nn.Module:
+    # torchvision rounds pooled sizes up (ceil_mode), which is what lets 15 px through the
+    # stem; a pooling mapping may override that like the kernel, stride and padding.
+    return make_pool(pooling, kernel, stride, padding, ceil_mode=True)
 
 
 class Inception(nn.Module):
@@ -77,15 +86,17 @@ class Inception(nn.Module):
     ``naive`` (Fig. 2a): 1x1, 3x3 and 5x5 convs straight on the input plus a 3x3/1 pool
     passed through, so the output has ``in_channels`` more channels than the convs make
     and widths snowball stage by stage. ``reduced`` (Fig. 2b, GoogLeNet proper): 1x1
-    "reduce" convs before the 3x3/5x5 and a 1x1 projection after the pool.
+    "reduce" convs before the 3x3/5x5 and a 1x1 projection after the pool. The branch
+    pool takes only the type from ``pooling``: it stays 3x3/1 padded, since its output
+    must keep the input's size to be concatenated.
     """
 
     def __init__(self, cin: int, ch1x1: int, ch3x3red: int, ch3x3: int, ch5x5red: int,
-                 ch5x5: int, pool_proj: int, *, conv, pooling: str, naive: bool = False,
+                 ch5x5: int, pool_proj: int, *, conv, pooling: PoolSpec, naive: bool = False,
                  kernel5: int = 3) -> None:
         super().__init__()
         self.branch1 = conv(cin, ch1x1, 1)
-        pool = _pool(pooling, 3, 1, padding=1)
+        pool = _pool(pool_name(pooling), 3, 1, padding=1)
         if naive:
             self.branch2 = conv(cin, ch3x3, 3, padding=1)
             self.branch3 = conv(cin, ch5x5, kernel5, padding=kernel5 // 2)
@@ -123,13 +134,14 @@ class InceptionAux(nn.Module):
 class GoogLeNet(nn.Module):
     """Stem → inception 3a-3b → pool → 4a-4e → pool → 5a-5b → GAP → Dropout → FC.
 
-    Stage pools (and the inception pool branches) follow ``pooling``; the global average
+    Stage pools (and the inception pool branches' type) follow ``pooling``; a mapping
+    overrides the stage pools' 3x3/2 (2x2/2 before stage 5) geometry. The global average
     pool and the aux heads' pools are averages by design. With the small stem the
     ImageNet stem's later layers are Identity, so ``forward`` is the same for both.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, activation, batch_norm,
-                 dropout: float, pooling: str, conv_dropout: float, aux_logits: bool,
+                 dropout: float, pooling: PoolSpec, conv_dropout: float, aux_logits: bool,
                  aux_dropout: float, naive: bool, kernel5: int, stem: str) -> None:
         super().__init__()
         conv = partial(BasicConv2d, activation=activation, batch_norm=batch_norm)
@@ -204,7 +216,7 @@ def googlenet(
     activation: str = "relu",
     batch_norm: bool = True,
     dropout: float = 0.2,
-    pooling: str = "max",
+    pooling: PoolSpec = "max",
     conv_dropout: float = 0.0,
     aux_logits: bool = False,
     aux_dropout: float = 0.7,
@@ -219,6 +231,8 @@ def googlenet(
     no pools, so a 32-px CIFAR image reaches inception 3a at 32 px (>= 2 px; ~1.3 GMACs
     per 32-px image, versus ~0.03 with the ImageNet stem at that size).
     ``inception``: "reduced" (the real GoogLeNet) or "naive" (Fig. 2a, no 1x1 reductions).
+    ``pooling``: the stage pools' type, or a mapping such as ``{name: max, kernel_size: 3,
+    stride: 2, padding: 1}`` that also sets their geometry (see ``make_pool``).
     """
     if stem not in STEMS:
         raise ConfigError(f"googlenet: unknown stem {stem!r}; choose one of: {', '.join(STEMS)}.")
@@ -243,6 +257,8 @@ def googlenet(
         aux_logits=bool(aux_logits), aux_dropout=aux_dropout, naive=inception == "naive",
         kernel5=k, stem=stem,
     )
+    if isinstance(pooling, Mapping):  # string pools keep the geometry MIN_SIZE covers
+        probe(model, in_channels, image_size, "googlenet", pooling)
     # He init rather than torchvision's N(0, 0.01), which starves a batch_norm=False net.
     init_weights(model)
     return model

@@ -103,12 +103,138 @@ def make_activation(spec: str | Mapping, channels: int | None = None, dim: int =
     return _build(ctor, "activation", name, **kw)
 
 
+# What a ``pooling`` mapping may set besides ``name``: option → (check, what it must be).
+# Keys left out keep the design's own value for that pool (see ``make_pool``).
+POOL_OPTIONS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "kernel_size": (lambda v: _is_int_or_pair(v, 1), "a positive int or [height, width]"),
+    "stride": (
+        lambda v: v is None or _is_int_or_pair(v, 1),
+        "a positive int or [height, width] (null: same as kernel_size)",
+    ),
+    "padding": (lambda v: _is_int_or_pair(v, 0), "a non-negative int or [height, width]"),
+    "ceil_mode": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+PoolSpec = str | Mapping  # "max", or {name: max, kernel_size: 3, stride: 2, padding: 1}
+
+
+def _is_int_or_pair(value: object, least: int) -> bool:
+    def ok(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return len(value) == 2 and all(ok(v) for v in value)
+    return ok(value)
+
+
+def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def pool_name(spec: PoolSpec) -> object:
+    """The pool type a ``pooling`` spec names (``"max"`` for ``{name: max, ...}``)."""
+    return spec.get("name") if isinstance(spec, Mapping) else spec
+
+
 def make_pool(
-    name: str, kernel_size: int = 2, stride: int | None = None, padding: int = 0
+    spec: PoolSpec,
+    kernel_size: int = 2,
+    stride: int | None = None,
+    padding: int = 0,
+    *,
+    ceil_mode: bool = False,
+    key: str = "model.pooling",
 ) -> nn.Module:
-    """Build a 2-d pooling layer by name (see ``POOLS``); stride defaults to kernel_size."""
-    ctor = _lookup(POOLS, name, "pooling")
-    return _build(ctor, "pooling", name, kernel_size=kernel_size, stride=stride, padding=padding)
+    """Build a 2-d pooling layer from a name (see ``POOLS``) or a mapping.
+
+    ``kernel_size``/``stride``/``padding``/``ceil_mode`` are the design's values for this
+    pool (stride None means kernel_size). A string spec only picks the type, so
+    ``make_pool("avg", 3, 2)`` is a 3x3/2 average pool; a mapping such as
+    ``{name: max, kernel_size: 3, stride: 2, padding: 1}`` also overrides any of the
+    ``POOL_OPTIONS`` it names and keeps the design's value for the rest. Errors are
+    ConfigErrors naming ``key`` (the config entry the spec came from).
+    """
+    options = {"kernel_size": kernel_size, "stride": stride, "padding": padding,
+               "ceil_mode": ceil_mode}
+    if isinstance(spec, Mapping):
+        overrides = dict(spec)
+        name = overrides.pop("name", None)
+        if name is None:
+            raise ConfigError(f"{key} needs a name (one of: {', '.join(sorted(POOLS))}), "
+                              f"got {dict(spec)!r}.")
+        for option, value in overrides.items():
+            if option not in POOL_OPTIONS:
+                raise ConfigError(f"{key}: unknown option {option!r}; a pooling mapping takes "
+                                  f"name, {', '.join(POOL_OPTIONS)}.")
+            check, expected = POOL_OPTIONS[option]
+            if not check(value):
+                raise ConfigError(f"{key}.{option} must be {expected}, got {value!r}.")
+        options.update(overrides)
+    else:
+        name = spec
+    ctor = _lookup(POOLS, name, key)
+    for option in ("kernel_size", "stride", "padding"):
+        if options[option] is not None and not isinstance(options[option], int):
+            options[option] = _as_pair(options[option])
+    kernel, pad = _as_pair(options["kernel_size"]), _as_pair(options["padding"])
+    if any(p > k // 2 for p, k in zip(pad, kernel)):
+        raise ConfigError(f"{key}: padding {options['padding']!r} must be at most half of "
+                          f"kernel_size {options['kernel_size']!r}.")
+    return _build(ctor, key, name, **options)
+
+
+def pool_output_size(size: int, pool: nn.Module, axis: int = 0) -> int:
+    """Side length after ``pool`` (a MaxPool2d/AvgPool2d) along ``axis`` (0: height,
+    1: width); 0 when the input side is below 1 or the pool has no complete window."""
+    k, s, p = (_as_pair(getattr(pool, a))[axis] for a in ("kernel_size", "stride", "padding"))
+    span = size + 2 * p - k
+    if size < 1 or span < 0:
+        return 0
+    if not pool.ceil_mode:
+        return span // s + 1
+    out = -(-span // s) + 1
+    return out - 1 if (out - 1) * s >= size + p else out  # no window may start in the padding
+
+
+def probe(
+    module: nn.Module,
+    in_channels: int,
+    image_size: int | Sequence[int],
+    arch: str,
+    pooling: object = None,
+) -> torch.Size:
+    """Output shape of ``module`` on one zeros image, run on the ``meta`` device.
+
+    Meta tensors carry shapes only, so this costs no compute or memory whatever the
+    model's size (its own weights are untouched). Runs in eval mode (each module's
+    training flag is restored). A layer whose input has shrunk below its window, or an
+    empty output, raises a ConfigError naming ``arch``, the input size and ``pooling``.
+    """
+    h, w = pair(image_size)
+    tensors = {n: torch.empty_like(t, device="meta")
+               for n, t in (*module.named_parameters(), *module.named_buffers())}
+    ref = next(module.parameters(), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    x = torch.zeros(1, in_channels, h, w, device="meta", dtype=dtype)
+    modes = {m: m.training for m in module.modules()}
+    detail = ""
+    try:
+        module.eval()
+        with torch.no_grad():
+            out = torch.func.functional_call(module, tensors, (x,))
+    except RuntimeError as exc:
+        out, detail = None, f" ({str(exc).splitlines()[0]})"
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if out is None or out.numel() == 0:
+        used = f" with pooling {pooling!r}" if pooling is not None else ""
+        raise ConfigError(
+            f"{arch}{used} shrinks a {h}x{w} input to an empty feature map{detail}; use a "
+            "larger image_size, or a model.pooling with a smaller kernel_size/stride or "
+            "more padding."
+        )
+    return out.shape
 
 
 def make_norm(name_or_bool: str | bool | None, channels: int, dim: int = 2) -> nn.Module:

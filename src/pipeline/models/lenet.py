@@ -7,42 +7,48 @@ coefficient and bias), and the output is a Linear layer rather than RBF units.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.models.layers import make_activation, make_dropout, make_norm, make_pool, pair
+from pipeline.models.layers import (
+    PoolSpec,
+    make_activation,
+    make_dropout,
+    make_norm,
+    make_pool,
+    pair,
+    pool_output_size,
+    probe,
+)
 from pipeline.models.registry import register_model
 
-MIN_SIZE = 8
+MIN_SIZE = 8  # with the default 2x2/2 pools
 
 
-def _conv_pool(size: int, pad: int) -> int:
-    """Side length after a 5x5 conv with ``pad`` and a 2x2 pool."""
-    return (size + 2 * pad - 4) // 2
-
-
-def _paddings(size: int) -> tuple[int, int, int]:
-    """(C1 pad, C3 pad, S4 side) for one spatial dimension.
+def _paddings(size: int, pool: nn.Module, axis: int) -> tuple[int, int]:
+    """(C1 pad, C3 pad) along one spatial axis, given the S2/S4 pool.
 
     C1 is padded below 32 px so 28-px MNIST gets the classic 14-px S2 map (the common
-    variant); C3 is padded only when its unpadded S4 map would vanish (e.g. at 8-10 px).
+    variant); C3 is padded only when its unpadded S4 map would vanish (e.g. at 8-10 px
+    with the default 2x2/2 pools).
     """
     pad1 = 0 if size >= 32 else 2
-    s2 = _conv_pool(size, pad1)
-    pad3 = 0 if _conv_pool(s2, 0) >= 1 else 2
-    return pad1, pad3, _conv_pool(s2, pad3)
+    s2 = pool_output_size(size + 2 * pad1 - 4, pool, axis)
+    pad3 = 0 if pool_output_size(s2 - 4, pool, axis) >= 1 else 2
+    return pad1, pad3
 
 
-@register_model("lenet5", min_image_size=8)
+@register_model("lenet5", min_image_size=MIN_SIZE)
 def lenet5(
     *,
     in_channels: int,
     num_classes: int,
     image_size: int | tuple[int, int],
     activation: str = "tanh",
-    pooling: str = "avg",
+    pooling: PoolSpec = "avg",
     dropout: float = 0.0,
     batch_norm: bool = False,
 ) -> nn.Module:
@@ -50,7 +56,8 @@ def lenet5(
 
     C5 is a Linear over the remaining 16 x s x s map; at 32 px that is the paper's 5x5
     conv on a 5x5 map. ``dropout`` applies before F6 and the output; ``batch_norm``
-    goes between each conv and its activation.
+    goes between each conv and its activation. S2/S4 are 2x2/2 pools of type
+    ``pooling``, or e.g. ``{name: max, kernel_size: 3, stride: 2, padding: 1}``.
     """
     h, w = pair(image_size)
     if min(h, w) < MIN_SIZE:
@@ -58,7 +65,8 @@ def lenet5(
             f"lenet5 needs image_size >= {MIN_SIZE} (got {image_size!r}); "
             "resize the images or use the 'mlp' model."
         )
-    (p1h, p3h, s4h), (p1w, p3w, s4w) = _paddings(h), _paddings(w)
+    s2, s4 = make_pool(pooling, 2, 2), make_pool(pooling, 2, 2)
+    (p1h, p3h), (p1w, p3w) = _paddings(h, s2, 0), _paddings(w, s2, 1)
 
     def conv_block(tag: str, cin: int, cout: int, pad: tuple[int, int]) -> list:
         return [
@@ -68,13 +76,17 @@ def lenet5(
         ]
 
     # Named layers mirror the paper's C/S/F labels, which keeps printouts readable.
-    layers = [
+    features = [
         *conv_block("c1", in_channels, 6, (p1h, p1w)),
-        ("s2", make_pool(pooling, 2)),
+        ("s2", s2),
         *conv_block("c3", 6, 16, (p3h, p3w)),
-        ("s4", make_pool(pooling, 2)),
+        ("s4", s4),
+    ]
+    shape = probe(nn.Sequential(OrderedDict(features)), in_channels, (h, w), "lenet5", pooling)
+    layers = [
+        *features,
         ("flatten", nn.Flatten()),
-        ("c5", nn.Linear(16 * s4h * s4w, 120)),
+        ("c5", nn.Linear(math.prod(shape[1:]), 120)),
         ("c5_act", make_activation(activation, channels=120, dim=1)),
         ("c5_drop", make_dropout(dropout)),
         ("f6", nn.Linear(120, 84)),

@@ -9,6 +9,8 @@ Two layouts, each preset a tiny builder over the family function :func:`resnet`:
   equal torchvision's. Bottlenecks stride in their 3x3 conv, as torchvision ("ResNet v1.5")
   does; the paper strided the first 1x1, which has the same parameters. ``stem="cifar"``
   swaps the stem for a 3x3 stride-1 conv without max pool, as usual for 32-px images.
+  ``pooling`` sets the stem pool: its type, or a mapping such as ``{name: avg,
+  kernel_size: 2, stride: 2}`` that also overrides the 3x3/2 pad-1 geometry.
 * CIFAR (``resnet20/32/44/56/110``, paper section 4.2): 3x3 16-channel stem, stages
   16-32-64 of n = (depth - 2) / 6 BasicBlocks. ``shortcut="A"`` (the paper's choice)
   zero-pads and subsamples the identity where shapes change, adding no parameters;
@@ -29,12 +31,14 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.models.layers import (
+    PoolSpec,
     check_positive_ints,
     make_activation,
     make_dropout,
     make_norm,
     make_pool,
     pair,
+    probe,
 )
 from pipeline.models.registry import register_model
 
@@ -105,15 +109,18 @@ class Network(nn.Module):
         return self.fc(self.dropout(self.pool(x).flatten(1)))
 
 
-def make_stem(ops: Ops, kind: str, cin: int, cout: int, preact: bool) -> nn.Sequential:
-    """ImageNet stem: 7x7/2 conv-norm-act + 3x3/2 max pool; CIFAR stem: one 3x3 conv.
+def make_stem(ops: Ops, kind: str, cin: int, cout: int, preact: bool,
+              pooling: PoolSpec = "max", pool_key: str = "model.pooling") -> nn.Sequential:
+    """ImageNet stem: 7x7/2 conv-norm-act + 3x3/2 pad-1 pool; CIFAR stem: one 3x3 conv.
 
-    A pre-activation CIFAR stem is the bare conv, since the first unit begins with norm-act
-    (He et al. 2016); the ImageNet stem keeps its norm-act because the max pool follows it.
+    The ImageNet stem's pool is ``make_pool(pooling, 3, 2, 1)`` (``pool_key`` names the
+    config entry in errors); the CIFAR stem has none. A pre-activation CIFAR stem is the
+    bare conv, since the first unit begins with norm-act (He et al. 2016); the ImageNet
+    stem keeps its norm-act because the pool follows it.
     """
     if kind == "imagenet":
         return nn.Sequential(ops.conv(cin, cout, 7, 2), ops.norm(cout), ops.act(cout),
-                             make_pool("max", 3, 2, 1))
+                             make_pool(pooling, 3, 2, 1, key=pool_key))
     rest = [] if preact else [ops.norm(cout), ops.act(cout)]
     return nn.Sequential(ops.conv(cin, cout, 3), *rest)
 
@@ -209,16 +216,20 @@ def resnet(
     shortcut: str = "B",
     groups: int = 1,
     base_width: int = 64,
+    pooling: PoolSpec = "max",
 ) -> Network:
     """The family: ``len(layers)`` stages of ``layers[i]`` units, ``stem_width * 2**i`` planes.
 
     Each stage after the first halves the map in its first unit; ``conv_dropout`` adds
     Dropout2d after every stage; ``groups``/``base_width`` make bottlenecks ResNeXt's.
+    ``pooling`` is the ImageNet stem's pool (unused by the CIFAR stem, which has none).
     """
     layers = check_positive_ints(layers, "layers")
     if not layers:
         raise ConfigError(f"{arch} needs at least one stage in layers, e.g. [2, 2, 2].")
     stem = check_choice(stem, ("imagenet", "cifar"), "stem")
+    if stem == "cifar":
+        make_pool(pooling, 3, 2, 1)  # no stem pool to build, but still reject a bad spec
     shortcut = check_choice(shortcut, ("a", "b"), "shortcut")
     if not isinstance(preact, bool):
         raise ConfigError(f"preact must be true or false, got {preact!r}.")
@@ -236,22 +247,27 @@ def resnet(
             blocks.append(u)
         stages.append(nn.Sequential(*blocks, dropout2d(conv_dropout)))
     final = nn.Sequential(ops.norm(channels), ops.act(channels)) if preact else nn.Identity()
-    return Network(make_stem(ops, stem, in_channels, stem_width, preact), nn.Sequential(*stages),
-                   final, channels, num_classes, dropout)
+    model = Network(make_stem(ops, stem, in_channels, stem_width, preact, pooling),
+                    nn.Sequential(*stages), final, channels, num_classes, dropout)
+    if stem == "imagenet" and isinstance(pooling, Mapping):  # a string keeps min_size's geometry
+        probe(model, in_channels, image_size, arch, pooling)
+    return model
 
 
 def _imagenet(name: str, block: str, layers: tuple[int, ...]):
     def build(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
               activation: Activation = "relu", batch_norm: bool = True, dropout: float = 0.0,
-              conv_dropout: float = 0.0, preact: bool = False, stem: str = "imagenet") -> nn.Module:
+              conv_dropout: float = 0.0, preact: bool = False, stem: str = "imagenet",
+              pooling: PoolSpec = "max") -> nn.Module:
         return resnet(name, in_channels=in_channels, num_classes=num_classes,
                       image_size=image_size, block=block, layers=layers, stem=stem, stem_width=64,
                       activation=activation, batch_norm=batch_norm, dropout=dropout,
-                      conv_dropout=conv_dropout, preact=preact)
+                      conv_dropout=conv_dropout, preact=preact, pooling=pooling)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (f"{name}: ImageNet ResNet, {block} units {list(layers)} (He et al. 2015, "
-                     "Table 1). Needs 32 px (8 px with stem='cifar').")
+                     "Table 1). Needs 32 px (8 px with stem='cifar'). ``pooling`` sets the "
+                     "stem's 3x3/2 max pool (a type, or a mapping also overriding its geometry).")
     return register_model(name, min_image_size=32)(build)
 
 

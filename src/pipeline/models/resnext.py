@@ -10,7 +10,8 @@ of ``base_width`` channels (at the first stage; doubling per stage), written "Cx
   64-channel stem, then 3 stages of 3 bottlenecks with outputs 256-512-1024 (34.4M and
   68.1M parameters). They are heavy: ~5 and ~10 GMACs per 32-px image.
 
-Units, ``preact`` and the other options behave as in :mod:`pipeline.models.resnet`.
+Units, ``preact``, ``pooling`` (the ImageNet stem's pool) and the other options behave as
+in :mod:`pipeline.models.resnet`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.models.layers import PoolSpec
 from pipeline.models.registry import register_model
 from pipeline.models.resnet import Activation, resnet
 
@@ -52,23 +54,25 @@ def resnext(
     base_width: int = 16,
     layers: Sequence[int] = (3, 3, 3),
     stem: str = "cifar",
+    pooling: PoolSpec = "max",
 ) -> nn.Module:
     """ResNeXt with ``layers[i]`` bottlenecks in stage i (64 * 2**i planes, 4x expansion).
 
     Depth is ``3 * sum(layers) + 2`` (29 for the default [3, 3, 3]). The input must be at
     least the total downsampling: 2**(len(layers) - 1) px, times 4 with ``stem=imagenet``.
+    ``pooling`` sets the ImageNet stem's 3x3/2 max pool (the CIFAR stem has no pool).
     """
     return resnext_family(
         "resnext", in_channels=in_channels, num_classes=num_classes, image_size=image_size,
         activation=activation, batch_norm=batch_norm, dropout=dropout,
         conv_dropout=conv_dropout, preact=preact, cardinality=cardinality,
-        base_width=base_width, layers=layers, stem=stem,
+        base_width=base_width, layers=layers, stem=stem, pooling=pooling,
     )
 
 
 def _preset(name: str, cardinality: int, base_width: int, layers: tuple[int, ...], stem: str,
             min_size: int):
-    def build(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+    def cifar(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
               activation: Activation = "relu", batch_norm: bool = True, dropout: float = 0.0,
               conv_dropout: float = 0.0, preact: bool = False) -> nn.Module:
         return resnext_family(name, in_channels=in_channels, num_classes=num_classes,
@@ -76,6 +80,19 @@ def _preset(name: str, cardinality: int, base_width: int, layers: tuple[int, ...
                               batch_norm=batch_norm, dropout=dropout, conv_dropout=conv_dropout,
                               preact=preact, cardinality=cardinality, base_width=base_width,
                               layers=layers, stem=stem)
+
+    # Only the ImageNet stem pools, so only those presets take ``pooling``.
+    def imagenet(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+                 activation: Activation = "relu", batch_norm: bool = True, dropout: float = 0.0,
+                 conv_dropout: float = 0.0, preact: bool = False,
+                 pooling: PoolSpec = "max") -> nn.Module:
+        return resnext_family(name, in_channels=in_channels, num_classes=num_classes,
+                              image_size=image_size, activation=activation,
+                              batch_norm=batch_norm, dropout=dropout, conv_dropout=conv_dropout,
+                              preact=preact, cardinality=cardinality, base_width=base_width,
+                              layers=layers, stem=stem, pooling=pooling)
+
+    build = imagenet if stem == "imagenet" else cifar
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (f"{name}: ResNeXt {cardinality}x{base_width}d, bottlenecks {list(layers)}, "

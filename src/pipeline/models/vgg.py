@@ -1,6 +1,7 @@
 """VGG family: a torchvision-style ``make_layers`` (cfg list → features) plus builders.
 
-A cfg is a list of ints (3x3 conv with that many output channels) and "M" (2x2 pool),
+A cfg is a list of ints (3x3 conv with that many output channels) and "M" (a pool, 2x2/2
+unless ``pooling`` is a mapping such as ``{name: max, kernel_size: 3, stride: 2, padding: 1}``),
 e.g. MiniVGG is ``[32, 32, "M", 64, 64, "M"]``; VGG-11..19 are longer lists.
 
 VGG-11/13/16/19 (+ ``_bn``) are configurations A/B/D/E of Simonyan & Zisserman, "Very Deep
@@ -10,18 +11,21 @@ torchvision's ``vgg11``..``vgg19_bn``: same module indices, so the state_dict ke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.models.layers import (
+    PoolSpec,
     check_positive_ints,
     make_activation,
     make_dropout,
     make_norm,
     make_pool,
     pair,
+    probe,
 )
 from pipeline.models.registry import register_model
 
@@ -33,12 +37,14 @@ def make_layers(
     in_channels: int,
     *,
     activation: str = "relu",
-    pooling: str = "max",
+    pooling: PoolSpec = "max",
     batch_norm: bool = False,
     norm_after_activation: bool = False,
     pool_dropout: float = 0.0,
 ) -> nn.Sequential:
-    """Feature extractor from a cfg list: int → conv3x3 pad 1, "M" → 2x2 pool.
+    """Feature extractor from a cfg list: int → conv3x3 pad 1, "M" → 2x2/2 pool.
+
+    ``pooling`` names the pool type, or is a mapping overriding the 2x2/2 geometry too.
 
     Convs are conv → BN → act (torchvision VGG-BN) or, with ``norm_after_activation``,
     conv → act → BN (MiniVGG). ``pool_dropout > 0`` adds Dropout after each pool.
@@ -47,7 +53,7 @@ def make_layers(
     layers: list[nn.Module] = []
     for item in cfg:
         if item == "M":
-            layers.append(make_pool(pooling, 2))
+            layers.append(make_pool(pooling, 2, 2))
             if pool_dropout > 0:
                 layers.append(make_dropout(pool_dropout, "conv_dropout"))
             continue
@@ -59,8 +65,11 @@ def make_layers(
     return nn.Sequential(*layers)
 
 
-def check_poolable(cfg: Cfg, image_size: int | tuple[int, int], arch: str) -> tuple[int, int]:
-    """Spatial size after the cfg's pools; ConfigError if any pool would see < 2 px."""
+def check_poolable(cfg: Cfg, image_size: int | tuple[int, int], arch: str) -> None:
+    """ConfigError if any of the cfg's default 2x2/2 pools would see < 2 px.
+
+    This is the design's minimum size; other pool geometries are checked by ``probe``.
+    """
     h, w = pair(image_size)
     pools = sum(1 for item in cfg if item == "M")
     if min(h, w) < 2**pools:
@@ -68,7 +77,6 @@ def check_poolable(cfg: Cfg, image_size: int | tuple[int, int], arch: str) -> tu
             f"{arch} halves the image {pools} times, so it needs image_size >= {2**pools}, "
             f"got {image_size!r}; use fewer stages (widths) or larger images."
         )
-    return h >> pools, w >> pools
 
 
 class VGG(nn.Module):
@@ -99,21 +107,22 @@ def minivgg(
     widths: Sequence[int] = (32, 64),
     fc_size: int = 512,
     activation: str = "relu",
-    pooling: str = "max",
+    pooling: PoolSpec = "max",
     batch_norm: bool = True,
     dropout: float = 0.5,
     conv_dropout: float = 0.25,
 ) -> nn.Module:
     """MiniVGG (Rosebrock, for CIFAR): per width two conv-act-BN, pool, Dropout; then FC.
 
-    Classifier: Linear(fc_size) → act → BatchNorm1d → Dropout(dropout) → Linear(num_classes).
+    Classifier: Linear(fc_size) → act → BatchNorm1d → Dropout(dropout) → Linear(num_classes),
+    the first Linear sized by a (meta-device) dry run of the features.
     """
     widths = check_positive_ints(widths, "widths")
     if not widths:
         raise ConfigError("minivgg needs at least one entry in widths, e.g. [32, 64].")
     fc_size = check_positive_ints(fc_size, "fc_size")[0]
     cfg: list[int | str] = [item for w in widths for item in (w, w, "M")]
-    fh, fw = check_poolable(cfg, image_size, "minivgg")
+    check_poolable(cfg, image_size, "minivgg")
     features = make_layers(
         cfg,
         in_channels,
@@ -123,8 +132,9 @@ def minivgg(
         norm_after_activation=True,
         pool_dropout=make_dropout(conv_dropout, "conv_dropout").p,  # validate range
     )
+    shape = probe(features, in_channels, image_size, "minivgg", pooling)
     classifier = nn.Sequential(
-        nn.Linear(widths[-1] * fh * fw, fc_size),
+        nn.Linear(math.prod(shape[1:]), fc_size),
         make_activation(activation, channels=fc_size, dim=1),
         make_norm(batch_norm, fc_size, dim=1),
         make_dropout(dropout),
@@ -174,7 +184,7 @@ def vgg(
     activation: str,
     batch_norm: bool,
     dropout: float,
-    pooling: str,
+    pooling: PoolSpec,
     head: str,
     conv_dropout: float,
 ) -> nn.Module:
@@ -184,7 +194,8 @@ def vgg(
     Dropout → Linear(4096, 4096) → act → Dropout → Linear(num_classes). On 32-px inputs
     the pool just repeats the 1x1 map 49 times, so that head costs ~100M weights for
     nothing; ``head="small"`` (the usual CIFAR VGG) is global average pool → Dropout →
-    Linear(512, num_classes). ``conv_dropout`` adds Dropout after every pool.
+    Linear(512, num_classes). ``conv_dropout`` adds Dropout after every pool. A
+    ``pooling`` mapping reshapes the five 2x2/2 pools; both heads take any map size.
     """
     h, w = pair(image_size)
     if min(h, w) < VGG_MIN_SIZE:
@@ -202,6 +213,8 @@ def vgg(
         batch_norm=batch_norm,
         pool_dropout=make_dropout(conv_dropout, "conv_dropout").p,  # validate range
     )
+    if isinstance(pooling, Mapping):  # string pools keep the 2x2/2 geometry checked above
+        probe(features, in_channels, image_size, name, pooling)
     width = [c for c in cfg if c != "M"][-1]
     if head == "imagenet":
         avgpool = nn.AdaptiveAvgPool2d(7)
@@ -231,7 +244,7 @@ def vgg(
 @register_model("vgg11", min_image_size=VGG_MIN_SIZE)
 def vgg11(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
           activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
-          pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+          pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
     """VGG-11, configuration A (8 convs + 3 FC)."""
     return vgg("vgg11", CFGS["A"], **locals())
 
@@ -239,7 +252,7 @@ def vgg11(*, in_channels: int, num_classes: int, image_size: int | tuple[int, in
 @register_model("vgg13", min_image_size=VGG_MIN_SIZE)
 def vgg13(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
           activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
-          pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+          pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
     """VGG-13, configuration B (10 convs + 3 FC)."""
     return vgg("vgg13", CFGS["B"], **locals())
 
@@ -247,7 +260,7 @@ def vgg13(*, in_channels: int, num_classes: int, image_size: int | tuple[int, in
 @register_model("vgg16", min_image_size=VGG_MIN_SIZE)
 def vgg16(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
           activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
-          pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+          pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
     """VGG-16, configuration D (13 convs + 3 FC)."""
     return vgg("vgg16", CFGS["D"], **locals())
 
@@ -255,7 +268,7 @@ def vgg16(*, in_channels: int, num_classes: int, image_size: int | tuple[int, in
 @register_model("vgg19", min_image_size=VGG_MIN_SIZE)
 def vgg19(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
           activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
-          pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+          pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
     """VGG-19, configuration E (16 convs + 3 FC)."""
     return vgg("vgg19", CFGS["E"], **locals())
 
@@ -263,7 +276,7 @@ def vgg19(*, in_channels: int, num_classes: int, image_size: int | tuple[int, in
 @register_model("vgg11_bn", min_image_size=VGG_MIN_SIZE)
 def vgg11_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
              activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
-             pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+             pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
     """VGG-11 with BatchNorm after every conv (conv → BN → act, as torchvision)."""
     return vgg("vgg11_bn", CFGS["A"], **locals())
 
@@ -271,7 +284,7 @@ def vgg11_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int,
 @register_model("vgg13_bn", min_image_size=VGG_MIN_SIZE)
 def vgg13_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
              activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
-             pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+             pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
     """VGG-13 with BatchNorm after every conv."""
     return vgg("vgg13_bn", CFGS["B"], **locals())
 
@@ -279,7 +292,7 @@ def vgg13_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int,
 @register_model("vgg16_bn", min_image_size=VGG_MIN_SIZE)
 def vgg16_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
              activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
-             pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+             pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
     """VGG-16 with BatchNorm after every conv."""
     return vgg("vgg16_bn", CFGS["D"], **locals())
 
@@ -287,6 +300,6 @@ def vgg16_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int,
 @register_model("vgg19_bn", min_image_size=VGG_MIN_SIZE)
 def vgg19_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
              activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
-             pooling: str = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+             pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
     """VGG-19 with BatchNorm after every conv."""
     return vgg("vgg19_bn", CFGS["E"], **locals())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping
@@ -25,11 +26,15 @@ from pipeline.training.module import Classifier
 
 
 def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
-          run_tags: dict[str, str] | None = None) -> dict[str, float]:
+          run_tags: dict[str, str] | None = None, ckpt_path: str | None = None,
+          trainer_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
     """Train one model as configured; returns the best epoch's metrics (keys like `val/acc`).
 
     Writes `models/{best,last}.ckpt`, `models/run.json`, `metrics/train.json` and the
     per-epoch curves in `plots/`, and tracks everything in one MLflow run.
+    `callbacks` are added to the Trainer's (a Ray Tune trial adds its reporter),
+    `ckpt_path` resumes from a Lightning checkpoint, and `trainer_kwargs` override
+    Trainer arguments (a Ray Train worker passes its DDP strategy and environment).
     """
     cfg = prepare(cfg)
     quiet()
@@ -74,9 +79,9 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
         if es.enabled:
             cbs.append(EarlyStopping(monitor=cfg.optimized_metric, mode="max", patience=es.patience,
                                      min_delta=es.min_delta, check_finite=True))
-        trainer = _trainer(cfg, cbs)
+        trainer = _trainer(cfg, cbs, **(trainer_kwargs or {}))
         start = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         elapsed = time.perf_counter() - start
 
         metrics = _summary(recorder.rows, cfg.optimized_metric, size, elapsed)
@@ -113,13 +118,15 @@ def _start_run(cfg: DictConfig, layout: Layout, manifest: dict, parent_run_id: s
     return TrackedRun.start(**target, run_name=run_name, tags=tags, parent_run_id=parent_run_id)
 
 
-def _trainer(cfg: DictConfig, callbacks: list[Callback]) -> L.Trainer:
+def _trainer(cfg: DictConfig, callbacks: list[Callback], **overrides: Any) -> L.Trainer:
     t = cfg.trainer
-    optional = {k: t[k] for k in ("gradient_clip_val", "limit_train_batches", "limit_val_batches") if t[k] is not None}
-    return L.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
-                     deterministic=t.deterministic, callbacks=callbacks, logger=False,
-                     enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
-                     num_sanity_val_steps=0, default_root_dir=cfg.paths.out_dir, **optional)
+    kwargs = {k: t[k] for k in ("gradient_clip_val", "limit_train_batches", "limit_val_batches") if t[k] is not None}
+    kwargs.update(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
+                  deterministic=t.deterministic, callbacks=callbacks, logger=False,
+                  enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
+                  num_sanity_val_steps=0, default_root_dir=cfg.paths.out_dir)
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
 
 
 def _summary(rows: list[dict], monitor: str, size: dict, elapsed: float) -> dict[str, float]:
