@@ -131,7 +131,7 @@ def test_flattened_sizes_follow_the_pool():
         ("vgg11", 32, {"name": "max", "kernel_size": 3, "stride": 2}, {"head": "small"}),
         ("alexnet", 63, {"name": "max", "kernel_size": 4, "stride": 4}, {}),
         ("alexnet_small", 8, {"name": "max", "kernel_size": 3, "stride": 2, "padding": 0}, {}),
-        ("googlenet", 15, {"name": "max", "kernel_size": 3, "stride": 3}, {}),
+        ("googlenet", 15, {"name": "max", "kernel_size": 3, "stride": 3, "ceil_mode": False}, {}),
         ("resnet18", 32, {"name": "max", "kernel_size": 20, "padding": 0}, {}),
         ("densenet_bc", 8, {"name": "avg", "kernel_size": 3, "stride": 3}, {"depth": 22}),
         ("densenet121", 32, "avg", {"stem_pooling": {"name": "max", "kernel_size": 8, "stride": 8}}),
@@ -192,6 +192,8 @@ def test_make_pool_spec_overrides_design_values():
     {"name": "avg", "kernel_size": 2, "stride": 2, "ceil_mode": True},
     {"name": "max", "kernel_size": 3, "stride": 3, "padding": 1, "ceil_mode": True},
     {"name": "avg", "kernel_size": 4, "stride": 1},
+    {"name": "max", "kernel_size": 3, "stride": 3, "ceil_mode": True},  # overhanging windows
+    {"name": "avg", "kernel_size": 5, "stride": 2, "padding": 2, "ceil_mode": True},
 ])
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13])
 def test_pool_output_size_matches_torch(spec, size):

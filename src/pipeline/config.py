@@ -43,13 +43,22 @@ def compose(overrides: Sequence[str] = (), *, conf: Path | None = None) -> DictC
     """Compose `conf/config.yaml` with Hydra overrides, as DVC and the CLI do."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    # Inside a @hydra.main app (e.g. `python -m pipeline.tune` composing group options) Hydra
+    # is already initialized: step aside for this composition and put the app's back after.
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    if outer is not None:
+        GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(conf or config_dir()), version_base="1.3"):
             return hydra_compose(CONFIG_NAME, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(str(err)) from err
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> DictConfig:
@@ -168,6 +177,7 @@ def validate(cfg: DictConfig) -> None:
     check_number(cfg, "data.split.test_fraction", low=0, high=1, high_open=True)
     check_number(cfg, "data.split.folds", integer=True, low=2)
     check_number(cfg, "data.split.seed", integer=True, low=0)
+    check_number(cfg, "data.fold", integer=True, low=0, high=cfg.data.split.folds - 1, optional=True)
     if cfg.data.split.val_fraction + cfg.data.split.test_fraction >= 1:
         raise ConfigError("data.split.val_fraction + data.split.test_fraction must be < 1.")
     if cfg.data.name == "imagefolder":
@@ -175,6 +185,18 @@ def validate(cfg: DictConfig) -> None:
 
     check_number(cfg, "trainer.max_epochs", integer=True, low=1)
     check_number(cfg, "trainer.gradient_clip_val", low=0, low_open=True, optional=True)
+
+    check_bool(cfg, "cv.parallel")
+    check_number(cfg, "cv.cpus_per_fold", integer=True, low=1)
+    check_number(cfg, "cv.confidence", low=0, high=1, low_open=True, high_open=True)
+
+    check_choice(cfg, "compare.metric", ["val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro"])
+    check_number(cfg, "compare.alpha", low=0, high=1, low_open=True, high_open=True)
+    check_bool(cfg, "compare.higher_is_better")
+    grid = _get(cfg, "compare.grid")
+    if not OmegaConf.is_list(grid) or not grid or not all(OmegaConf.is_dict(e) for e in grid):
+        raise ConfigError("compare.grid must be a list of {key: [alternatives]}, "
+                          "e.g. [{model: [mlp, lenet5]}, {regularizer: [none, dropout]}].")
 
     check_bool(cfg, "tracking.enabled")
     check_bool(cfg, "tracking.log_model")

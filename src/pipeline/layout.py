@@ -17,6 +17,7 @@ class Layout:
     models: Path      # checkpoints, run id, resolved config (train)
     metrics: Path     # train.json, test.json (dvc metrics)
     plots: Path       # per-epoch curves, confusion matrix, figures (dvc plots)
+    root_out: Path    # paths.out_dir itself (cross-validation puts folds under it)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Layout:
@@ -24,7 +25,7 @@ class Layout:
         data, out = Path(cfg.paths.data_dir), Path(cfg.paths.out_dir)
         return cls(root=Path(cfg.paths.root), raw=data / "raw" / cfg.data.name,
                    splits=data / "splits" / cfg.data.name, downloads=Path(cfg.paths.download_dir),
-                   models=out / "models", metrics=out / "metrics", plots=out / "plots")
+                   models=out / "models", metrics=out / "metrics", plots=out / "plots", root_out=out)
 
     @property
     def best_ckpt(self) -> Path:
@@ -33,6 +34,11 @@ class Layout:
     @property
     def last_ckpt(self) -> Path:
         return self.models / "last.ckpt"
+
+    @property
+    def predictions(self) -> Path:
+        """Test-set class probabilities written by evaluate (rows in test-split order)."""
+        return self.metrics / "test_probs.npy"
 
     @property
     def run_file(self) -> Path:

@@ -117,7 +117,7 @@ def _check_size(name: str, image_size: int | tuple[int, int]) -> None:
 def _check_pools(name: str, features: nn.Module, in_channels: int,
                  image_size: int | tuple[int, int], pooling: PoolSpec) -> None:
     if isinstance(pooling, Mapping):  # string pools keep the geometry _check_size covers
-        probe(features, in_channels, image_size, name, pooling)
+        probe(features, in_channels, image_size, name, {"model.pooling": pooling})
 
 
 @register_model("alexnet", min_image_size=MIN_SIZE["alexnet"])

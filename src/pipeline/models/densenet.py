@@ -100,8 +100,8 @@ def densenet(
                               pooling=stem_pooling, pool_key="model.stem_pooling"),
                     nn.Sequential(*stages), final, channels, num_classes, dropout)
     if isinstance(pooling, Mapping) or (stem == "imagenet" and isinstance(stem_pooling, Mapping)):
-        probe(model, in_channels, image_size, arch, {"pooling": pooling,
-                                                     "stem_pooling": stem_pooling})
+        probe(model, in_channels, image_size, arch,
+              {"model.pooling": pooling, "model.stem_pooling": stem_pooling})
     return model
 
 

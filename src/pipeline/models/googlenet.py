@@ -258,7 +258,7 @@ def googlenet(
         kernel5=k, stem=stem,
     )
     if isinstance(pooling, Mapping):  # string pools keep the geometry MIN_SIZE covers
-        probe(model, in_channels, image_size, "googlenet", pooling)
+        probe(model, in_channels, image_size, "googlenet", {"model.pooling": pooling})
     # He init rather than torchvision's N(0, 0.01), which starves a batch_norm=False net.
     init_weights(model)
     return model

@@ -185,15 +185,14 @@ def make_pool(
 
 def pool_output_size(size: int, pool: nn.Module, axis: int = 0) -> int:
     """Side length after ``pool`` (a MaxPool2d/AvgPool2d) along ``axis`` (0: height,
-    1: width); 0 when the input side is below 1 or the pool has no complete window."""
-    k, s, p = (_as_pair(getattr(pool, a))[axis] for a in ("kernel_size", "stride", "padding"))
-    span = size + 2 * p - k
-    if size < 1 or span < 0:
+    1: width), by PyTorch's formula; 0 where PyTorch would reject the input as too small."""
+    if size < 1:
         return 0
-    if not pool.ceil_mode:
-        return span // s + 1
-    out = -(-span // s) + 1
-    return out - 1 if (out - 1) * s >= size + p else out  # no window may start in the padding
+    k, s, p = (_as_pair(getattr(pool, a))[axis] for a in ("kernel_size", "stride", "padding"))
+    out = (size + 2 * p - k + (s - 1 if pool.ceil_mode else 0)) // s + 1
+    if pool.ceil_mode and (out - 1) * s >= size + p:
+        out -= 1  # the last window may not start in the padding
+    return max(out, 0)
 
 
 def probe(
@@ -201,14 +200,15 @@ def probe(
     in_channels: int,
     image_size: int | Sequence[int],
     arch: str,
-    pooling: object = None,
+    settings: Mapping[str, object] | None = None,
 ) -> torch.Size:
     """Output shape of ``module`` on one zeros image, run on the ``meta`` device.
 
     Meta tensors carry shapes only, so this costs no compute or memory whatever the
     model's size (its own weights are untouched). Runs in eval mode (each module's
     training flag is restored). A layer whose input has shrunk below its window, or an
-    empty output, raises a ConfigError naming ``arch``, the input size and ``pooling``.
+    empty output, raises a ConfigError naming ``arch``, the input size and ``settings``
+    (the config entries that shaped the net, e.g. ``{"model.pooling": spec}``).
     """
     h, w = pair(image_size)
     tensors = {n: torch.empty_like(t, device="meta")
@@ -228,11 +228,11 @@ def probe(
         for m, training in modes.items():
             m.training = training
     if out is None or out.numel() == 0:
-        used = f" with pooling {pooling!r}" if pooling is not None else ""
+        used = ", ".join(f"{k}={v!r}" for k, v in (settings or {}).items())
         raise ConfigError(
-            f"{arch}{used} shrinks a {h}x{w} input to an empty feature map{detail}; use a "
-            "larger image_size, or a model.pooling with a smaller kernel_size/stride or "
-            "more padding."
+            f"{arch}{' with ' + used if used else ''} shrinks the {h}x{w} input to an empty "
+            f"feature map{detail}; use a larger image_size, or pooling with a smaller "
+            "kernel_size/stride or more padding."
         )
     return out.shape
 

@@ -82,7 +82,9 @@ def lenet5(
         *conv_block("c3", 6, 16, (p3h, p3w)),
         ("s4", s4),
     ]
-    shape = probe(nn.Sequential(OrderedDict(features)), in_channels, (h, w), "lenet5", pooling)
+    # C5's input size from a dry run on the meta device (ConfigError if the map vanishes).
+    shape = probe(nn.Sequential(OrderedDict(features)), in_channels, (h, w), "lenet5",
+                  {"model.pooling": pooling})
     layers = [
         *features,
         ("flatten", nn.Flatten()),

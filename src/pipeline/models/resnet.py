@@ -250,7 +250,7 @@ def resnet(
     model = Network(make_stem(ops, stem, in_channels, stem_width, preact, pooling),
                     nn.Sequential(*stages), final, channels, num_classes, dropout)
     if stem == "imagenet" and isinstance(pooling, Mapping):  # a string keeps min_size's geometry
-        probe(model, in_channels, image_size, arch, pooling)
+        probe(model, in_channels, image_size, arch, {"model.pooling": pooling})
     return model
 
 

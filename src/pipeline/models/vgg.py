@@ -132,7 +132,7 @@ def minivgg(
         norm_after_activation=True,
         pool_dropout=make_dropout(conv_dropout, "conv_dropout").p,  # validate range
     )
-    shape = probe(features, in_channels, image_size, "minivgg", pooling)
+    shape = probe(features, in_channels, image_size, "minivgg", {"model.pooling": pooling})
     classifier = nn.Sequential(
         nn.Linear(math.prod(shape[1:]), fc_size),
         make_activation(activation, channels=fc_size, dim=1),
@@ -214,7 +214,7 @@ def vgg(
         pool_dropout=make_dropout(conv_dropout, "conv_dropout").p,  # validate range
     )
     if isinstance(pooling, Mapping):  # string pools keep the 2x2/2 geometry checked above
-        probe(features, in_channels, image_size, name, pooling)
+        probe(features, in_channels, image_size, name, {"model.pooling": pooling})
     width = [c for c in cfg if c != "M"][-1]
     if head == "imagenet":
         avgpool = nn.AdaptiveAvgPool2d(7)

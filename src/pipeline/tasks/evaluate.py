@@ -60,6 +60,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     overall, per_class, cm = scores(probs, labels, raw.classes)
 
     write_json(layout.metrics / "test.json", {"test": overall})
+    # Per-sample test probabilities: what paired tests between designs (McNemar) compare.
+    # (Not in models/: that folder is the train stage's output and must not change here.)
+    layout.predictions.parent.mkdir(parents=True, exist_ok=True)
+    np.save(layout.predictions, probs.astype(np.float32))
     write_json(layout.plots / "per_class.json", per_class)
     names = raw.classes
     write_json(layout.plots / "confusion.json",

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +24,7 @@ from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
 from pipeline.training.module import Classifier
+from pipeline.tuning.best import apply_best
 
 
 def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
@@ -35,14 +37,19 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     `callbacks` are added to the Trainer's (a Ray Tune trial adds its reporter),
     `ckpt_path` resumes from a Lightning checkpoint, and `trainer_kwargs` override
     Trainer arguments (a Ray Train worker passes its DDP strategy and environment).
+    With `tune.use_best`, the best sweep trial's overrides (`results/tune/best.yaml`) apply first.
     """
+    cfg, tuned_tags = apply_best(cfg)
     cfg = prepare(cfg)
     quiet()
     layout = Layout.from_cfg(cfg)
     raw, splits = load_data(cfg, layout)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    dm = ArrayDataModule(raw.images, raw.labels, train_idx=splits.train, val_idx=splits.val, test_idx=splits.test,
+    # With data.fold set (cross-validation), fold i validates and the other folds train;
+    # the test split is never touched by either.
+    train_idx, val_idx = splits.fold(cfg.data.fold) if cfg.data.fold is not None else (splits.train, splits.val)
+    dm = ArrayDataModule(raw.images, raw.labels, train_idx=train_idx, val_idx=val_idx, test_idx=splits.test,
                          batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed)
     channels = cfg.data.channels
     mean, std = channel_stats(dm.subset("train")[0]) if cfg.data.normalize else ([0.0] * channels, [1.0] * channels)
@@ -61,8 +68,10 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     layout.models.mkdir(parents=True, exist_ok=True)
     resolved = to_container(cfg)
     (layout.models / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    # Which samples trained and validated this model: lets anyone audit for leakage.
+    np.savez(layout.models / "indices.npz", train=train_idx, val=val_idx)
 
-    run_tags = {**transfer_tags, **(run_tags or {})}
+    run_tags = {**transfer_tags, **tuned_tags, **(run_tags or {})}
     run = _start_run(cfg, layout, raw.manifest, parent_run_id, run_tags) if cfg.tracking.enabled else None
     with run if run is not None else contextlib.nullcontext():
         if run is not None:

@@ -1,0 +1,1 @@
+"""Statistical analysis of experiment results: summaries and honest comparisons between designs."""

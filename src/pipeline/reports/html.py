@@ -1,0 +1,285 @@
+"""The "what the network learned" report: one self-contained HTML file (every figure a
+base64 PNG data URI, so it opens anywhere) plus the same PNGs in a `report_files/` folder.
+
+Deterministic for a given seed: examples are drawn with `numpy.random.default_rng((seed, k))`,
+one stream per section, and nothing time-dependent is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sklearn.metrics import confusion_matrix  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pipeline.reports import inspect  # noqa: E402
+from pipeline.reports.figures import confusion_matrix_png  # noqa: E402
+
+FILES = "report_files"  # the PNGs, beside report.html
+SECTIONS = ("overview", "curves", "confusion", "filters", "feature-maps", "saliency", "layers")
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+        "text-align:right}th{background:#eee}td:first-child,td:nth-child(2){text-align:left}"
+        "img{max-width:100%;display:block;margin:.5em 0}.note{color:#864}section{margin-bottom:2em}"
+        ".grid img{display:inline-block;max-width:32%;margin:.3em;vertical-align:top}")
+
+
+class _Figures:
+    """Saves each figure as `<folder>/<name>.png` and returns its data-URI <img> tag."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.png"):
+            stale.unlink()
+
+    def img(self, fig, name: str, alt: str) -> str:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        return self.tag(buf.getvalue(), name, alt)
+
+    def tag(self, png: bytes, name: str, alt: str) -> str:
+        (self.folder / f"{name}.png").write_bytes(png)
+        data = base64.b64encode(png).decode("ascii")
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _show(ax, image: np.ndarray, title: str = "") -> None:
+    """An H x W x C uint8 (or float) image: RGB if 3 channels, else the first in grey."""
+    img = image if image.shape[-1] == 3 else image[..., 0]
+    ax.imshow(img, cmap=None if img.ndim == 3 else "gray", interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def _grid(fig, top: float = 0.92) -> None:
+    """Margins for a grid of images (tight_layout costs ~0.2 s a figure with many axes)."""
+    rows = fig.axes[0].get_gridspec().nrows if fig.axes else 1
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top if rows == 1 else 1 - 0.25 / rows,
+                        wspace=0.1, hspace=0.35)
+
+
+def diagnose(rows: Sequence[dict]) -> list[str]:
+    """Plain-language reading of the learning curves (gap, over-/under-fitting signs)."""
+    if not rows:
+        return ["No epochs were recorded."]
+    get = lambda key: [r.get(key) for r in rows]  # noqa: E731
+    ta, va, tl, vl = rows[-1].get("train_acc"), rows[-1].get("val_acc"), get("train_loss"), get("val_loss")
+    notes = []
+    if ta is not None and va is not None:
+        gap = ta - va
+        notes.append(f"Final train - validation accuracy gap: {gap:+.1%} (train {ta:.1%}, validation {va:.1%}).")
+        if gap > 0.05:
+            notes.append("Over-fitting: training accuracy exceeds validation by more than 5 points.")
+        elif gap < -0.02:
+            notes.append("Validation above training: training accuracy is measured with dropout/augmentation "
+                         "active and averaged over an epoch of changing weights, so this signals strong "
+                         "regularisation or a model still improving, not over-fitting.")
+        if ta < 0.8:
+            notes.append(f"Under-fitting: training accuracy is only {ta:.1%} (too little capacity, too strong "
+                         "regularisation or too few epochs).")
+    if None not in vl and None not in tl and len(rows) >= 3:
+        best = int(np.argmin(vl))
+        if best < len(rows) - 1 and vl[-1] > vl[best] * 1.05 and tl[-1] < tl[best]:
+            notes.append(f"Validation loss has risen {vl[-1] / vl[best] - 1:.0%} since epoch {rows[best]['epoch']} "
+                         f"while training loss kept falling ({tl[best]:.3f} to {tl[-1]:.3f}): over-fitting.")
+        elif tl[-1] < 0.95 * tl[-2] and vl[-1] < vl[-2]:
+            notes.append("Training and validation loss were both still falling at the last epoch: "
+                         "under-trained, more epochs should help.")
+    return notes
+
+
+def _curves(rows: Sequence[dict], figs: _Figures) -> str:
+    ep = [r["epoch"] for r in rows]
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
+        ax_l.plot(ep, [r.get(f"{split}_loss") for r in rows], ".-", color=color, label=split)
+        ax_a.plot(ep, [r.get(f"{split}_acc") for r in rows], ".-", color=color, label=split)
+    ta, va = (np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in ("train_acc", "val_acc"))
+    ax_a.fill_between(ep, ta, va, where=ta >= va, color="tab:red", alpha=0.25, interpolate=True,
+                      label="gap: train above val")
+    ax_a.fill_between(ep, ta, va, where=ta < va, color="tab:green", alpha=0.25, interpolate=True,
+                      label="gap: val above train")
+    if len(rows) and not np.isnan(ta[-1] - va[-1]):
+        ax_a.annotate(f"final gap {ta[-1] - va[-1]:+.1%}", xy=(ep[-1], (ta[-1] + va[-1]) / 2),
+                      xytext=(-90, -30), textcoords="offset points", arrowprops={"arrowstyle": "->"})
+    vl = [r.get("val_loss") for r in rows]
+    if rows and None not in vl:
+        best = int(np.argmin(vl))
+        ax_l.axvline(ep[best], color="grey", ls="--", lw=1, label=f"min val loss (epoch {ep[best]})")
+    ax_l.set(xlabel="epoch", title="loss")
+    ax_l.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_a.set(xlabel="epoch", title="accuracy")
+    for ax in (ax_l, ax_a):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in diagnose(rows))
+    return figs.img(fig, "learning_curves", "learning curves") + f"<ul>{items}</ul>"
+
+
+def _confusion(images, labels, pred, probs, classes, figs: _Figures, seed: int, k: int = 5) -> str:
+    cm = confusion_matrix(labels, pred, labels=list(range(len(classes))))
+    path = confusion_matrix_png(cm, list(classes), figs.folder / "confusion_matrix.png")
+    parts = [figs.tag(path.read_bytes(), "confusion_matrix", "confusion matrix")]
+    pairs = inspect.most_confused_pairs(cm, classes, k)
+    if not pairs:
+        return parts[0] + "<p>No test image was misclassified.</p>"
+    rng = np.random.default_rng((seed, 1))
+    parts.append("<table><tr><th>actual</th><th>predicted as</th><th>count</th><th>share of actual</th></tr>"
+                 + "".join(f"<tr><td>{html.escape(p['actual'])}</td><td>{html.escape(p['predicted'])}</td>"
+                           f"<td>{p['count']}</td><td>{p['rate']:.1%}</td></tr>" for p in pairs) + "</table>")
+    parts.append("<div class='grid'>")
+    for i, p in enumerate(pairs):
+        idx = np.flatnonzero((labels == p["actual_index"]) & (pred == p["predicted_index"]))
+        idx = np.sort(rng.choice(idx, size=min(6, len(idx)), replace=False))
+        fig, axes = plt.subplots(1, len(idx), figsize=(1.6 * len(idx), 1.9), squeeze=False)
+        for ax, j in zip(axes[0], idx):
+            _show(ax, images[j], f"#{j} p={probs[j, p['predicted_index']]:.2f}")
+        fig.suptitle(f"actual {p['actual']}, predicted {p['predicted']}", fontsize=9)
+        _grid(fig, top=0.7)
+        parts.append(figs.img(fig, f"confused_{i + 1}", f"{p['actual']} predicted as {p['predicted']}"))
+    return "".join(parts) + "</div>"
+
+
+def _filters(net: nn.Module, figs: _Figures) -> str:
+    w = inspect.first_layer_filters(net)
+    cols = min(16, len(w))
+    rows_ = -(-len(w) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(cols * 0.8, rows_ * 0.8 + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(w):
+            img = w[i] if w.shape[-1] == 3 else w[i].mean(axis=-1)
+            ax.imshow(img, cmap=None if img.ndim == 3 else "gray", vmin=0, vmax=1, interpolation="nearest")
+    fig.suptitle(f"{len(w)} first-layer filters {w.shape[1]}x{w.shape[2]}", fontsize=9)
+    note = ("RGB" if w.shape[-1] == 3 else "grey" if w.shape[-1] == 1 else "mean over input channels")
+    return (figs.img(fig, "filters", "first-layer filters")
+            + f"<p>Each filter scaled on its own ({note}): mid-grey is a zero weight, white the largest "
+              "positive, black the largest negative.</p>")
+
+
+def _feature_maps(net, x, images, layers, figs: _Figures, seed: int, n: int = 2, channels: int = 8) -> str:
+    picks = np.sort(np.random.default_rng((seed, 2)).choice(len(x), size=min(n, len(x)), replace=False))
+    maps = inspect.feature_maps(net, x[picks], layers)
+    parts = []
+    for e, j in enumerate(picks):
+        fig, axes = plt.subplots(len(layers), channels + 1, figsize=(1.3 * (channels + 1), 1.4 * len(layers)),
+                                 squeeze=False)
+        for row, name in zip(axes, layers):
+            fmap = maps[name][e]
+            _show(row[0], images[j], f"input #{j}" if name == layers[0] else "")
+            top = torch.argsort(fmap.flatten(1).mean(1), descending=True, stable=True)[:channels]
+            for c, ax in enumerate(row[1:]):
+                ax.axis("off")
+                if c < len(top):
+                    ax.imshow(fmap[top[c]].numpy(), cmap="viridis", interpolation="nearest")
+                    ax.set_title(f"{name} ch{int(top[c])}", fontsize=6)
+        _grid(fig)
+        parts.append(figs.img(fig, f"feature_maps_{e + 1}", f"feature maps of test image {j}"))
+    return ("<p>Layers " + ", ".join(f"<code>{html.escape(n)}</code>" for n in layers) + f": for each, the "
+            f"{channels} channels with the highest mean response (the layer's output, before any later "
+            "activation).</p>" + "".join(parts))
+
+
+def _saliency(net, x, images, labels, pred, classes, figs: _Figures, seed: int, *, gradcam: bool,
+              per_class: int = 2, max_classes: int = 10) -> str:
+    rng = np.random.default_rng((seed, 3))
+    shown = np.arange(len(classes))
+    if len(shown) > max_classes:
+        shown = np.sort(rng.choice(shown, size=max_classes, replace=False))
+    parts = []
+    for c in shown:
+        idx = np.flatnonzero(labels == c)
+        if not len(idx):
+            continue
+        idx = np.sort(rng.choice(idx, size=min(per_class, len(idx)), replace=False))
+        target = torch.as_tensor(pred[idx])
+        sal = inspect.saliency(net, x[idx], target)
+        sal = sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+        cams = inspect.grad_cam(net, x[idx], target) if gradcam else None
+        cols = 3 if gradcam else 2
+        fig, axes = plt.subplots(len(idx), cols, figsize=(1.7 * cols, 1.8 * len(idx)), squeeze=False)
+        for r, j in enumerate(idx):
+            _show(axes[r, 0], images[j], f"#{j} {classes[c]} -> {classes[pred[j]]}")
+            heat = [("saliency", sal[r])] + ([("Grad-CAM", cams[r])] if cams is not None else [])
+            for ax, (name, h) in zip(axes[r, 1:], heat):
+                _show(ax, images[j], name)
+                ax.imshow(h.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+        _grid(fig)
+        parts.append(figs.img(fig, f"saliency_{int(c)}", f"saliency and Grad-CAM for class {classes[c]}"))
+    return ("<p>For test images of each class, heat maps for the <em>predicted</em> class: saliency "
+            "(Simonyan et al. 2014) |d score / d pixel| maximised over channels; Grad-CAM (Selvaraju et al. "
+            "2017) at the last convolution, upsampled to the image.</p><div class='grid'>" + "".join(parts) + "</div>")
+
+
+def _layers_table(net: nn.Module, input_shape: tuple[int, int, int]) -> str:
+    rows = inspect.layer_table(net, input_shape)
+    fmt = lambda v: "" if v is None else "x".join(map(str, v)) if isinstance(v, (list, tuple)) else f"{v:,}"  # noqa: E731
+    head = "".join(f"<th>{h}</th>" for h in ("layer", "type", "output", "params", "MACs", "receptive field", "jump"))
+    body = "".join(f"<tr><td><code>{html.escape(r['name'])}</code></td><td>{r['type']}</td><td>"
+                   f"{fmt(r['output_shape'])}</td><td>{r['params']:,}</td><td>{r['macs']:,}</td>"
+                   f"<td>{fmt(r['receptive_field'])}</td><td>{fmt(r['jump'])}</td></tr>" for r in rows)
+    total = (f"<tr><th>total</th><th></th><th></th><th>{sum(r['params'] for r in rows):,}</th>"
+             f"<th>{sum(r['macs'] for r in rows):,}</th><th></th><th></th></tr>")
+    return (f"<table><tr>{head}</tr>{body}{total}</table><p>Receptive field and jump (stride product) in "
+            "input pixels, by r<sub>out</sub> = r<sub>in</sub> + (k-1)j<sub>in</sub>, j<sub>out</sub> = "
+            "j<sub>in</sub>s in forward order: exact for a chain of layers, an upper bound for branching "
+            "networks (shortcuts, Inception, dense blocks).</p>")
+
+
+def write_report(out_dir: Path, *, net: nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                 classes: Sequence[str], curves: Sequence[dict], seed: int, meta: dict[str, object],
+                 notes: Sequence[str] = (), hooks: bool = True) -> Path:
+    """Write `out_dir/report.html` and `out_dir/report_files/*.png`; returns the HTML path.
+
+    `net` maps N x C x H x W floats in [0, 1] to class scores; `images` are the test
+    split's NHWC uint8 images, `probs` its predictions. `hooks=False` (a graph that
+    cannot take module hooks) keeps only what input gradients can show.
+    """
+    figs = _Figures(out_dir / FILES)
+    labels, pred = np.asarray(labels), probs.argmax(axis=1)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
+    convs = inspect.conv_layers(net) if hooks else []
+    unavailable = "<p class='note'>Not available: {}.</p>".format
+    why = "the model has no convolutional layer" if hooks else "the model cannot take forward hooks"
+    layers = sorted({convs[0], convs[len(convs) // 2], convs[-1]}, key=convs.index) if convs else []
+    overview = "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                                   for k, v in meta.items()) + "</table>"
+    overview += "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
+    body = {
+        "overview": ("Overview", overview),
+        "curves": ("Learning curves", _curves(curves, figs) if curves else unavailable("no curves recorded")),
+        "confusion": ("Confusion matrix and most-confused pairs",
+                      _confusion(images, labels, pred, probs, classes, figs, seed)),
+        "filters": ("First-layer filters", _filters(net, figs) if convs else unavailable(why)),
+        "feature-maps": ("Feature maps", _feature_maps(net, x, images, layers, figs, seed) if convs
+                         else unavailable(why)),
+        "saliency": ("Saliency and Grad-CAM",
+                     _saliency(net, x, images, labels, pred, classes, figs, seed, gradcam=bool(convs))
+                     + ("" if convs else unavailable(f"Grad-CAM ({why})"))),
+        "layers": ("Layers: parameters, MACs, receptive field",
+                   _layers_table(net, tuple(x.shape[1:])) if hooks else unavailable(why)),
+    }
+    title = html.escape(f"What the network learned: {meta.get('model', '')} on {meta.get('dataset', '')}")
+    nav = " | ".join(f'<a href="#{k}">{html.escape(v[0])}</a>' for k, v in body.items())
+    sections = "".join(f'<section id="{k}"><h2>{html.escape(h)}</h2>{content}</section>'
+                       for k, (h, content) in body.items())
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{title}</h1><nav>{nav}</nav>{sections}</body></html>\n")
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

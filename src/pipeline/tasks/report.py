@@ -1,0 +1,212 @@
+"""The report task: what the trained network learned, as one self-contained HTML page.
+
+`report(cfg)` reads the train/evaluate outputs (best checkpoint, curves, test split) and
+writes `<out>/reports/report.html` with its PNGs in `<out>/reports/report_files/`, logged to
+the pipeline's MLflow run under `report/`. `report_for_run(run_id, tracking_uri, cfg)` does
+the same for any MLflow run of this pipeline, from the run's `config.yaml`, its logged
+model and its metric history, into `<out>/reports/runs/<run_id>/`.
+
+MLflow 3 logs the model as a `torch.export` graph: it computes gradients, but it cannot
+switch mode (`.eval()` raises) and its submodules are only parameter holders, so forward
+hooks never fire. `report_for_run` therefore rebuilds the eager network from the run's
+config and loads the exported graph's weights into it (checked to give the same outputs);
+failing that, the checkpoint the run wrote (if `<run out_dir>/models/run.json` still names
+the run); failing that, it reports from the graph itself: predictions and saliency only,
+with the limitation stated in the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from pipeline.config import model_args, prepare
+from pipeline.errors import DataError, PipelineError
+from pipeline.layout import Layout
+from pipeline.models import count_macs, count_parameters
+from pipeline.reports.html import FILES, write_report
+from pipeline.tasks.common import load_data
+from pipeline.tasks.evaluate import predict
+from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tracking.provenance import tree_sha256
+from pipeline.training.module import Classifier, build_network
+
+CURVES = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss": "val_loss", "val/acc": "val_acc",
+          "lr": "lr"}
+
+
+def report(cfg: DictConfig) -> Path:
+    """Report on `<out>/models/best.ckpt`; returns the path of `report.html`."""
+    cfg = prepare(cfg)
+    layout = Layout.from_cfg(cfg)
+    if not layout.best_ckpt.exists():
+        raise DataError(f"No checkpoint at {layout.best_ckpt}: run the train stage first (`dvc repro train`).")
+    curves_file = layout.plots / "train_curves.json"
+    curves = json.loads(curves_file.read_text()) if curves_file.exists() else []
+    net = Classifier.load_from_checkpoint(layout.best_ckpt, map_location="cpu").net.eval()
+    info = json.loads(layout.run_file.read_text()) if layout.run_file.exists() else None
+    meta = {"run id": info["run_id"] if info else "(not tracked)", "weights": str(layout.best_ckpt)}
+    path = _write(cfg, cfg, net, curves, Path(cfg.paths.out_dir) / "reports", meta, [], eager=True)
+    if cfg.tracking.enabled and info:
+        with TrackedRun.resume(tracking_uri=info["tracking_uri"], run_id=info["run_id"]) as run:
+            run.log_artifact(path, "report")
+            run.client.log_artifacts(run.run_id, str(path.parent / FILES), f"report/{FILES}")
+    return path
+
+
+def report_for_run(run_id: str, tracking_uri: str, cfg: DictConfig) -> Path:
+    """Report on any MLflow run of this pipeline, into `<cfg out>/reports/runs/<run_id>/`.
+
+    The run's own config.yaml chooses dataset, split, model and evaluation settings; `cfg`
+    gives the local paths (data is fetched and split as the run did if missing) and the
+    seed for picking examples. With `cfg.tracking.enabled` the report is also logged to
+    the run under `report/` (the run's status is left as it was).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tasks.prepare import ensure_data
+
+    cfg = prepare(cfg)
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            run_cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+    except (MlflowException, OSError) as err:
+        raise DataError(f"Run {run_id} at {tracking_uri} has no config.yaml artifact, so it was not made by this "
+                        f"pipeline (or does not exist): {err}") from err
+    run_out = Path(str(run_cfg.paths.out_dir))
+    run_cfg = prepare(merge_run_config(run_cfg, cfg))
+    ensure_data(run_cfg)
+    layout = Layout.from_cfg(run_cfg)
+    notes = []
+    if run.data.tags.get("split_sha256") not in (None, tree_sha256(layout.splits)):
+        notes.append(f"The local split {layout.splits} differs from the run's (split_sha256 tag): the test images "
+                     "are not the run's test split.")
+    classes = json.loads((layout.raw / "classes.json").read_text())
+    net, source, eager = _run_network(run_id, tracking_uri, run_cfg, len(classes), run_out, notes)
+    curves = _curves_from_history(client, run_id)
+    out = Path(cfg.paths.out_dir) / "reports" / "runs" / run_id
+    meta = {"run id": run_id, "tracking URI": tracking_uri, "run status": run.info.status, "weights": source}
+    path = _write(run_cfg, cfg, net, curves, out, meta, notes, eager=eager)
+    if cfg.tracking.enabled:
+        client.log_artifacts(run_id, str(out), "report")
+    return path
+
+
+def merge_run_config(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
+    """A run's config.yaml on top of the current config, so a run made before the pipeline
+    grew new keys still validates: new keys keep their current defaults, every key the run
+    has keeps the run's value, the option-specific groups (model, optimizer, scheduler) are
+    the run's whole, and `paths` are this machine's (from `cfg`)."""
+    base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    merged = OmegaConf.merge(base, run_cfg)
+    for group in ("model", "optimizer", "scheduler"):
+        if group in run_cfg:
+            merged[group] = run_cfg[group]
+    merged.paths = base.paths
+    return merged
+
+
+def _write(run_cfg: DictConfig, cfg: DictConfig, net: nn.Module, curves: list[dict], out: Path, meta: dict,
+           notes: list[str], *, eager: bool) -> Path:
+    raw, splits = load_data(run_cfg, Layout.from_cfg(run_cfg))
+    images, labels = raw.images[splits.test], raw.labels[splits.test]
+    if eager:
+        probs = predict(net, images, batch_size=run_cfg.data.eval_batch_size, tta=run_cfg.regularizer.tta)
+    else:
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
+            probs = torch.cat([net(x[i:i + 256]).softmax(1) for i in range(0, len(x), 256)]).numpy()
+        if run_cfg.regularizer.tta != "none":
+            notes.append(f"Predictions without the run's test-time augmentation ({run_cfg.regularizer.tta}).")
+    shape = (int(run_cfg.data.channels), int(run_cfg.data.image_size), int(run_cfg.data.image_size))
+    meta = {**meta, "model": run_cfg.model.name, "dataset": run_cfg.data.name, "test images": len(labels),
+            "test accuracy": f"{float((probs.argmax(1) == labels).mean()):.2%}",
+            "parameters": f"{count_parameters(net):,}",
+            "MACs per image": f"{count_macs(net, shape):,}" if eager else "n/a",
+            "test-time augmentation": run_cfg.regularizer.tta if eager else "none", "seed (examples)": cfg.seed}
+    return write_report(out, net=net, images=images, labels=labels, probs=probs, classes=raw.classes,
+                        curves=curves, seed=int(cfg.seed), meta=meta, notes=notes, hooks=eager)
+
+
+def _curves_from_history(client, run_id: str) -> list[dict]:
+    """train_curves.json's rows ({epoch, train_loss, ...}) from the run's per-epoch metrics."""
+    rows: dict[int, dict] = {}
+    for key, column in CURVES.items():
+        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+            rows.setdefault(m.step, {"epoch": m.step})[column] = m.value
+    return [rows[s] for s in sorted(rows)]
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """Scope MLflow's "current" tracking URI (which `runs:/` URIs resolve against) to a block."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def rebuild_eager(exported: nn.Module, run_cfg: DictConfig, num_classes: int) -> nn.Sequential:
+    """The pipeline's eager `Sequential(Preprocess, model)` with an exported model's weights.
+
+    Raises ValueError unless both give the same scores on random inputs.
+    """
+    state = exported.state_dict()
+    args = model_args(run_cfg, num_classes=num_classes)
+    net = build_network(args.pop("name"), args, mean=state["0.mean"].flatten().tolist(),
+                        std=state["0.std"].flatten().tolist(), resize=run_cfg.data.resize)
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    size = int(run_cfg.data.image_size)
+    x = torch.rand(2, int(run_cfg.data.channels), size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.allclose(net(x), exported(x), atol=1e-4, rtol=1e-4):
+            raise ValueError("the rebuilt network's scores differ from the exported model's")
+    return net
+
+
+def _run_network(run_id: str, tracking_uri: str, run_cfg: DictConfig, num_classes: int, run_out: Path,
+                 notes: list[str]) -> tuple[nn.Module, str, bool]:
+    """(network, where its weights came from, whether it is an eager module) for a run."""
+    import mlflow.pytorch
+
+    uri = f"runs:/{run_id}/model"
+    loaded = None
+    try:
+        with _tracking_uri(tracking_uri):
+            loaded = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for "no model"
+        notes.append(f"No loadable MLflow model at {uri} ({type(err).__name__}).")
+    if loaded is not None and not isinstance(loaded, torch.fx.GraphModule):
+        return loaded.eval(), uri, True  # an eagerly pickled module (MLflow 2)
+    if loaded is not None:
+        try:
+            return rebuild_eager(loaded, run_cfg, num_classes), f"{uri} (weights loaded into the eager network)", True
+        except (PipelineError, KeyError, RuntimeError, ValueError) as err:
+            notes.append(f"Could not rebuild the eager network from {uri}: {err}")
+    ckpt, run_file = run_out / "models" / "best.ckpt", run_out / "models" / "run.json"
+    if ckpt.exists() and run_file.exists() and json.loads(run_file.read_text()).get("run_id") == run_id:
+        return Classifier.load_from_checkpoint(ckpt, map_location="cpu").net.eval(), str(ckpt), True
+    if loaded is None:
+        raise DataError(f"Run {run_id} has no loadable model ({uri}) and its checkpoint {ckpt} is gone or "
+                        "belongs to another run.")
+    notes.append("Limitation: only the exported torch.export graph is available. It cannot take forward hooks "
+                 "or switch mode, so the first-layer filters, feature maps, Grad-CAM and the layer table are "
+                 "omitted; predictions and saliency (input gradients) are exact.")
+    return loaded, uri, False

@@ -1,0 +1,54 @@
+"""`python -m pipeline.tune [tune=<space>] [hydra overrides]`: a Ray Tune sweep of the train
+task, tracked in MLflow as one parent run with a child run per trial.
+
+Outputs (trials.csv, curves, best.yaml) go to Hydra's run folder under results/tune/, never
+over the DVC pipeline's; Ray's experiment folders go to tune.storage_path (results/ray/).
+
+    python -m pipeline.tune                                     # conf/tune/lr_decay_dropout.yaml
+    python -m pipeline.tune tune=architecture tune.num_samples=2
+    python -m pipeline.tune tune=optimizer model=lenet5 tune.max_epochs=5
+    python -m pipeline.tune tune.resume=true                    # continue an interrupted sweep
+    python -m pipeline.tune tune.address=auto tune.storage_path=s3://bucket/ray   # on a cluster
+
+Space keys contain dots, which Hydra's command line reads as nesting: add or change one with
+`++tune.space.optimizer.lr="loguniform(1e-4,1e-1)"` (quoted), or replace the whole space with
+`~tune.space '+tune.space={optimizer.lr: "uniform(0.001, 0.01)"}'`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from pipeline.config import config_dir
+from pipeline.errors import PipelineError
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> float:
+    from pipeline.tasks.prepare import ensure_data
+    from pipeline.tuning.driver import run_sweep
+
+    with open_dict(cfg):
+        cfg.paths.out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        ensure_data(cfg)
+        best = run_sweep(cfg)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    print("best: " + "  ".join(f"{k}={v}" for k, v in best["overrides"].items()))
+    print(f"{best['metric']}={best['value']:.4f} (trial {best['trial_id']}, epoch {best['epoch']})")
+    print(f"outputs: {cfg.paths.out_dir}/results/tune")
+    return best["value"]
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

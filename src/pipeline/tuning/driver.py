@@ -1,0 +1,237 @@
+"""`run_sweep(cfg)`: a Ray Tune sweep of `train`, tracked as one MLflow run tree.
+
+Validates the whole sweep first (`plan.plan_sweep`), starts or joins Ray, runs the trials
+(`trial.run_trial`), then keeps the best one: `results/tune/best.yaml` (its overrides and
+full config, which the train stage applies), `trials.csv` and `curves.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.config import flatten
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.tasks.common import tracking_target
+from pipeline.tracking.provenance import git_commit
+from pipeline.tuning.plan import Plan, plan_sweep
+from pipeline.tuning.results import abort_tree, collect, finish_parent, write_outputs
+
+# Trial actors are reused (`reuse_actors`): the next trial waits for the stopped trial's
+# thread to unwind through Lightning, which can take longer than Tune's 2 s on a busy box.
+TRIAL_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "60", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+DRIVER_ENV = {
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/TensorBoard files; the JSON logger is added explicitly
+    # The classic reporter: at verbose=1 just the trial status table, every few seconds (the
+    # newer output, the default, also prints two boxes per trial).
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # Keeping 2 checkpoints per trial forces an experiment snapshot per trial every 2 epochs; fine.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+class SweepInterrupted(PipelineError):
+    """The sweep stopped before every trial ended (Ctrl+C, SIGUSR1): resume it."""
+
+    exit_code = 130
+
+
+def init_ray(tune: dict[str, Any]) -> bool:
+    """Join `tune.address` or start a local Ray; True if this call started or connected it."""
+    import ray
+
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return False
+    for key, value in TRIAL_ENV.items():
+        os.environ.setdefault(key, value)
+    runtime_env = {"env_vars": TRIAL_ENV}
+    if tune.get("address"):
+        ray.init(address=tune["address"], runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=tune.get("num_cpus"), include_dashboard=False, runtime_env=runtime_env)
+    return True
+
+
+def check_storage(plan: Plan) -> None:
+    """A cluster needs storage every node sees: a local folder would split the experiment."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if plan.storage_is_local and len(alive) > 1 and not plan.tune.get("storage_path"):
+        raise ConfigError(f"Ray has {len(alive)} nodes but tune.storage_path is the local folder {plan.storage}: "
+                          "set tune.storage_path to a folder every node mounts (NFS) or to s3://bucket/path.")
+    if plan.storage_is_local and len(alive) > 1:
+        print(f"note: {len(alive)} Ray nodes share tune.storage_path={plan.storage}; it must be mounted on every node.")
+    gpu = plan.tune["resources"]["gpu"]
+    if gpu and not ray.cluster_resources().get("GPU"):
+        raise ConfigError(f"tune.resources.gpu={gpu} but the Ray cluster has no GPU: set tune.resources.gpu=0.")
+
+
+def _scheduler(plan: Plan) -> Any:
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        HyperBandScheduler,
+        PopulationBasedTraining,
+    )
+
+    tune, name = plan.tune, plan.tune["scheduler"]
+    max_t = tune["max_epochs"]
+    if name == "asha":
+        a = tune["asha"]
+        # stop_last_trials=False: a trial reaching max_t ends by itself (its train() completes).
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=a["grace_period"],
+                             reduction_factor=a["reduction_factor"], brackets=a["brackets"], stop_last_trials=False)
+    if name == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=max_t, stop_last_trials=False,
+                                  reduction_factor=tune["hyperband"]["reduction_factor"])
+    if name == "pbt":
+        p = tune["pbt"]
+        mutations = {k: plan.space[k].domain() for k in p["mutate"] if k in plan.space}
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=p["perturbation_interval"],
+                                       hyperparam_mutations=mutations, quantile_fraction=p["quantile_fraction"],
+                                       resample_probability=p["resample_probability"])
+    return FIFOScheduler()
+
+
+def _search(plan: Plan) -> tuple[Any, int | None]:
+    """The search algorithm and the `max_concurrent_trials` to give TuneConfig."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    limit = plan.tune.get("max_concurrent_trials")
+    seed = int(plan.cfg.seed)
+    if plan.tune["search_alg"] == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed), limit
+    return BasicVariantGenerator(max_concurrent=limit or 0, random_state=seed), None
+
+
+def param_space(plan: Plan) -> dict[str, Any]:
+    if plan.tune["search_alg"] == "grid":
+        from ray import tune
+
+        return {k: tune.grid_search(list(d.args)) for k, d in plan.space.items()}
+    return {k: d.domain() for k, d in plan.space.items()}
+
+
+def _experiment(plan: Plan) -> tuple[str, bool]:
+    """(experiment folder name, restore?): the latest restorable `<name>-*` when resuming."""
+    from ray.tune import Tuner
+
+    name = plan.tune["name"]
+    if plan.tune["resume"]:
+        if plan.storage_is_local and Path(plan.storage).is_dir():
+            previous = sorted(p.name for p in Path(plan.storage).glob(f"{name}-*") if p.is_dir())
+            for folder in reversed(previous):
+                if Tuner.can_restore(str(Path(plan.storage) / folder)):
+                    return folder, True
+        print(f"tune.resume=true but no earlier sweep '{name}' in {plan.storage}: starting a new one.")
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", False
+
+
+def _mlflow_callback(plan: Plan, path: str) -> Any:
+    from pipeline.tuning.mlflow_tree import MlflowTreeCallback, map_path
+
+    cfg = plan.cfg
+    params = flatten({k: v for k, v in plan.base.items() if k != "tune"})
+    params.update(flatten({"tune": plan.tune}))
+    tags = {"sweep": plan.tune["name"], "dataset": cfg.data.name, "model": cfg.model.name,
+            "search_alg": plan.tune["search_alg"], "tune_scheduler": plan.tune["scheduler"],
+            "ray_experiment": path, **git_commit(plan.root)}
+    return MlflowTreeCallback(target=tracking_target(cfg), map_path=map_path(path),
+                              parent_name=f"tune-{plan.tune['name']}-{cfg.model.name}-{cfg.data.name}",
+                              parent_params=params, parent_tags=tags, fixed=plan.fixed,
+                              max_epochs=plan.tune["max_epochs"],
+                              log_hyperparameters=plan.tune["scheduler"] == "pbt")
+
+
+def build_tuner(plan: Plan, trial_callbacks: Sequence[Any] = ()) -> tuple[Any, str]:
+    """The Tuner (new or restored) and its experiment path."""
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    from pipeline.tuning.trial import run_trial
+
+    folder, restore = _experiment(plan)
+    path = f"{plan.storage.rstrip('/')}/{folder}"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=plan.base, blocks=plan.blocks, callbacks=list(trial_callbacks),
+                             experiment=path.removeprefix("file://") if plan.storage_is_local else None),
+        {"cpu": plan.tune["resources"]["cpu"], "gpu": plan.tune["resources"]["gpu"]})
+    if restore:
+        print(f"Resuming the sweep in {path}")
+        # Finished trials stay as they are; errored ones resume from their last checkpoint.
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space(plan)), path
+    callbacks: list[Any] = [JsonLoggerCallback()]  # result.json: per-trial curves for the outputs
+    if plan.cfg.tracking.enabled:
+        callbacks.append(_mlflow_callback(plan, path))
+    search_alg, limit = _search(plan)
+    tune_config = tune.TuneConfig(metric=plan.tune["metric"], mode=plan.tune["mode"], search_alg=search_alg,
+                                  scheduler=_scheduler(plan), num_samples=1 if plan.tune["search_alg"] == "grid"
+                                  else plan.tune["num_samples"], max_concurrent_trials=limit,
+                                  time_budget_s=plan.tune.get("time_budget_s"), reuse_actors=True)
+    reporter = tune.CLIReporter(metric_columns={"training_iteration": "epochs", plan.tune["metric"]: plan.tune["metric"],
+                                                "val/loss": "val/loss", "train/loss": "train/loss"},
+                                parameter_columns=list(plan.space), max_report_frequency=10,
+                                max_progress_rows=30)  # sort_by_metric fails on metric-less trials
+    run_config = tune.RunConfig(
+        name=folder, storage_path=plan.storage, verbose=1, callbacks=callbacks, progress_reporter=reporter,
+        failure_config=tune.FailureConfig(max_failures=plan.tune["max_failures"]),
+        sync_config=tune.SyncConfig(sync_artifacts=not plan.storage_is_local),  # trial outputs to the cloud
+        # PBT restores trials from other trials' checkpoints, possibly after those trials moved
+        # on: rotating them away would fail the restore, so PBT keeps all.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if plan.tune["scheduler"] == "pbt" else 2))
+    return tune.Tuner(trainable, param_space=param_space(plan), tune_config=tune_config,
+                      run_config=run_config), path
+
+
+def run_sweep(cfg: DictConfig, *, trial_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the configured sweep; returns the best trial's summary (`best.yaml` without the config).
+
+    `trial_callbacks` are extra Lightning callbacks for every trial's Trainer (picklable).
+    """
+    plan = plan_sweep(cfg)
+    started = init_ray(plan.tune)
+    import ray
+
+    try:
+        check_storage(plan)
+        tuner, path = build_tuner(plan, trial_callbacks)
+        start = time.perf_counter()
+        try:
+            tuner.fit()  # results are read back from the experiment folder, as on resume
+        except BaseException as err:
+            if plan.cfg.tracking.enabled:
+                abort_tree(plan, path, err)
+            raise
+        elapsed = time.perf_counter() - start
+        outcome = collect(plan, path)
+        # Trials left PENDING or RUNNING mean a stop signal, unless the time budget ran out.
+        budget = plan.tune.get("time_budget_s")
+        out_of_time = budget is not None and elapsed >= budget
+        interrupted = [t for t in outcome.trials if t["status"] not in ("TERMINATED", "ERROR") and not out_of_time]
+        write_outputs(plan, outcome, final=not interrupted)
+        if plan.cfg.tracking.enabled:
+            finish_parent(plan, outcome, path, interrupted=bool(interrupted), elapsed=elapsed)
+    finally:
+        if started:
+            ray.shutdown()
+    if interrupted:
+        raise SweepInterrupted(f"the sweep stopped with {len(interrupted)} trial(s) unfinished; continue it with "
+                               f"tune.resume=true (experiment {path}).")
+    if outcome.best is None:
+        raise PipelineError(f"no trial of {path} produced a finite {plan.tune['metric']}: see trials.csv.")
+    print(f"best trial {outcome.best['trial_id']}: {plan.tune['metric']}={outcome.best['value']:.4f} "
+          f"in {elapsed:.0f} s; wrote {plan.results}/best.yaml")
+    return {k: v for k, v in outcome.best.items() if k != "config"}

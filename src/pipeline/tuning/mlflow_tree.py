@@ -1,0 +1,184 @@
+"""A sweep as one MLflow run tree: a parent run, one nested child run per Tune trial.
+
+Everything is written from the Ray driver (a `ray.tune.Callback` runs there), so a SQLite
+store only ever sees one writer; trials run with tracking off. The trial -> run id map is
+saved beside the Ray experiment, so a resumed sweep (`tune.resume=true`) reopens the same
+parent and children instead of duplicating them, and ends any child left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from pipeline.tracking.mlflow_run import TrackedRun
+
+
+def map_path(experiment_path: str) -> str:
+    """`<experiment>.mlflow_runs.json`, beside the experiment folder rather than in it: Ray
+    uploads its driver-side copy of the folder over the storage one on every experiment
+    snapshot, and a restored sweep's copy holds the map as it was when the sweep stopped."""
+    return f"{experiment_path.rstrip('/')}.mlflow_runs.json"
+
+LOGGED = ("val/acc", "val/loss", "train/acc", "train/loss", "lr")
+
+
+def read_text(path: str) -> str | None:
+    """A small file in local or cloud (s3://, gs://) storage; None if absent."""
+    import pyarrow.fs
+
+    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+    if fs.get_file_info(fs_path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(fs_path) as f:
+        return f.readall().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    import pyarrow.fs
+
+    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+    fs.create_dir(str(Path(fs_path).parent), recursive=True)
+    with fs.open_output_stream(fs_path) as f:
+        f.write(text.encode())
+
+
+class SweepRuns:
+    """The parent and children of one sweep, addressed by id through `TrackedRun`."""
+
+    def __init__(self, target: dict[str, Any], map_path: str) -> None:
+        self.target, self.map_path = target, map_path
+        saved = read_text(map_path)
+        self.ids: dict[str, Any] = json.loads(saved) if saved else {"parent": None, "children": {}}
+
+    def _save(self) -> None:
+        write_text(self.map_path, json.dumps(self.ids, indent=2))
+
+    def _run(self, run_id: str) -> TrackedRun:
+        from mlflow.tracking import MlflowClient
+
+        return TrackedRun(MlflowClient(self.target["tracking_uri"]), run_id)
+
+    @property
+    def parent(self) -> TrackedRun | None:
+        return self._run(self.ids["parent"]) if self.ids["parent"] else None
+
+    def open_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> TrackedRun:
+        """The sweep's parent run: the saved one (set RUNNING again) or a new one."""
+        if self.ids["parent"]:
+            return TrackedRun.resume(tracking_uri=self.target["tracking_uri"], run_id=self.ids["parent"])
+        run = TrackedRun.start(**self.target, run_name=name, tags=tags)
+        run.log_params(params)
+        self.ids["parent"] = run.run_id
+        self._save()
+        return run
+
+    def open_child(self, trial_id: str, name: str, params: dict[str, Any],
+                   tags: dict[str, str]) -> tuple[TrackedRun, bool]:
+        """The trial's child run and whether it is new (a retried or resumed trial reuses its run)."""
+        run_id = self.ids["children"].get(trial_id)
+        if run_id:
+            return TrackedRun.resume(tracking_uri=self.target["tracking_uri"], run_id=run_id), False
+        run = TrackedRun.start(**self.target, run_name=name, tags=tags, parent_run_id=self.ids["parent"])
+        run.log_params(params)
+        self.ids["children"][trial_id] = run.run_id
+        self._save()
+        return run, True
+
+    def child(self, trial_id: str) -> TrackedRun | None:
+        run_id = self.ids["children"].get(trial_id)
+        return self._run(run_id) if run_id else None
+
+    def end_open_children(self, status: str = "KILLED") -> list[str]:
+        """End every child still RUNNING (e.g. after an interrupted sweep); returns their trial ids."""
+        ended = []
+        for trial_id, run_id in self.ids["children"].items():
+            run = self._run(run_id)
+            if run.client.get_run(run_id).info.status == "RUNNING":
+                run.finish(status)
+                ended.append(trial_id)
+        return ended
+
+
+class MlflowTreeCallback(Callback):
+    """Creates the parent on setup, a child per trial on its start, logs every reported epoch
+    as one batch, and ends each child FINISHED, FAILED (errored) or, from the driver's final
+    bookkeeping, KILLED. The parent is finished by `pipeline.tuning.driver` with the best trial."""
+
+    def __init__(self, *, target: dict[str, Any], map_path: str, parent_name: str,
+                 parent_params: dict[str, Any], parent_tags: dict[str, str], fixed: dict[str, Any],
+                 max_epochs: int, log_hyperparameters: bool = False) -> None:
+        self.target, self.map_path = target, map_path
+        self.parent_name, self.parent_params, self.parent_tags = parent_name, parent_params, parent_tags
+        self.fixed, self.max_epochs, self.log_hyperparameters = fixed, max_epochs, log_hyperparameters
+        self.runs: SweepRuns | None = None
+        self.state: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the RunConfig (and so this callback) into tuner.pkl for Tuner.restore.
+        return {**self.__dict__, "runs": None, "state": {}}
+
+    def setup(self, **info: Any) -> None:
+        self.runs = SweepRuns(self.target, self.map_path)
+        self.runs.open_parent(self.parent_name, self.parent_params, self.parent_tags)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        params = {**{f"fixed.{k}": v for k, v in self.fixed.items()}, **trial.config}
+        tags = {"trial_id": trial.trial_id, "trial_name": str(trial), "sweep": self.parent_tags.get("sweep", "")}
+        run, new = self.runs.open_child(trial.trial_id, f"{self.parent_name}-{trial.trial_id}", params, tags)
+        if not new and trial.num_failures:
+            run.set_tags({"restarts": str(trial.num_failures)})
+        self.state[trial.trial_id] = {"diverged": False, "stopped": False, "epochs": 0}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run = self.runs.child(trial.trial_id)
+        if run is None:
+            return
+        state = self.state.setdefault(trial.trial_id, {"diverged": False, "stopped": False, "epochs": 0})
+        if "gpu_ids" in result:  # the first report of each (re)start of the trial
+            run.set_tags({"node": result.get("node_ip", ""), "hostname": result.get("hostname", ""),
+                          "gpu_ids": result["gpu_ids"]})
+        metrics = {k: float(result[k]) for k in LOGGED if isinstance(result.get(k), (int, float))}
+        if "time_this_iter_s" in result:
+            metrics["time/epoch_s"] = float(result["time_this_iter_s"])
+        if self.log_hyperparameters:  # PBT changes them during the trial: params cannot
+            metrics.update({f"hp/{k}": float(v) for k, v in trial.config.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        step = int(result.get("epoch", result.get("training_iteration", 1) - 1))
+        run.log_metrics(metrics, step=step)
+        state["epochs"] = step + 1
+        state["diverged"] |= bool(result.get("diverged"))
+        state["stopped"] = bool(result.get("done"))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self.runs.child(trial.trial_id)
+        if run is None:
+            return
+        state = self.state.get(trial.trial_id, {})
+        if state.get("diverged"):
+            reason = "diverged"
+        elif max(state.get("epochs", 0), trial.last_result.get("training_iteration", 0)) >= self.max_epochs:
+            reason = "max_epochs"
+        elif state.get("stopped"):
+            reason = "scheduler"   # ASHA/HyperBand/stopper ended it early
+        else:
+            reason = "early_stopping"  # the trial's own regularizer.early_stopping
+        run.set_tags({"stop_reason": reason, "diverged": str(bool(state.get("diverged"))).lower()})
+        run.finish("FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self.runs.child(trial.trial_id)
+        if run is None:
+            return
+        error = trial.get_error() or "trial errored"
+        run.set_tags({"error": str(error)[-5000:], "restarts": str(trial.num_failures)})
+        run.finish("FAILED")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self.runs.child(trial.trial_id)
+        if run is not None:
+            run.set_tags({"restarts": str(trial.num_failures)})
+

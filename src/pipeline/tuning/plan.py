@@ -1,0 +1,172 @@
+"""Checking a sweep before Ray starts: the `tune` block, the space, and every trial config
+the space can produce (by its bounds), so a typo or an out-of-range bound fails in seconds."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import check_bool, check_choice, check_number, prepare, to_container
+from pipeline.errors import ConfigError
+from pipeline.tuning.space import (
+    GROUPS,
+    Dist,
+    apply_overrides,
+    compose_blocks,
+    flat_mapping,
+    get_dotted,
+    parse_space,
+)
+
+SEARCH_ALGS = ("random", "grid", "optuna")
+SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")
+PBT_KEYS = ("optimizer.lr", "regularizer.dropout")  # what a restored checkpoint can take new values of
+METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
+
+
+@dataclass(frozen=True)
+class Plan:
+    tune: dict[str, Any]          # the resolved tune block
+    space: dict[str, Dist]
+    fixed: dict[str, Any]         # overrides every trial shares (group options by name)
+    blocks: dict[str, dict]       # {group: {option: composed block}}
+    base: dict[str, Any]          # resolved config with `fixed` applied and the trial settings
+    cfg: DictConfig               # the prepared config (absolute paths)
+    root: Path
+    results: Path                 # <out_dir>/results/tune
+    storage: str                  # Ray's storage_path (a folder or a URI)
+
+    @property
+    def storage_is_local(self) -> bool:
+        return "://" not in self.storage or self.storage.startswith("file://")
+
+
+def _check_tune_block(cfg: DictConfig) -> None:
+    check_number(cfg, "tune.num_samples", integer=True, low=1)
+    check_choice(cfg, "tune.search_alg", SEARCH_ALGS)
+    check_choice(cfg, "tune.scheduler", SCHEDULERS)
+    check_choice(cfg, "tune.metric", METRICS)
+    check_choice(cfg, "tune.mode", ("max", "min"))
+    check_number(cfg, "tune.max_epochs", integer=True, low=1)
+    check_number(cfg, "tune.max_concurrent_trials", integer=True, low=1, optional=True)
+    check_number(cfg, "tune.resources.cpu", low=0, low_open=True)
+    check_number(cfg, "tune.resources.gpu", low=0)
+    check_number(cfg, "tune.workers", integer=True, low=1)
+    check_number(cfg, "tune.num_cpus", integer=True, low=1, optional=True)
+    check_number(cfg, "tune.time_budget_s", low=0, low_open=True, optional=True)
+    check_number(cfg, "tune.max_failures", integer=True, low=-1)
+    for key in ("resume", "use_best"):
+        check_bool(cfg, f"tune.{key}")
+    for key in ("address", "storage_path"):
+        value = cfg.tune.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"tune.{key} must be null or a string, got {value!r}.")
+    if not isinstance(cfg.tune.get("name"), str) or not cfg.tune.name or "/" in cfg.tune.name:
+        raise ConfigError(f"tune.name must be a folder name, got {cfg.tune.get('name')!r}.")
+    if cfg.tune.workers > 1:
+        raise ConfigError("tune.workers > 1 (distributed data parallel inside a trial) is not yet supported: "
+                          "use tune.workers=1 and give trials more CPUs or GPUs with tune.resources.")
+    name = cfg.tune.scheduler
+    if name == "asha":
+        check_number(cfg, "tune.asha.grace_period", integer=True, low=1, high=cfg.tune.max_epochs)
+        check_number(cfg, "tune.asha.reduction_factor", low=1, low_open=True)
+        check_number(cfg, "tune.asha.brackets", integer=True, low=1)
+    elif name == "hyperband":
+        check_number(cfg, "tune.hyperband.reduction_factor", low=1, low_open=True)
+    elif name == "pbt":
+        check_number(cfg, "tune.pbt.perturbation_interval", integer=True, low=1)
+        check_number(cfg, "tune.pbt.quantile_fraction", low=0, high=0.5)
+        check_number(cfg, "tune.pbt.resample_probability", low=0, high=1)
+
+
+def _check_space_against_search(tune: dict[str, Any], space: dict[str, Dist]) -> None:
+    if tune["search_alg"] == "grid":
+        for key, dist in space.items():
+            if not dist.categorical:
+                raise ConfigError(f"tune.space.{key}={dist}: search_alg=grid tries listed values only; "
+                                  "use choice[...] or grid[...] (or search_alg=random).")
+    if tune["search_alg"] == "optuna":
+        if tune["scheduler"] == "pbt":
+            raise ConfigError("tune.scheduler=pbt changes configs during trials: use search_alg=random or grid.")
+        for key, dist in space.items():
+            if dist.kind == "grid":
+                raise ConfigError(f"tune.space.{key}={dist}: optuna cannot search grid[...]; use choice[...].")
+    if tune["scheduler"] == "pbt":
+        mutate = list(tune["pbt"].get("mutate") or [])
+        bad = [k for k in mutate if k not in PBT_KEYS]
+        if bad:
+            raise ConfigError(f"tune.pbt.mutate: {bad} cannot change on a restored checkpoint; "
+                              f"PBT can perturb {', '.join(PBT_KEYS)}.")
+        if not [k for k in mutate if k in space]:
+            raise ConfigError(f"tune.scheduler=pbt perturbs {', '.join(mutate) or 'nothing'}: "
+                              "put at least one of them in tune.space.")
+
+
+def _candidates(space: dict[str, Dist]) -> list[tuple[str, dict[str, Any]]]:
+    """Overrides that together hit each value's bounds and each group option (with the keys
+    inside that group), each labelled for the error message."""
+    low = {k: d.representatives()[0] for k, d in space.items()}
+    out = [("the lowest values", low)]
+    for key, dist in space.items():
+        for value in dist.representatives()[1:]:
+            out.append((f"{key}={value}", {**low, key: value}))
+        if key in GROUPS:
+            inner = [k for k in space if k.startswith(key + ".")]
+            for option in dist.args:
+                for k in inner or [None]:
+                    for value in (space[k].representatives() if k else [None]):
+                        over = {**low, key: option, **({k: value} if k else {})}
+                        out.append((f"{key}={option}" + (f", {k}={value}" if k else ""), over))
+    return out
+
+
+def plan_sweep(cfg: DictConfig) -> Plan:
+    """Validate everything a sweep needs; returns the plan (nothing is started)."""
+    if "tune" not in cfg:
+        raise ConfigError("No `tune` block in the config: add `- tune: lr_decay_dropout` to conf/config.yaml "
+                          "defaults (and regenerate params.yaml with `make params`).")
+    cfg = prepare(cfg)
+    _check_tune_block(cfg)
+    tune = to_container(cfg.tune)
+    space = parse_space(cfg.tune.space)
+    fixed = flat_mapping(cfg.tune.get("fixed"), "tune.fixed")
+    for key in fixed:
+        if key in space:
+            raise ConfigError(f"tune.fixed.{key} is also in tune.space: keep it in one of them.")
+    _check_space_against_search(tune, space)
+    blocks = compose_blocks(space, fixed)
+
+    base = apply_overrides(to_container(cfg), fixed, blocks)
+    base["trainer"].update(max_epochs=tune["max_epochs"], enable_progress_bar=False)
+    base["tracking"]["enabled"] = False      # trials never write MLflow: the driver does
+    base["tune"]["use_best"] = False         # a trial trains what it sampled
+    for key in space:
+        if key not in GROUPS and get_dotted(base, key, _MISSING) is _MISSING and not _in_blocks(key, blocks):
+            raise ConfigError(f"tune.space.{key}: no such config key (check the spelling; keys of a group "
+                              "option need that option, e.g. fixed: {scheduler: exponential} for scheduler.decay).")
+    for label, overrides in _candidates(space):
+        candidate = apply_overrides(base, overrides, blocks)
+        try:
+            prepare(OmegaConf.create(copy.deepcopy(candidate)))
+        except ConfigError as err:
+            raise ConfigError(f"tune.space: trials with {label} would fail: {err}") from err
+
+    root = Path(cfg.paths.root)
+    storage = tune.get("storage_path") or "results/ray"
+    if "://" not in storage and not Path(storage).expanduser().is_absolute():
+        storage = str((root / storage).resolve())
+    results = Path(cfg.paths.out_dir) / "results" / "tune"
+    return Plan(tune=tune, space=space, fixed=fixed, blocks=blocks, base=base, cfg=cfg, root=root,
+                results=results, storage=storage)
+
+
+_MISSING = object()
+
+
+def _in_blocks(key: str, blocks: dict[str, dict]) -> bool:
+    group, _, rest = key.partition(".")
+    return any(get_dotted(block, rest, _MISSING) is not _MISSING for block in blocks.get(group, {}).values())

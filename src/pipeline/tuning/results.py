@@ -1,0 +1,204 @@
+"""After the trials: pick the best, write `results/tune/`, finish the MLflow parent run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from pipeline.tasks.common import tracking_target
+from pipeline.tuning.plan import Plan
+from pipeline.tuning.space import trial_config
+
+CURVE_KEYS = {"val/acc": "val_acc", "val/loss": "val_loss", "train/loss": "train_loss", "train/acc": "train_acc"}
+
+
+@dataclass
+class Outcome:
+    trials: list[dict[str, Any]] = field(default_factory=list)   # one summary per trial
+    curves: list[dict[str, Any]] = field(default_factory=list)   # one row per trial and epoch
+    best: dict[str, Any] | None = None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rows(df: Any) -> list[dict[str, Any]]:
+    """A trial's reported results, one per epoch (a resumed trial re-reports some: keep the last)."""
+    if df is None or len(df) == 0 or "epoch" not in df:
+        return []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for row in df.to_dict("records"):
+        if _finite(row.get("epoch")):
+            by_epoch[int(row["epoch"])] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _summarize(plan: Plan, trial: Any, rows: list[dict[str, Any]], run_ids: dict[str, str]) -> dict[str, Any]:
+    metric, sign = plan.tune["metric"], 1 if plan.tune["mode"] == "max" else -1
+    diverged = any(r.get("diverged") == 1 for r in rows) or bool(trial.last_result.get("diverged"))
+    scored = [r for r in rows if _finite(r.get(metric))] if not diverged else []
+    # The best epoch, as the train task's checkpoint picks it: ties go to the lower val/loss.
+    best = max(scored, key=lambda r: (sign * r[metric], -r.get("val/loss", math.inf)), default=None)
+    epochs = len(rows)
+    if diverged:
+        reason = "diverged"
+    elif not rows:
+        reason = "error" if trial.status == "ERROR" else "no_result"  # e.g. tune.time_budget_s ran out
+    elif trial.status == "ERROR":
+        reason = "error"
+    elif max(epochs, trial.last_result.get("training_iteration", 0)) >= plan.tune["max_epochs"]:
+        reason = "max_epochs"
+    elif trial.status != "TERMINATED":
+        reason = "unfinished"
+    else:
+        reason = "scheduler" if rows and rows[-1].get("done") else "early_stopping"
+    node = next((r["node_ip"] for r in rows if isinstance(r.get("node_ip"), str)), "")
+    return {"trial_id": trial.trial_id, "status": trial.status, "config": dict(trial.config),
+            "value": best[metric] if best else math.nan, "epoch": int(best["epoch"]) if best else -1,
+            "val_loss": best.get("val/loss", math.nan) if best else math.nan, "epochs": epochs,
+            "diverged": diverged, "stop_reason": reason, "failures": trial.num_failures, "node": node,
+            "run_id": run_ids.get(trial.trial_id, ""), "path": trial.path}
+
+
+def collect(plan: Plan, path: str) -> Outcome:
+    """Every trial's summary and curve from the experiment's saved state and result.json files."""
+    from ray.tune import ExperimentAnalysis
+
+    from pipeline.tuning.mlflow_tree import map_path, read_text
+
+    analysis = ExperimentAnalysis(path, default_metric=plan.tune["metric"], default_mode=plan.tune["mode"])
+    saved = read_text(map_path(path)) if plan.cfg.tracking.enabled else None
+    ids = json.loads(saved) if saved else {"parent": None, "children": {}}
+    outcome = Outcome()
+    frames = analysis.trial_dataframes
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        rows = _rows(frames.get(trial.trial_id))
+        outcome.trials.append(_summarize(plan, trial, rows, ids["children"]))
+        for r in rows:
+            point = {"trial_id": trial.trial_id, "epoch": int(r["epoch"])}
+            point.update({short: r[k] if _finite(r.get(k)) else None for k, short in CURVE_KEYS.items()})
+            outcome.curves.append(point)
+    sign = 1 if plan.tune["mode"] == "max" else -1
+    candidates = [t for t in outcome.trials if _finite(t["value"])]
+    if candidates:
+        best = max(candidates, key=lambda t: (sign * t["value"], -t["val_loss"]))
+        overrides = {**plan.fixed, **best["config"]}
+        config = trial_config(plan.base, best["config"], plan.blocks)
+        config["paths"]["out_dir"] = best["path"]
+        outcome.best = {
+            "trial_id": best["trial_id"], "metric": plan.tune["metric"], "mode": plan.tune["mode"],
+            "value": float(best["value"]), "epoch": best["epoch"], "sweep": plan.tune["name"],
+            "experiment": path, "mlflow_parent_run_id": ids["parent"], "mlflow_run_id": best["run_id"] or None,
+            "overrides": _plain(overrides),
+            "config": OmegaConf.to_container(OmegaConf.create(config), resolve=True)}
+    return outcome
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (from Tune's samplers) -> Python numbers for YAML and MLflow."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
+    """trials.csv, curves.json/png, and best.yaml (only for a sweep that ran to its end)."""
+    out = plan.results
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(plan.space)
+    score = "best_" + plan.tune["metric"].replace("/", "_")
+    with (out / "trials.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial_id", "status", *keys, score, "best_epoch", "epochs", "diverged",
+                         "stop_reason", "failures", "node", "mlflow_run_id"])
+        for t in outcome.trials:
+            writer.writerow([t["trial_id"], t["status"], *(_plain(t["config"].get(k, "")) for k in keys),
+                             t["value"], t["epoch"], t["epochs"], int(t["diverged"]), t["stop_reason"],
+                             t["failures"], t["node"], t["run_id"]])
+    (out / "curves.json").write_text(json.dumps(outcome.curves, indent=1) + "\n")
+    curves_png(outcome, plan.tune["metric"], out / "curves.png")
+    best_file = out / "best.yaml"
+    if outcome.best is not None and final:
+        header = ("# The best trial of the last sweep (python -m pipeline.tune / the DVC tune stage). The train\n"
+                  "# stage applies `overrides` (group keys take their block from `config`) when tune.use_best.\n")
+        best_file.write_text(header + yaml.safe_dump(_plain(outcome.best), sort_keys=False))
+    else:
+        best_file.unlink(missing_ok=True)
+
+
+def curves_png(outcome: Outcome, metric: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = CURVE_KEYS.get(metric, "val_acc")
+    best = outcome.best["trial_id"] if outcome.best else None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for t in outcome.trials:
+        points = [(c["epoch"], c[key]) for c in outcome.curves if c["trial_id"] == t["trial_id"] and c[key] is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, lw=2.5 if t["trial_id"] == best else 1, alpha=1 if t["trial_id"] == best else 0.6,
+                    label=f"{t['trial_id']}{' (best)' if t['trial_id'] == best else ''}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} of every trial")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def finish_parent(plan: Plan, outcome: Outcome, path: str, *, interrupted: bool, elapsed: float) -> None:
+    """Tag the parent with the best trial, attach the table and curves, and end the tree:
+    children still RUNNING become KILLED; the parent FINISHED (KILLED if interrupted)."""
+    from pipeline.tuning.mlflow_tree import SweepRuns, map_path
+
+    runs = SweepRuns(tracking_target(plan.cfg), map_path(path))
+    parent = runs.parent
+    if parent is None:
+        return
+    metric = plan.tune["metric"]
+    for t in outcome.trials:
+        child = runs.child(t["trial_id"])
+        if child is not None and _finite(t["value"]):
+            child.log_metrics({f"best/{metric}": t["value"], "epochs": t["epochs"]})
+    runs.end_open_children("KILLED")
+    parent.log_metrics({"time/sweep_s": elapsed, "trials": len(outcome.trials)})
+    for name in ("trials.csv", "curves.json", "curves.png", "best.yaml"):
+        if (plan.results / name).exists():
+            parent.log_artifact(plan.results / name)
+    if outcome.best is not None:
+        parent.set_tags({"best_trial_id": outcome.best["trial_id"], f"best_{metric}": f"{outcome.best['value']:.6g}",
+                         "best_run_id": outcome.best["mlflow_run_id"] or ""})
+        parent.log_metrics({f"best/{metric}": outcome.best["value"]})
+    if interrupted:
+        parent.set_tags({"interrupted": "true"})
+    parent.finish("KILLED" if interrupted else "FINISHED")
+
+
+def abort_tree(plan: Plan, path: str, error: BaseException) -> None:
+    """After a crash of the driver's sweep loop: nothing of the tree may stay RUNNING."""
+    from pipeline.tuning.mlflow_tree import SweepRuns, map_path
+
+    try:
+        runs = SweepRuns(tracking_target(plan.cfg), map_path(path))
+    except Exception:  # noqa: BLE001 - nothing was created
+        return
+    runs.end_open_children("KILLED")
+    if runs.parent is not None:
+        runs.parent.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        runs.parent.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")

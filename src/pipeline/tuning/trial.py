@@ -1,0 +1,130 @@
+"""One Ray Tune trial: the sampled overrides -> a plain config -> `pipeline.tasks.train.train`.
+
+The trial tracks nothing in MLflow (the driver is the only writer: see `mlflow_tree`); a
+Lightning callback reports each epoch to Tune with a checkpoint that PBT exploits and that
+a retried trial (`tune.max_failures`) resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from pipeline.tuning.space import trial_config
+
+CKPT_FILE = "last.ckpt"
+META_FILE = "trial_meta.json"  # beside the checkpoint: the lr it was trained with
+REPORTED = ("val/acc", "val/loss", "train/acc", "train/loss", "lr")
+LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group rates torch schedulers keep
+
+
+class TuneReporter(Callback):
+    """Reports each epoch's metrics to Ray Tune with a full Lightning checkpoint.
+
+    Runs after `EpochRecorder` (Lightning keeps callbacks' order, checkpoint callbacks last),
+    so the epoch's metrics are final. A non-finite training loss ends the trial with a last
+    report of `diverged: 1` and `val/acc` NaN, so the trial is never the best.
+    `lr_scale` rescales the restored optimizer's rates when PBT changed `optimizer.lr`.
+    """
+
+    def __init__(self, *, lr: float = 0.0, lr_scale: float = 1.0) -> None:
+        self.lr, self.lr_scale = lr, lr_scale
+        self._first = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.lr_scale != 1.0:  # after the checkpoint's optimizer state was restored
+            rescale_lr(trainer, self.lr_scale)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ray import tune
+
+        logged = trainer.callback_metrics
+        metrics: dict[str, Any] = {k: float(logged[k]) for k in REPORTED if k in logged}
+        metrics["epoch"] = trainer.current_epoch
+        diverged = not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train/loss", "val/loss"))
+        metrics["diverged"] = int(diverged)
+        if self._first:  # Tune adds node_ip and hostname to every result itself
+            import ray
+
+            metrics["gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids())
+            self._first = False
+        if diverged:
+            metrics["val/acc"] = math.nan
+            trainer.should_stop = True
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as folder:
+            trainer.save_checkpoint(Path(folder) / CKPT_FILE)
+            (Path(folder) / META_FILE).write_text(json.dumps({"lr": self.lr, "epoch": trainer.current_epoch}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def rescale_lr(trainer: L.Trainer, factor: float) -> None:
+    """Multiply every learning rate the optimizers and lr schedulers hold by `factor`."""
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            for key in LR_KEYS:
+                if isinstance(group.get(key), (int, float)):
+                    group[key] *= factor
+    for config in trainer.lr_scheduler_configs:
+        for attr in ("base_lrs", "target_lrs", "_last_lr"):
+            values = getattr(config.scheduler, attr, None)
+            if isinstance(values, list):
+                setattr(config.scheduler, attr, [v * factor for v in values])
+
+
+def _trial_dir(experiment: str | None) -> Path:
+    """The trial's folder in the experiment's local (or shared) storage, which Ray's own trial
+    folder name ends; with cloud storage (`experiment` None), the trial's working folder,
+    which Ray uploads (`SyncConfig(sync_artifacts=True)`)."""
+    from ray import tune
+
+    working = Path(tune.get_context().get_trial_dir())  # /tmp/ray/session_*/.../working_dirs/<trial>
+    folder = Path(experiment) / working.name if experiment else working
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mapping[str, Any],
+              experiment: str | None = None, callbacks: Sequence[Callback] = ()) -> None:
+    """The Tune function trainable. `config` holds the sampled `{dotted key: value}`; `base`
+    is the sweep's resolved config (absolute paths, tracking off, trainer.max_epochs set);
+    `experiment` the experiment folder when storage is a file system path."""
+    import torch
+    from omegaconf import OmegaConf
+    from ray import tune
+
+    from pipeline.tasks.train import train
+
+    # "GPU available: ..." and "Checkpoint successfully created at ..." every trial and epoch.
+    for name in ("lightning.pytorch", "lightning.fabric", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Restoring another trial's checkpoint (PBT) or a resumed one moves the checkpoint folder.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+
+    plain = trial_config(base, config, blocks)
+    plain["paths"]["out_dir"] = str(_trial_dir(experiment))
+    cfg = OmegaConf.create(plain)
+    # (Lookahead keeps its rate in optimizer.base.lr.)
+    lr = float(OmegaConf.select(cfg, "optimizer.lr", default=None) or OmegaConf.select(cfg, "optimizer.base.lr") or 0)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        train(cfg, callbacks=[TuneReporter(lr=lr), *callbacks])
+        return
+    with checkpoint.as_directory() as folder:
+        meta_file = Path(folder) / META_FILE
+        old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
+        reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0)
+        train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE))

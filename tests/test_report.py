@@ -1,0 +1,333 @@
+"""The "what the network learned" report: the inspection maths on hand-built models, then
+the whole report from a real train + evaluate, in MLflow and in a real browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import REPO, make_cfg
+from pipeline.models import count_macs, count_parameters, create_model
+from pipeline.reports import inspect
+from pipeline.reports.html import FILES, SECTIONS, diagnose, write_report
+
+IMG = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+
+
+# ------------------------------------------------------------------ saliency and Grad-CAM
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_saliency_of_a_linear_model_is_the_abs_weights_of_the_target_class(channels: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(channels * 5 * 6, 4))
+    x, target = torch.rand(3, channels, 5, 6), torch.tensor([0, 2, 3])
+    sal = inspect.saliency(model, x, target)
+    w = model[1].weight.detach().view(4, channels, 5, 6).abs().amax(dim=1)
+    assert sal.shape == (3, 5, 6)
+    torch.testing.assert_close(sal, w[target], rtol=0, atol=0)
+    assert model[1].weight.grad is None  # parameter gradients untouched
+
+
+def _planted_net() -> nn.Sequential:
+    """Channel 0 = local brightness (3x3 box filter); class 1's score is its mean, class 0's
+    the negative: class 1 is driven by wherever the image is bright."""
+    conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+    head = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0].fill_(1 / 9)
+        conv.weight[1, 0, 1, 1] = -1.0  # a distractor channel: negative where bright
+        head.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+    return nn.Sequential(conv, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+
+
+def test_grad_cam_highlights_the_planted_region() -> None:
+    net = _planted_net()
+    x = torch.zeros(2, 1, 16, 16)
+    x[0, 0, 2:6, 10:14] = 1.0   # a bright square top right
+    x[1, 0, 11:15, 1:5] = 1.0   # bottom left
+    cam = inspect.grad_cam(net, x, target=1)
+    assert cam.shape == (2, 16, 16)
+    assert cam.min() >= 0 and cam.max() <= 1 and torch.allclose(cam.flatten(1).amax(1), torch.ones(2))
+    for c, (rows, cols), (far_rows, far_cols) in ((cam[0], (slice(2, 6), slice(10, 14)), (slice(10, 16), slice(0, 6))),
+                                                  (cam[1], (slice(11, 15), slice(1, 5)), (slice(0, 6), slice(10, 16)))):
+        peak = divmod(int(c.argmax()), 16)
+        assert rows.start <= peak[0] < rows.stop and cols.start <= peak[1] < cols.stop
+        assert c[rows, cols].mean() > 0.6
+        assert c[far_rows, far_cols].max() == 0
+    # Class 0 has only negative evidence from the bright square: an all-zero map.
+    assert inspect.grad_cam(net, x, target=0).abs().max() == 0
+
+
+def test_grad_cam_defaults_to_the_last_conv_and_restores_training_mode() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 8 * 8, 3))
+    net.train()
+    x = torch.rand(2, 1, 8, 8)
+    default = inspect.grad_cam(net, x, [1, 2])
+    torch.testing.assert_close(default, inspect.grad_cam(net, x, [1, 2], layer="2"))
+    assert not torch.equal(default, inspect.grad_cam(net, x, [1, 2], layer="0"))
+    assert all(m.training for m in net.modules())
+    with pytest.raises(KeyError, match="conv layers are: 0, 2"):
+        inspect.grad_cam(net, x, 0, layer="nosuch")
+
+
+def test_feature_maps_and_first_layer_filters() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 3 * 3, 2))
+    maps = inspect.feature_maps(net, torch.rand(4, 3, 8, 8), ["0", "2"])
+    assert maps["0"].shape == (4, 5, 6, 6) and maps["2"].shape == (4, 5, 3, 3)
+    with torch.no_grad():
+        net[0].weight[1] = 0
+    w = inspect.first_layer_filters(net)
+    assert w.shape == (5, 3, 3, 3) and w.min() >= 0 and w.max() <= 1
+    assert np.all(w[1] == 0.5)  # a zero filter is mid-grey
+    assert np.isclose(np.abs(w[0] - 0.5).max(), 0.5)  # each filter uses the full range
+    with pytest.raises(ValueError, match="no Conv2d"):
+        inspect.first_layer_filters(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+
+
+# ------------------------------------------------------------------ layer table
+
+def test_receptive_fields_and_jumps_of_a_known_stack() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.MaxPool2d(2, 2), nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    rows = inspect.layer_table(net, (1, 16, 16))
+    assert [r["name"] for r in rows] == ["0", "2", "3", "4", "6"]
+    assert [r["receptive_field"] for r in rows[:4]] == [3, 5, 6, 10]
+    assert [r["jump"] for r in rows[:4]] == [1, 1, 2, 2]
+    assert rows[-1]["receptive_field"] == 10 + (8 - 1) * 2  # the Linear sees the whole 8x8 map
+    assert [r["output_shape"] for r in rows] == [[4, 16, 16], [4, 16, 16], [4, 8, 8], [8, 8, 8], [10]]
+    assert rows[0]["macs"] == 16 * 16 * 4 * 9 and rows[2]["macs"] == 0
+
+
+def test_receptive_field_with_stride_dilation_and_unequal_axes() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 2, (5, 3), stride=(2, 1)), nn.Conv2d(2, 2, 3, dilation=2))
+    rows = inspect.layer_table(net, (1, 20, 20))
+    assert rows[0]["receptive_field"] == (5, 3) and rows[0]["jump"] == (2, 1)
+    assert rows[1]["receptive_field"] == (5 + 4 * 2, 3 + 4 * 1) and rows[1]["jump"] == (2, 1)
+
+
+@pytest.mark.parametrize("name,size", [("minivgg", 8), ("lenet5", 8), ("mlp", 8), ("resnet20", 16),
+                                       ("googlenet", 32), ("densenet_bc", 16)])
+def test_layer_table_sums_to_the_model_totals(name: str, size: int) -> None:
+    model = create_model(name, in_channels=1, num_classes=10, image_size=size)
+    rows = inspect.layer_table(model, (1, size, size))
+    assert sum(r["params"] for r in rows) == count_parameters(model)
+    assert sum(r["macs"] for r in rows) == count_macs(model, (1, size, size))
+
+
+def test_most_confused_pairs() -> None:
+    cm = np.array([[5, 3, 0], [1, 7, 3], [0, 0, 9]])
+    pairs = inspect.most_confused_pairs(cm, ["a", "b", "c"], k=2)
+    assert [(p["actual"], p["predicted"], p["count"]) for p in pairs] == [("a", "b", 3), ("b", "c", 3)]
+    assert pairs[0]["rate"] == pytest.approx(3 / 8)
+    assert inspect.most_confused_pairs(np.eye(3, dtype=int), ["a", "b", "c"], 5) == []
+
+
+def test_diagnose_names_over_fitting() -> None:
+    rows = [{"epoch": e, "train_loss": tl, "val_loss": vl, "train_acc": ta, "val_acc": va}
+            for e, (tl, vl, ta, va) in enumerate([(1.0, 0.9, 0.6, 0.6), (0.5, 0.5, 0.9, 0.85),
+                                                  (0.2, 0.6, 0.97, 0.86), (0.05, 0.8, 0.99, 0.85)])]
+    text = " ".join(diagnose(rows))
+    assert "gap: +14.0%" in text and "Over-fitting" in text and "risen 60% since epoch 1" in text
+
+
+# ------------------------------------------------------------------ the report
+
+def _tiny_report(out: Path, seed: int) -> Path:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(30, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(30) % 3
+    probs = rng.dirichlet(np.ones(3), size=30)
+    curves = [{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.1 / (e + 1), "train_acc": 0.5 + e / 10,
+               "val_acc": 0.45 + e / 10, "lr": 0.01} for e in range(3)]
+    return write_report(out, net=net, images=images, labels=labels, probs=probs, classes=["x", "y", "z"],
+                        curves=curves, seed=seed, meta={"model": "tiny", "dataset": "noise"})
+
+
+@pytest.mark.slow
+def test_report_is_byte_identical_for_a_seed(tmp_path: Path) -> None:
+    a, b, c = (_tiny_report(tmp_path / d, s) for d, s in (("a", 1), ("b", 1), ("c", 2)))
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()  # another seed picks other examples
+
+
+def _check_report(path: Path) -> int:
+    """Every section present; every embedded image is one of the PNGs in report_files/. Returns N."""
+    page = path.read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page
+    assert "src=\"http" not in page and "<link" not in page  # self-contained
+    embedded = [base64.b64decode(m) for m in IMG.findall(page)]
+    files = {p.name: p.read_bytes() for p in (path.parent / FILES).glob("*.png")}
+    assert len(embedded) == page.count("<img") == len(files)
+    assert sorted(embedded) == sorted(files.values())
+    return len(embedded)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits config (as `digits_cfg`) trained 2 epochs and evaluated, with its report."""
+    from pipeline.tasks.evaluate import evaluate
+    from pipeline.tasks.prepare import ensure_data
+    from pipeline.tasks.report import report
+    from pipeline.tasks.train import train
+
+    tmp = tmp_path_factory.mktemp("report")
+    cfg = make_cfg(tmp, epochs=2)
+    ensure_data(cfg)
+    train(cfg)
+    evaluate(cfg)
+    return cfg, report(cfg)
+
+
+@pytest.mark.slow
+def test_report_end_to_end(trained, tmp_path: Path, monkeypatch) -> None:
+    cfg, path = trained
+    out = Path(cfg.paths.out_dir)
+    assert path == out / "reports" / "report.html"
+    n = _check_report(path)
+    figures = {p.name for p in (out / "reports" / FILES).glob("*.png")}
+    confused = len([f for f in figures if f.startswith("confused_")])
+    # curves, confusion matrix, filters, 2 feature-map panels, 10 saliency/Grad-CAM panels
+    assert n == 15 + confused and {f"saliency_{c}.png" for c in range(10)} <= figures
+    page = path.read_text()
+    assert "Grad-CAM" in page and "Not available" not in page
+    assert "Final train - validation accuracy gap" in page
+
+    run_id = json.loads((out / "models" / "run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{Path(cfg.paths.root) / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run_id, "report")} == {"report/report.html", f"report/{FILES}"}
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, f"report/{FILES}")}
+    assert logged == figures
+
+    # The DVC stage entry point on the same outputs: byte-identical (same seed).
+    from pipeline.stages.report import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(OmegaConf.to_yaml(cfg))
+    before = path.read_bytes()
+    monkeypatch.setattr(sys, "argv", ["report", str(params)])
+    assert main() == 0
+    assert path.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> None:
+    from pipeline.tasks.report import _curves_from_history, report_for_run
+
+    cfg, _ = trained
+    out = Path(cfg.paths.out_dir)
+    info = json.loads((out / "models" / "run.json").read_text())
+    here = make_cfg(Path(cfg.paths.root), tracking=False)
+    here.paths.out_dir = str(tmp_path / "elsewhere")
+    path = report_for_run(info["run_id"], info["tracking_uri"], here)
+    assert path == tmp_path / "elsewhere" / "reports" / "runs" / info["run_id"] / "report.html"
+    _check_report(path)
+    page = path.read_text()
+    assert f"runs:/{info['run_id']}/model (weights loaded into the eager network)" in page
+    assert "Not available" not in page
+    curves = _curves_from_history(MlflowClient(info["tracking_uri"]), info["run_id"])
+    on_disk = json.loads((out / "plots" / "train_curves.json").read_text())
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    assert [{k: r[k] for k in keys} for r in curves] == [{k: r[k] for k in keys} for r in on_disk]
+
+    # Neither rebuild nor checkpoint: the exported graph alone, with the limitation stated.
+    import pipeline.tasks.report as task
+
+    run_file = out / "models" / "run.json"
+    run_file.rename(run_file.with_suffix(".bak"))
+    original, task.rebuild_eager = task.rebuild_eager, lambda *a: (_ for _ in ()).throw(ValueError("nope"))
+    try:
+        limited = report_for_run(info["run_id"], info["tracking_uri"], here)
+    finally:
+        task.rebuild_eager = original
+        run_file.with_suffix(".bak").rename(run_file)
+    page = limited.read_text()
+    assert "Limitation: only the exported torch.export graph" in page and "Could not rebuild" in page
+    assert page.count("Not available") == 4  # filters, feature maps, Grad-CAM, layer table
+    assert len(IMG.findall(page)) == _check_report(limited) >= 12  # curves, confusion, saliency
+
+
+@pytest.mark.slow
+def test_hydra_cli_reports_on_a_run_id(trained, tmp_path: Path) -> None:
+    cfg, _ = trained
+    info = json.loads((Path(cfg.paths.out_dir) / "models" / "run.json").read_text())
+    root = Path(cfg.paths.root)
+    cmd = [sys.executable, "-m", "pipeline.report", f"run_id={info['run_id']}", f"paths.root={root}",
+           f"tracking.tracking_uri={info['tracking_uri']}", "tracking.enabled=false", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "reports" / "runs" / info["run_id"] / "report.html").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_report_renders_in_headless_chromium(trained, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+    if not os.access(chromium, os.X_OK):
+        pytest.fail("Chromium is not installed: `apt-get install -y chromium` (Debian) to run this test.")
+    _, path = trained
+    page = path.read_text()
+    n = len(IMG.findall(page))
+    check = ("<script>window.addEventListener('load', function () {"
+             "var imgs = Array.prototype.slice.call(document.images);"
+             "var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });"
+             "var out = document.createElement('pre'); out.id = 'img-check';"
+             "out.textContent = 'images=' + imgs.length + ' broken=' + bad.length;"
+             "document.body.appendChild(out); });</script>")
+    probe = tmp_path / "report.html"
+    probe.write_text(page.replace("</body>", check + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--run-all-compositor-stages-before-draw",
+             "--virtual-time-budget=15000", "--window-size=1200,2000"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                         timeout=180)
+    assert dom.returncode == 0, dom.stderr[-3000:]
+    assert f'<pre id="img-check">images={n} broken=0</pre>' in dom.stdout, dom.stdout[-500:]
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in dom.stdout
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=180,
+                   check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_cli_takes_run_id_without_a_plus_and_keeps_it_a_string() -> None:
+    from pipeline.report import _with_run_id_key
+
+    assert _with_run_id_key(["run_id=123e4", "model=lenet5", "+run_id=ab"]) == \
+        ["+run_id='123e4'", "model=lenet5", "+run_id='ab'"]
+
+
+def test_an_older_runs_config_still_validates(cfg_factory, tmp_path: Path) -> None:
+    from pipeline.config import prepare, to_container
+    from pipeline.tasks.report import merge_run_config
+
+    run = to_container(make_cfg(tmp_path / "elsewhere", ["model=minivgg", "optimizer=adam"]))
+    del run["init"], run["regularizer"]["tta"]  # keys the pipeline gained after the run
+    here = prepare(cfg_factory(["model=mlp", "optimizer=sgd"]))
+    merged = prepare(merge_run_config(OmegaConf.create(run), here))
+    assert to_container(merged.model) == run["model"] and to_container(merged.optimizer) == run["optimizer"]
+    assert merged.init.scheme == "default" and merged.regularizer.tta == "none"
+    assert merged.paths.out_dir == here.paths.out_dir
