@@ -29,6 +29,8 @@ def fold_config(cfg: DictConfig, fold: int) -> DictConfig:
     fold_cfg = cfg.copy()
     with open_dict(fold_cfg):
         fold_cfg.data.fold = fold
+        # Fold models are evidence, not deliverables: skip the (slow) model export per fold.
+        fold_cfg.tracking.log_model = False
         if cfg.tracking.run_name:
             fold_cfg.tracking.run_name = f"{cfg.tracking.run_name}-fold{fold}"
         fold_cfg.paths.out_dir = str(Layout.from_cfg(cfg).root_out / "cv" / f"fold_{fold}")
