@@ -140,7 +140,7 @@ class MlflowTreeCallback(Callback):
         state = self.state.setdefault(trial.trial_id, {"diverged": False, "stopped": False, "epochs": 0})
         if "gpu_ids" in result:  # the first report of each (re)start of the trial
             run.set_tags({"node": result.get("node_ip", ""), "hostname": result.get("hostname", ""),
-                          "gpu_ids": result["gpu_ids"]})
+                          "gpu_ids": result["gpu_ids"], "node_id": str(result.get("node_id", ""))})
         metrics = {k: float(result[k]) for k in LOGGED if isinstance(result.get(k), (int, float))}
         if "time_this_iter_s" in result:
             metrics["time/epoch_s"] = float(result["time_this_iter_s"])

@@ -56,6 +56,7 @@ class TuneReporter(Callback):
             import ray
 
             metrics["gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids())
+            metrics["node_id"] = ray.get_runtime_context().get_node_id()  # node_ip repeats on one host
             self._first = False
         if diverged:
             metrics["val/acc"] = math.nan
@@ -80,6 +81,13 @@ def rescale_lr(trainer: L.Trainer, factor: float) -> None:
             values = getattr(config.scheduler, attr, None)
             if isinstance(values, list):
                 setattr(config.scheduler, attr, [v * factor for v in values])
+
+
+def trial_accelerator(gpu_ids: Sequence[Any], cuda_available: bool) -> tuple[str, int | str]:
+    """(trainer.accelerator, trainer.devices) for `accelerator: auto` in a trial: the GPU Ray
+    assigned (Ray sets CUDA_VISIBLE_DEVICES to it) when there is one and CUDA works, else the
+    CPU, so a trial without a GPU never grabs one and logical GPUs without CUDA run on the CPU."""
+    return ("gpu", 1) if gpu_ids and cuda_available else ("cpu", "auto")
 
 
 def _trial_dir(experiment: str | None) -> Path:
@@ -115,6 +123,11 @@ def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mappin
 
     plain = trial_config(base, config, blocks)
     plain["paths"]["out_dir"] = str(_trial_dir(experiment))
+    if plain["trainer"].get("accelerator", "auto") == "auto":
+        import ray
+
+        accelerator, devices = trial_accelerator(ray.get_gpu_ids(), torch.cuda.is_available())
+        plain["trainer"].update(accelerator=accelerator, devices=devices)
     cfg = OmegaConf.create(plain)
     # (Lookahead keeps its rate in optimizer.base.lr.)
     lr = float(OmegaConf.select(cfg, "optimizer.lr", default=None) or OmegaConf.select(cfg, "optimizer.base.lr") or 0)
