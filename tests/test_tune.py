@@ -88,7 +88,6 @@ def _steps(client: MlflowClient, run_id: str, key: str = "val/acc") -> list[int]
     (_space(model="uniform(1, 2)"), r"tune\.space\.model: model is a config group"),
     (_space(model="choice[mlp, nosuch]"), r"(?s)tune\.space\.model: model=nosuch does not compose.*lenet5"),
     (_space(**{"regularizer.dropout": "uniform(0.0, 1.5)"}), r"regularizer\.dropout=1\.49.* out of range"),
-    (["tune.workers=2"], r"workers > 1 .* not yet supported"),
     (["tune.search_alg=grid"], r"search_alg=grid tries listed values only"),
     (["tune.scheduler=pbt", "tune.pbt.mutate=[scheduler.decay]"], r"tune\.pbt\.mutate"),
     (["tune.metric=val/f1"], r"tune\.metric='val/f1' is not one of"),

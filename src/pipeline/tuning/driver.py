@@ -164,10 +164,16 @@ def build_tuner(plan: Plan, trial_callbacks: Sequence[Any] = ()) -> tuple[Any, s
 
     folder, restore = _experiment(plan)
     path = f"{plan.storage.rstrip('/')}/{folder}"
+    resources, ddp = {"cpu": plan.tune["resources"]["cpu"], "gpu": plan.tune["resources"]["gpu"]}, None
+    if plan.tune["workers"] > 1:
+        # The trial only relays: its Ray Train workers reserve workers x resources themselves.
+        ddp = {"workers": plan.tune["workers"], **resources,
+               "storage": path.removeprefix("file://") if plan.storage_is_local else path}
+        resources = {"cpu": 0, "gpu": 0, "memory": 1}  # Ray refuses an all-zero bundle
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=plan.base, blocks=plan.blocks, callbacks=list(trial_callbacks),
-                             experiment=path.removeprefix("file://") if plan.storage_is_local else None),
-        {"cpu": plan.tune["resources"]["cpu"], "gpu": plan.tune["resources"]["gpu"]})
+                             experiment=path.removeprefix("file://") if plan.storage_is_local else None, ddp=ddp),
+        resources)
     if restore:
         print(f"Resuming the sweep in {path}")
         # Finished trials stay as they are; errored ones resume from their last checkpoint.

@@ -67,9 +67,6 @@ def _check_tune_block(cfg: DictConfig) -> None:
             raise ConfigError(f"tune.{key} must be null or a string, got {value!r}.")
     if not isinstance(cfg.tune.get("name"), str) or not cfg.tune.name or "/" in cfg.tune.name:
         raise ConfigError(f"tune.name must be a folder name, got {cfg.tune.get('name')!r}.")
-    if cfg.tune.workers > 1:
-        raise ConfigError("tune.workers > 1 (distributed data parallel inside a trial) is not yet supported: "
-                          "use tune.workers=1 and give trials more CPUs or GPUs with tune.resources.")
     name = cfg.tune.scheduler
     if name == "asha":
         check_number(cfg, "tune.asha.grace_period", integer=True, low=1, high=cfg.tune.max_epochs)

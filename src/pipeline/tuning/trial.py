@@ -103,10 +103,13 @@ def _trial_dir(experiment: str | None) -> Path:
 
 
 def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mapping[str, Any],
-              experiment: str | None = None, callbacks: Sequence[Callback] = ()) -> None:
+              experiment: str | None = None, callbacks: Sequence[Callback] = (),
+              ddp: Mapping[str, Any] | None = None) -> None:
     """The Tune function trainable. `config` holds the sampled `{dotted key: value}`; `base`
     is the sweep's resolved config (absolute paths, tracking off, trainer.max_epochs set);
-    `experiment` the experiment folder when storage is a file system path."""
+    `experiment` the experiment folder when storage is a file system path. With `ddp`
+    (`workers`, `cpu`, `gpu`, `storage`: `tune.workers > 1`) the trial holds no resources and
+    trains with a Ray Train TorchTrainer of `workers` DDP ranks (`pipeline.tuning.ddp`)."""
     import torch
     from omegaconf import OmegaConf
     from ray import tune
@@ -123,6 +126,9 @@ def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mappin
 
     plain = trial_config(base, config, blocks)
     plain["paths"]["out_dir"] = str(_trial_dir(experiment))
+    if ddp:
+        _run_ddp_trial(plain, ddp, callbacks)
+        return
     if plain["trainer"].get("accelerator", "auto") == "auto":
         import ray
 
@@ -141,3 +147,26 @@ def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mappin
         old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
         reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0)
         train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE))
+
+
+def _lr(plain: Mapping[str, Any]) -> float:
+    """The trial's learning rate (Lookahead keeps its rate in optimizer.base.lr)."""
+    optimizer = plain.get("optimizer") or {}
+    return float(optimizer.get("lr") or (optimizer.get("base") or {}).get("lr") or 0)
+
+
+def _run_ddp_trial(plain: dict[str, Any], ddp: Mapping[str, Any], callbacks: Sequence[Callback]) -> None:
+    from ray import tune
+
+    from pipeline.tuning.ddp import run_ddp
+
+    lr = _lr(plain)
+    lr_scale = 1.0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            meta_file = Path(folder) / META_FILE
+            old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
+        lr_scale = lr / old_lr if old_lr and lr else 1.0
+    run_ddp(plain, workers=int(ddp["workers"]), cpu=float(ddp["cpu"]), gpu=float(ddp["gpu"]),
+            storage=ddp.get("storage"), lr=lr, lr_scale=lr_scale, checkpoint=checkpoint, callbacks=callbacks)
