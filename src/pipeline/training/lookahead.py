@@ -39,7 +39,7 @@ class Lookahead(Optimizer):
         self.k = k
         self.alpha = float(alpha)
         self.steps = 0  # inner steps taken
-        # Optimizer.__init__ sets up hooks, step profiling and `state` (given a placeholder
+        # Optimizer.__init__ sets up hooks, step profiling and `state` (given an empty
         # group); then the inner optimizer's own group list becomes this one, shared.
         super().__init__([{"params": []}], dict(base.defaults))
         self.param_groups = base.param_groups
@@ -92,7 +92,7 @@ class Lookahead(Optimizer):
         self.alpha = float(state_dict.get("alpha", self.alpha))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # Optimizer.__init__ adds the placeholder here; afterwards groups go to the inner optimizer.
+        # Optimizer.__init__ adds the empty group here; afterwards groups go to the inner optimizer.
         if self.param_groups is self.base.param_groups:
             self.base.add_param_group(param_group)
         else:
