@@ -9,29 +9,18 @@ the table, the pairwise tests and plain conclusions.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from pipeline.config import config_dir
-from pipeline.errors import PipelineError
+from pipeline.entry import run_adhoc
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     from pipeline.tasks.compare import compare
-    from pipeline.tasks.prepare import ensure_data
 
-    with open_dict(cfg):
-        cfg.paths.out_dir = HydraConfig.get().runtime.output_dir
-    try:
-        ensure_data(cfg)
-        result = compare(cfg)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    result = run_adhoc(cfg, compare)
     print("\n".join(result["statements"]))
     print(f"report: {cfg.paths.out_dir}/reports/compare.md")
 

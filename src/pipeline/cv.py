@@ -8,29 +8,18 @@ Outputs go to Hydra's run folder: metrics/cv.json and one folder per fold under 
 
 from __future__ import annotations
 
-import sys
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from pipeline.config import config_dir
-from pipeline.errors import PipelineError
+from pipeline.entry import run_adhoc
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float:
     from pipeline.tasks.cv import cross_validate
-    from pipeline.tasks.prepare import ensure_data
 
-    with open_dict(cfg):
-        cfg.paths.out_dir = HydraConfig.get().runtime.output_dir
-    try:
-        ensure_data(cfg)
-        result = cross_validate(cfg)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    result = run_adhoc(cfg, cross_validate)
     for key in ("val_acc", "test_acc"):
         s = result[key]
         print(f"{key}: {s['mean']:.4f} ± {s['std']:.4f}  ({result['confidence']:.0%} CI {s['ci_low']:.4f}–{s['ci_high']:.4f})"

@@ -9,31 +9,19 @@ Outputs go to Hydra's run folder (outputs/<date>/<time>/), never over the DVC pi
 
 from __future__ import annotations
 
-import sys
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from pipeline.config import config_dir
-from pipeline.errors import PipelineError
+from pipeline.entry import run_adhoc
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float:
     from pipeline.tasks.evaluate import evaluate
-    from pipeline.tasks.prepare import ensure_data
     from pipeline.tasks.train import train
 
-    with open_dict(cfg):
-        cfg.paths.out_dir = HydraConfig.get().runtime.output_dir
-    try:
-        ensure_data(cfg)
-        metrics = train(cfg)
-        metrics.update(evaluate(cfg))
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    metrics = run_adhoc(cfg, lambda c: {**train(c), **evaluate(c)})
     shown = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/")) and not k.endswith("/n")}
     print("  ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
     print(f"outputs: {cfg.paths.out_dir}")

@@ -17,29 +17,18 @@ Space keys contain dots, which Hydra's command line reads as nesting: add or cha
 
 from __future__ import annotations
 
-import sys
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from pipeline.config import config_dir
-from pipeline.errors import PipelineError
+from pipeline.entry import run_adhoc
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float:
-    from pipeline.tasks.prepare import ensure_data
     from pipeline.tuning.driver import run_sweep
 
-    with open_dict(cfg):
-        cfg.paths.out_dir = HydraConfig.get().runtime.output_dir
-    try:
-        ensure_data(cfg)
-        best = run_sweep(cfg)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    best = run_adhoc(cfg, run_sweep)
     print("best: " + "  ".join(f"{k}={v}" for k, v in best["overrides"].items()))
     print(f"{best['metric']}={best['value']:.4f} (trial {best['trial_id']}, epoch {best['epoch']})")
     print(f"outputs: {cfg.paths.out_dir}/results/tune")
