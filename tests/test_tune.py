@@ -141,7 +141,7 @@ def test_asha_sweep_is_one_mlflow_tree_and_feeds_train(local_ray, cfg_factory, t
     assert set(written["overrides"]) == {"scheduler", "optimizer.lr", "scheduler.decay", "regularizer.dropout"}
     assert written["config"]["optimizer"]["lr"] == written["overrides"]["optimizer.lr"]
     curves = json.loads((tmp_path / "out/results/tune/curves.json").read_text())
-    assert len(curves) == sum(epochs.values()) and {"trial_id", "epoch", "val_acc", "val_loss"} <= set(curves[0])
+    assert len(curves) == sum(epochs.values()) and {"trial_id", "step", "epoch", "val_acc", "val_loss"} <= set(curves[0])
 
     client, parent, children = _tree(tmp_path)
     assert parent.info.status == "FINISHED"

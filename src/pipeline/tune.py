@@ -30,7 +30,8 @@ def _main(cfg: DictConfig) -> float:
 
     best = run_adhoc(cfg, run_sweep)
     print("best: " + "  ".join(f"{k}={v}" for k, v in best["overrides"].items()))
-    print(f"{best['metric']}={best['value']:.4f} (trial {best['trial_id']}, epoch {best['epoch']})")
+    where = f"mean of {best['folds']} folds" if "folds" in best else f"epoch {best['epoch']}"
+    print(f"{best['metric']}={best['value']:.4f} (trial {best['trial_id']}, {where})")
     print(f"outputs: {cfg.paths.out_dir}/results/tune")
     return best["value"]
 

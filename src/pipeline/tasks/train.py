@@ -29,7 +29,7 @@ from pipeline.tuning.best import apply_best
 
 def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
           run_tags: dict[str, str] | None = None, ckpt_path: str | None = None,
-          trainer_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+          trainer_kwargs: dict[str, Any] | None = None, figures: bool = True) -> dict[str, float]:
     """Train one model as configured; returns the best epoch's metrics (keys like `val/acc`).
 
     Writes `models/{best,last}.ckpt`, `models/run.json`, `metrics/train.json` and the
@@ -37,6 +37,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     `callbacks` are added to the Trainer's (a Ray Tune trial adds its reporter),
     `ckpt_path` resumes from a Lightning checkpoint, and `trainer_kwargs` override
     Trainer arguments (a Ray Train worker passes its DDP strategy and environment).
+    `figures=False` skips the learning-curve PNG (a Tune trial: ~0.5 s of matplotlib per
+    trial, and the sweep draws all trials' curves in one figure anyway).
     With `tune.use_best`, the best sweep trial's overrides (`results/tune/best.yaml`) apply first.
     """
     cfg, tuned_tags = apply_best(cfg)
@@ -94,11 +96,12 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
         elapsed = time.perf_counter() - start
 
         metrics = _summary(recorder.rows, cfg.optimized_metric, size, elapsed)
-        _write_outputs(layout, recorder.rows, metrics)
+        _write_outputs(layout, recorder.rows, metrics, figures=figures)
         if run is not None:
             run.log_metrics({f"best/{k}": v for k, v in metrics.items() if k.startswith(("train/", "val/"))})
             run.log_metrics({"time/train_s": elapsed, "epochs": metrics["epochs"]})
-            run.log_artifact(layout.plots / "learning_curves.png")
+            if figures:
+                run.log_artifact(layout.plots / "learning_curves.png")
             run.log_artifact(layout.metrics / "train.json")
             if recorder.diverged:
                 run.set_tags({"diverged": "true"})
@@ -148,7 +151,7 @@ def _summary(rows: list[dict], monitor: str, size: dict, elapsed: float) -> dict
     return out
 
 
-def _write_outputs(layout: Layout, rows: list[dict], metrics: dict[str, float]) -> None:
+def _write_outputs(layout: Layout, rows: list[dict], metrics: dict[str, float], *, figures: bool) -> None:
     nested: dict = {}
     for k, v in metrics.items():
         head, _, tail = k.partition("/")
@@ -158,6 +161,7 @@ def _write_outputs(layout: Layout, rows: list[dict], metrics: dict[str, float]) 
             nested[head] = v
     write_json(layout.metrics / "train.json", nested)
     write_json(layout.plots / "train_curves.json", rows)
-    learning_curves_png(rows, layout.plots / "learning_curves.png")
+    if figures:
+        learning_curves_png(rows, layout.plots / "learning_curves.png")
 
 

@@ -110,10 +110,11 @@ def _worker(config: dict[str, Any]) -> None:
     callbacks = [reporter, *config["callbacks"]]
     checkpoint = config["checkpoint"]
     if checkpoint is None:
-        train_task(cfg, callbacks=callbacks, trainer_kwargs=kwargs)
+        train_task(cfg, callbacks=callbacks, trainer_kwargs=kwargs, figures=False)
         return
     with checkpoint.as_directory() as folder:
-        train_task(cfg, callbacks=callbacks, trainer_kwargs=kwargs, ckpt_path=str(Path(folder) / CKPT_FILE))
+        train_task(cfg, callbacks=callbacks, trainer_kwargs=kwargs, ckpt_path=str(Path(folder) / CKPT_FILE),
+                   figures=False)
 
 
 def _relay_callback(queue: Any) -> Any:

@@ -85,7 +85,7 @@ def _scheduler(plan: Plan) -> Any:
     )
 
     tune, name = plan.tune, plan.tune["scheduler"]
-    max_t = tune["max_epochs"]
+    max_t = plan.steps  # epochs, or folds with tune.cv (a trial then reports once per fold)
     if name == "asha":
         a = tune["asha"]
         # stop_last_trials=False: a trial reaching max_t ends by itself (its train() completes).
@@ -151,7 +151,7 @@ def _mlflow_callback(plan: Plan, path: str) -> Any:
     return MlflowTreeCallback(target=tracking_target(cfg), map_path=map_path(path),
                               parent_name=f"tune-{plan.tune['name']}-{cfg.model.name}-{cfg.data.name}",
                               parent_params=params, parent_tags=tags, fixed=plan.fixed,
-                              max_epochs=plan.tune["max_epochs"],
+                              max_steps=plan.steps, step_key=plan.step_key,
                               log_hyperparameters=plan.tune["scheduler"] == "pbt")
 
 
@@ -187,7 +187,8 @@ def build_tuner(plan: Plan, trial_callbacks: Sequence[Any] = ()) -> tuple[Any, s
                                   scheduler=_scheduler(plan), num_samples=1 if plan.tune["search_alg"] == "grid"
                                   else plan.tune["num_samples"], max_concurrent_trials=limit,
                                   time_budget_s=plan.tune.get("time_budget_s"), reuse_actors=True)
-    reporter = tune.CLIReporter(metric_columns={"training_iteration": "epochs", plan.tune["metric"]: plan.tune["metric"],
+    metric = plan.tune["metric"]  # with tune.cv: the running mean over the folds done
+    reporter = tune.CLIReporter(metric_columns={"training_iteration": f"{plan.step_key}s", metric: metric,
                                                 "val/loss": "val/loss", "train/loss": "train/loss"},
                                 parameter_columns=list(plan.space), max_report_frequency=10,
                                 max_progress_rows=30)  # sort_by_metric fails on metric-less trials

@@ -1,4 +1,5 @@
-"""A sweep as one MLflow run tree: a parent run, one nested child run per Tune trial.
+"""A sweep as one MLflow run tree: a parent run, one nested child run per Tune trial, and
+with `tune.cv` one grandchild run per fold of each trial.
 
 Everything is written from the Ray driver (a `ray.tune.Callback` runs there), so a SQLite
 store only ever sees one writer; trials run with tracking off. The trial -> run id map is
@@ -53,6 +54,7 @@ class SweepRuns:
         self.target, self.map_path = target, map_path
         saved = read_text(map_path)
         self.ids: dict[str, Any] = json.loads(saved) if saved else {"parent": None, "children": {}}
+        self.ids.setdefault("folds", {})  # {trial_id: {fold: run_id}}
 
     def _save(self) -> None:
         write_text(self.map_path, json.dumps(self.ids, indent=2))
@@ -88,6 +90,26 @@ class SweepRuns:
         self._save()
         return run, True
 
+    def log_fold(self, trial_id: str, fold: int, name: str, params: dict[str, Any], tags: dict[str, str],
+                 history: list[dict[str, Any]], best: dict[str, float]) -> str | None:
+        """A finished fold of a trial as a run nested under the trial's run, written once: a
+        retried or resumed trial that reports the fold again adds nothing. Returns its run id."""
+        folds = self.ids["folds"].setdefault(trial_id, {})
+        parent_id = self.ids["children"].get(trial_id)
+        if str(fold) in folds or parent_id is None:
+            return folds.get(str(fold))
+        run = TrackedRun.start(**self.target, run_name=name, tags=tags, parent_run_id=parent_id)
+        run.log_params(params)
+        for row in history:  # the fold's epochs, as a plain train run logs them
+            step = int(row["epoch"])
+            run.log_metrics({k.replace("_", "/", 1): float(v) for k, v in row.items()
+                             if k != "epoch" and isinstance(v, (int, float))}, step=step)
+        run.log_metrics(best)
+        run.finish("FINISHED")
+        folds[str(fold)] = run.run_id
+        self._save()
+        return run.run_id
+
     def child(self, trial_id: str) -> TrackedRun | None:
         run_id = self.ids["children"].get(trial_id)
         return self._run(run_id) if run_id else None
@@ -110,10 +132,11 @@ class MlflowTreeCallback(Callback):
 
     def __init__(self, *, target: dict[str, Any], map_path: str, parent_name: str,
                  parent_params: dict[str, Any], parent_tags: dict[str, str], fixed: dict[str, Any],
-                 max_epochs: int, log_hyperparameters: bool = False) -> None:
+                 max_steps: int, step_key: str = "epoch", log_hyperparameters: bool = False) -> None:
         self.target, self.map_path = target, map_path
         self.parent_name, self.parent_params, self.parent_tags = parent_name, parent_params, parent_tags
-        self.fixed, self.max_epochs, self.log_hyperparameters = fixed, max_epochs, log_hyperparameters
+        self.fixed, self.log_hyperparameters = fixed, log_hyperparameters
+        self.max_steps, self.step_key = max_steps, step_key  # epochs, or folds (tune.cv)
         self.runs: SweepRuns | None = None
         self.state: dict[str, dict[str, Any]] = {}
 
@@ -147,11 +170,26 @@ class MlflowTreeCallback(Callback):
         if self.log_hyperparameters:  # PBT changes them during the trial: params cannot
             metrics.update({f"hp/{k}": float(v) for k, v in trial.config.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        step = int(result.get("epoch", result.get("training_iteration", 1) - 1))
+        if self.step_key == "fold" and "cv/val_acc_std" in result:
+            metrics["cv/val_acc_std"] = float(result["cv/val_acc_std"])
+        step = int(result.get(self.step_key, result.get("training_iteration", 1) - 1))
         run.log_metrics(metrics, step=step)
+        if self.step_key == "fold" and "fold_history" in result:
+            self._log_fold(trial, result, step)
         state["epochs"] = step + 1
         state["diverged"] |= bool(result.get("diverged"))
         state["stopped"] = bool(result.get("done"))
+
+    def _log_fold(self, trial: Any, result: dict, fold: int) -> None:
+        history = json.loads(result["fold_history"])
+        best = {f"best/{k[len('fold/'):]}": float(v) for k, v in result.items()
+                if k.startswith("fold/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        diverged = bool(result.get("diverged"))
+        tags = {"trial_id": trial.trial_id, "fold": str(fold), "sweep": self.parent_tags.get("sweep", ""),
+                "diverged": str(diverged).lower()}
+        params = {**{f"fixed.{k}": v for k, v in self.fixed.items()}, **trial.config, "data.fold": fold}
+        self.runs.log_fold(trial.trial_id, fold, f"{self.parent_name}-{trial.trial_id}-fold{fold}", params, tags,
+                           history, best)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self.runs.child(trial.trial_id)
@@ -160,8 +198,8 @@ class MlflowTreeCallback(Callback):
         state = self.state.get(trial.trial_id, {})
         if state.get("diverged"):
             reason = "diverged"
-        elif max(state.get("epochs", 0), trial.last_result.get("training_iteration", 0)) >= self.max_epochs:
-            reason = "max_epochs"
+        elif max(state.get("epochs", 0), trial.last_result.get("training_iteration", 0)) >= self.max_steps:
+            reason = "all_folds" if self.step_key == "fold" else "max_epochs"
         elif state.get("stopped"):
             reason = "scheduler"   # ASHA/HyperBand/stopper ended it early
         else:

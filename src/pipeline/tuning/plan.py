@@ -41,6 +41,16 @@ class Plan:
     storage: str                  # Ray's storage_path (a folder or a URI)
 
     @property
+    def steps(self) -> int:
+        """What a trial reports at most: epochs, or folds with `tune.cv` (schedulers' max_t)."""
+        return int(self.cfg.data.split.folds) if self.tune.get("cv") else int(self.tune["max_epochs"])
+
+    @property
+    def step_key(self) -> str:
+        """The key numbering a trial's reports: `epoch`, or `fold` with `tune.cv`."""
+        return "fold" if self.tune.get("cv") else "epoch"
+
+    @property
     def storage_is_local(self) -> bool:
         return "://" not in self.storage or self.storage.startswith("file://")
 
@@ -59,7 +69,7 @@ def _check_tune_block(cfg: DictConfig) -> None:
     check_number(cfg, "tune.num_cpus", integer=True, low=1, optional=True)
     check_number(cfg, "tune.time_budget_s", low=0, low_open=True, optional=True)
     check_number(cfg, "tune.max_failures", integer=True, low=-1)
-    for key in ("resume", "use_best"):
+    for key in ("resume", "use_best", "cv"):
         check_bool(cfg, f"tune.{key}")
     for key in ("address", "storage_path"):
         value = cfg.tune.get(key)
@@ -68,8 +78,12 @@ def _check_tune_block(cfg: DictConfig) -> None:
     if not isinstance(cfg.tune.get("name"), str) or not cfg.tune.name or "/" in cfg.tune.name:
         raise ConfigError(f"tune.name must be a folder name, got {cfg.tune.get('name')!r}.")
     name = cfg.tune.scheduler
+    if cfg.tune.cv:
+        _check_cv(cfg)
+    # With tune.cv a trial reports once per fold: ASHA's grace period counts folds.
+    steps = cfg.data.split.folds if cfg.tune.cv else cfg.tune.max_epochs
     if name == "asha":
-        check_number(cfg, "tune.asha.grace_period", integer=True, low=1, high=cfg.tune.max_epochs)
+        check_number(cfg, "tune.asha.grace_period", integer=True, low=1, high=steps)
         check_number(cfg, "tune.asha.reduction_factor", low=1, low_open=True)
         check_number(cfg, "tune.asha.brackets", integer=True, low=1)
     elif name == "hyperband":
@@ -78,6 +92,20 @@ def _check_tune_block(cfg: DictConfig) -> None:
         check_number(cfg, "tune.pbt.perturbation_interval", integer=True, low=1)
         check_number(cfg, "tune.pbt.quantile_fraction", low=0, high=0.5)
         check_number(cfg, "tune.pbt.resample_probability", low=0, high=1)
+
+
+def _check_cv(cfg: DictConfig) -> None:
+    """`tune.cv=true`: each trial trains data.split.folds models in turn, in one process."""
+    if cfg.tune.scheduler == "pbt":
+        raise ConfigError("tune.cv=true with tune.scheduler=pbt: PBT swaps checkpoints between trials mid-training, "
+                          "which has no meaning across folds; use tune.scheduler=asha, hyperband or fifo.")
+    if cfg.tune.workers > 1:
+        raise ConfigError("tune.cv=true trains the folds one after another inside the trial; it does not combine "
+                          "with tune.workers > 1 (DDP). Set tune.workers=1, or tune.cv=false for DDP trials.")
+    if cfg.data.fold is not None:
+        raise ConfigError(f"tune.cv=true runs every fold itself, but data.fold={cfg.data.fold} is set: "
+                          "drop the data.fold override (data.fold=null).")
+    check_number(cfg, "data.split.folds", integer=True, low=2)
 
 
 def _check_space_against_search(tune: dict[str, Any], space: dict[str, Dist]) -> None:

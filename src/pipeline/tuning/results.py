@@ -30,39 +30,46 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _rows(df: Any) -> list[dict[str, Any]]:
-    """A trial's reported results, one per epoch (a resumed trial re-reports some: keep the last)."""
-    if df is None or len(df) == 0 or "epoch" not in df:
+def _rows(df: Any, key: str = "epoch") -> list[dict[str, Any]]:
+    """A trial's reported results, one per epoch (or fold: `key`); a resumed trial re-reports
+    some: keep the last."""
+    if df is None or len(df) == 0 or key not in df:
         return []
-    by_epoch: dict[int, dict[str, Any]] = {}
+    by_step: dict[int, dict[str, Any]] = {}
     for row in df.to_dict("records"):
-        if _finite(row.get("epoch")):
-            by_epoch[int(row["epoch"])] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
+        if _finite(row.get(key)):
+            by_step[int(row[key])] = row
+    return [by_step[e] for e in sorted(by_step)]
 
 
 def _summarize(plan: Plan, trial: Any, rows: list[dict[str, Any]], run_ids: dict[str, str]) -> dict[str, Any]:
     metric, sign = plan.tune["metric"], 1 if plan.tune["mode"] == "max" else -1
     diverged = any(r.get("diverged") == 1 for r in rows) or bool(trial.last_result.get("diverged"))
     scored = [r for r in rows if _finite(r.get(metric))] if not diverged else []
-    # The best epoch, as the train task's checkpoint picks it: ties go to the lower val/loss.
-    best = max(scored, key=lambda r: (sign * r[metric], -r.get("val/loss", math.inf)), default=None)
+    if plan.tune.get("cv"):
+        # The running mean after the last fold done: its k-fold score (the best of the running
+        # means would favour a lucky first fold).
+        best = scored[-1] if scored and scored[-1] is rows[-1] else None
+    else:
+        # The best epoch, as the train task's checkpoint picks it: ties go to the lower val/loss.
+        best = max(scored, key=lambda r: (sign * r[metric], -r.get("val/loss", math.inf)), default=None)
     epochs = len(rows)
+    step_key = plan.step_key
     if diverged:
         reason = "diverged"
     elif not rows:
         reason = "error" if trial.status == "ERROR" else "no_result"  # e.g. tune.time_budget_s ran out
     elif trial.status == "ERROR":
         reason = "error"
-    elif max(epochs, trial.last_result.get("training_iteration", 0)) >= plan.tune["max_epochs"]:
-        reason = "max_epochs"
+    elif max(epochs, trial.last_result.get("training_iteration", 0)) >= plan.steps:
+        reason = "all_folds" if plan.tune.get("cv") else "max_epochs"
     elif trial.status != "TERMINATED":
         reason = "unfinished"
     else:
         reason = "scheduler" if rows and rows[-1].get("done") else "early_stopping"
     node = next((r["node_ip"] for r in rows if isinstance(r.get("node_ip"), str)), "")
     return {"trial_id": trial.trial_id, "status": trial.status, "config": dict(trial.config),
-            "value": best[metric] if best else math.nan, "epoch": int(best["epoch"]) if best else -1,
+            "value": best[metric] if best else math.nan, "epoch": int(best[step_key]) if best else -1,
             "val_loss": best.get("val/loss", math.nan) if best else math.nan, "epochs": epochs,
             "diverged": diverged, "stop_reason": reason, "failures": trial.num_failures, "node": node,
             "run_id": run_ids.get(trial.trial_id, ""), "path": trial.path}
@@ -80,14 +87,18 @@ def collect(plan: Plan, path: str) -> Outcome:
     outcome = Outcome()
     frames = analysis.trial_dataframes
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
-        rows = _rows(frames.get(trial.trial_id))
+        rows = _rows(frames.get(trial.trial_id), plan.step_key)
         outcome.trials.append(_summarize(plan, trial, rows, ids["children"]))
         for r in rows:
-            point = {"trial_id": trial.trial_id, "epoch": int(r["epoch"])}
+            # `step` is what dvc plots draws against: the epoch, or the fold with tune.cv.
+            point = {"trial_id": trial.trial_id, "step": int(r[plan.step_key]), plan.step_key: int(r[plan.step_key])}
             point.update({short: r[k] if _finite(r.get(k)) else None for k, short in CURVE_KEYS.items()})
             outcome.curves.append(point)
     sign = 1 if plan.tune["mode"] == "max" else -1
     candidates = [t for t in outcome.trials if _finite(t["value"])]
+    if plan.tune.get("cv") and any(t["epochs"] == plan.steps for t in candidates):
+        # A mean over every fold beats one over the first few (a trial ASHA stopped).
+        candidates = [t for t in candidates if t["epochs"] == plan.steps]
     if candidates:
         best = max(candidates, key=lambda t: (sign * t["value"], -t["val_loss"]))
         overrides = {**plan.fixed, **best["config"]}
@@ -95,7 +106,8 @@ def collect(plan: Plan, path: str) -> Outcome:
         config["paths"]["out_dir"] = best["path"]
         outcome.best = {
             "trial_id": best["trial_id"], "metric": plan.tune["metric"], "mode": plan.tune["mode"],
-            "value": float(best["value"]), "epoch": best["epoch"], "sweep": plan.tune["name"],
+            "value": float(best["value"]), **({"folds": best["epochs"]} if plan.tune.get("cv") else {"epoch": best["epoch"]}),
+            "sweep": plan.tune["name"],
             "experiment": path, "mlflow_parent_run_id": ids["parent"], "mlflow_run_id": best["run_id"] or None,
             "overrides": _plain(overrides),
             "config": OmegaConf.to_container(OmegaConf.create(config), resolve=True)}
@@ -116,17 +128,20 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
     out = plan.results
     out.mkdir(parents=True, exist_ok=True)
     keys = list(plan.space)
-    score = "best_" + plan.tune["metric"].replace("/", "_")
+    metric = plan.tune["metric"].replace("/", "_")
+    # With tune.cv a trial's score is the mean over its folds, and it counts folds, not epochs.
+    columns = ([f"cv_{metric}", "last_fold", "folds"] if plan.tune.get("cv")
+               else [f"best_{metric}", "best_epoch", "epochs"])
     with (out / "trials.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trial_id", "status", *keys, score, "best_epoch", "epochs", "diverged",
+        writer.writerow(["trial_id", "status", *keys, *columns, "diverged",
                          "stop_reason", "failures", "node", "mlflow_run_id"])
         for t in outcome.trials:
             writer.writerow([t["trial_id"], t["status"], *(_plain(t["config"].get(k, "")) for k in keys),
                              t["value"], t["epoch"], t["epochs"], int(t["diverged"]), t["stop_reason"],
                              t["failures"], t["node"], t["run_id"]])
     (out / "curves.json").write_text(json.dumps(outcome.curves, indent=1) + "\n")
-    curves_png(outcome, plan.tune["metric"], out / "curves.png")
+    curves_png(outcome, plan.tune["metric"], out / "curves.png", plan.step_key)
     best_file = out / "best.yaml"
     if outcome.best is not None and final:
         header = ("# The best trial of the last sweep (python -m pipeline.tune / the DVC tune stage). The train\n"
@@ -136,7 +151,7 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
         best_file.unlink(missing_ok=True)
 
 
-def curves_png(outcome: Outcome, metric: str, path: Path) -> Path:
+def curves_png(outcome: Outcome, metric: str, path: Path, step_key: str = "epoch") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,13 +161,13 @@ def curves_png(outcome: Outcome, metric: str, path: Path) -> Path:
     best = outcome.best["trial_id"] if outcome.best else None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for t in outcome.trials:
-        points = [(c["epoch"], c[key]) for c in outcome.curves if c["trial_id"] == t["trial_id"] and c[key] is not None]
+        points = [(c["step"], c[key]) for c in outcome.curves if c["trial_id"] == t["trial_id"] and c[key] is not None]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, lw=2.5 if t["trial_id"] == best else 1, alpha=1 if t["trial_id"] == best else 0.6,
                     label=f"{t['trial_id']}{' (best)' if t['trial_id'] == best else ''}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
+    ax.set_xlabel(step_key)
+    ax.set_ylabel(metric if step_key == "epoch" else f"{metric}, mean of the folds so far")
     ax.set_title(f"{metric} of every trial")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -175,7 +190,8 @@ def finish_parent(plan: Plan, outcome: Outcome, path: str, *, interrupted: bool,
     for t in outcome.trials:
         child = runs.child(t["trial_id"])
         if child is not None and _finite(t["value"]):
-            child.log_metrics({f"best/{metric}": t["value"], "epochs": t["epochs"]})
+            score = f"cv/{metric}" if plan.tune.get("cv") else f"best/{metric}"  # k-fold mean, or best epoch
+            child.log_metrics({score: t["value"], f"{plan.step_key}s": t["epochs"]})
     runs.end_open_children("KILLED")
     parent.log_metrics({"time/sweep_s": elapsed, "trials": len(outcome.trials)})
     for name in ("trials.csv", "curves.json", "curves.png", "best.yaml"):

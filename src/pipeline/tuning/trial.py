@@ -107,7 +107,8 @@ def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mappin
               ddp: Mapping[str, Any] | None = None) -> None:
     """The Tune function trainable. `config` holds the sampled `{dotted key: value}`; `base`
     is the sweep's resolved config (absolute paths, tracking off, trainer.max_epochs set);
-    `experiment` the experiment folder when storage is a file system path. With `ddp`
+    `experiment` the experiment folder when storage is a file system path. With `tune.cv`
+    the trial trains every fold (`pipeline.tuning.cv_trial`). With `ddp`
     (`workers`, `cpu`, `gpu`, `storage`: `tune.workers > 1`) the trial holds no resources and
     trains with a Ray Train TorchTrainer of `workers` DDP ranks (`pipeline.tuning.ddp`)."""
     import torch
@@ -134,19 +135,24 @@ def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mappin
 
         accelerator, devices = trial_accelerator(ray.get_gpu_ids(), torch.cuda.is_available())
         plain["trainer"].update(accelerator=accelerator, devices=devices)
+    if plain["tune"].get("cv"):
+        from pipeline.tuning.cv_trial import run_cv_trial
+
+        run_cv_trial(plain, callbacks=callbacks)
+        return
     cfg = OmegaConf.create(plain)
     # (Lookahead keeps its rate in optimizer.base.lr.)
     lr = float(OmegaConf.select(cfg, "optimizer.lr", default=None) or OmegaConf.select(cfg, "optimizer.base.lr") or 0)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        train(cfg, callbacks=[TuneReporter(lr=lr), *callbacks])
+        train(cfg, callbacks=[TuneReporter(lr=lr), *callbacks], figures=False)
         return
     with checkpoint.as_directory() as folder:
         meta_file = Path(folder) / META_FILE
         old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
         reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0)
-        train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE))
+        train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE), figures=False)
 
 
 def _lr(plain: Mapping[str, Any]) -> float:
