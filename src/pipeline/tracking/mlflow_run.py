@@ -1,18 +1,20 @@
 """One MLflow run, driven through `MlflowClient` (no global "active run" state), so a train
 stage, an evaluate stage in another process, and Ray trials can each address a run by id.
+
+mlflow is imported where it is used: it costs over a second to import, and a Ray Tune trial
+(tracking off: the driver writes) imports this module through the train task.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 BATCH = 100  # MLflow's limit on params per log_batch call
@@ -41,6 +43,8 @@ def resolve_artifact_location(location: str | None, uri: str, root: Path) -> str
 
 def get_experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """The experiment's id, creating it (race-safely: trials may start together) if needed."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -64,6 +68,8 @@ class TrackedRun:
     def start(cls, *, tracking_uri: str, experiment: str, artifact_location: str | None = None,
               run_name: str | None = None, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None) -> TrackedRun:
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(tracking_uri)
         experiment_id = get_experiment_id(client, experiment, artifact_location)
         tags = dict(tags or {})
@@ -74,6 +80,8 @@ class TrackedRun:
 
     @classmethod
     def resume(cls, *, tracking_uri: str, run_id: str) -> TrackedRun:
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(tracking_uri)
         client.update_run(run_id, status="RUNNING")
         return cls(client, run_id)
@@ -83,6 +91,8 @@ class TrackedRun:
         return self.client.tracking_uri
 
     def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + BATCH])
@@ -90,12 +100,16 @@ class TrackedRun:
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         import time
 
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, tags=items[i : i + BATCH])
