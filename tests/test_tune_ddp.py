@@ -16,6 +16,9 @@ from mlflow import MlflowClient
 from pipeline.tasks.prepare import ensure_data
 from pipeline.tuning.driver import run_sweep
 
+DDP = ["model=mlp", "tune.num_cpus=2", "tune.workers=2", "tune.resources.cpu=1", "tune.num_samples=1",
+       "tune.scheduler=fifo"]
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -31,8 +34,7 @@ def local_ray():
 @pytest.mark.integration
 @pytest.mark.slow
 def test_ddp_trial_trains_on_two_workers(local_ray, cfg_factory, tmp_path: Path):
-    cfg = cfg_factory(["model=mlp", "tune.num_cpus=2", "tune.workers=2", "tune.resources.cpu=1",
-                       "tune.num_samples=1", "tune.max_epochs=2", "tune.scheduler=fifo"])
+    cfg = cfg_factory([*DDP, "tune.max_epochs=2"])
     ensure_data(cfg)
     best = run_sweep(cfg)
 
@@ -62,3 +64,34 @@ def test_ddp_trial_trains_on_two_workers(local_ray, cfg_factory, tmp_path: Path)
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(children[0].info.run_id, "val/acc"))
     assert steps == [0, 1]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ddp_trial_that_crashes_resumes_from_its_checkpoint(local_ray, cfg_factory, tmp_path: Path):
+    """One rank raises after epoch 1 was reported: Ray Train ends the group, Tune retries the
+    trial (tune.max_failures=1) from the epoch-1 checkpoint, and both ranks finish epoch 2."""
+    from ray import cloudpickle
+
+    import test_tune  # tests/ is on sys.path (pytest's default rootdir-relative import mode)
+
+    cloudpickle.register_pickle_by_value(test_tune)  # the workers cannot import tests/
+    cfg = cfg_factory([*DDP, "tune.max_epochs=3", "tune.max_failures=1"])
+    ensure_data(cfg)
+    run_sweep(cfg, trial_callbacks=[test_tune.CrashOnce(str(tmp_path / "crashed"))])
+
+    assert (tmp_path / "crashed").exists()
+    with (tmp_path / "out/results/tune/trials.csv").open() as f:
+        (trial,) = list(csv.DictReader(f))
+    assert trial["status"] == "TERMINATED" and trial["failures"] == "1" and trial["epochs"] == "3"
+    results = [json.loads(line) for path in tmp_path.rglob("result.json")
+               for line in path.read_text().splitlines() if line.strip()]
+    # Epochs 0 and 1 before the crash, then epoch 2 from the checkpoint, with both ranks.
+    assert [r["epoch"] for r in results] == [0, 1, 2]
+    assert all(sorted(r["rank"] for r in json.loads(result["ranks"])) == [0, 1] for result in results)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED" and child.data.tags["restarts"] == "1"
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/acc")) == [0, 1, 2]
