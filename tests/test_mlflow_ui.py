@@ -142,6 +142,23 @@ def _expand(run_id: str) -> str:
             "return false; })()")
 
 
+def _in_chromium(chromium: str, tmp_path: Path, check) -> Any:
+    """Run `check(page)` in a fresh headless Chromium (its own profile), then close it."""
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return asyncio.run(_with_page(_devtools_page_url(profile, proc), check))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 # ---------------------------------------------------------------------------- test
 
 @pytest.mark.integration
@@ -167,10 +184,6 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
     assert all(names.values()) and len(set(names.values())) == 5, names
     child_ids = {c.info.run_id for c in children}
 
-    profile = tmp_path / "chromium-profile"
-    profile.mkdir()
-    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     shot = tmp_path / "mlflow-ui.png"
     page_url = f"{url}/#/experiments/{experiment.experiment_id}/runs"
 
@@ -188,15 +201,7 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
                 "expanded": await page.evaluate(ROW_IDS),
                 "text": await page.evaluate("document.body.innerText")}
 
-    try:
-        seen = asyncio.run(_with_page(_devtools_page_url(profile, proc), check))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    seen = _in_chromium(chromium, tmp_path, check)
 
     # Collapsed: only the parent; expanded: the parent, then its four children right below it.
     assert seen["collapsed"] == [parent.info.run_id], seen["collapsed"]
@@ -212,3 +217,47 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
     width, height = struct.unpack(">II", png[16:24])
     # The viewport: the window's width, its height less the (invisible) browser frame.
     assert width == 1400 and height >= 600 and len(png) > 20_000, (width, height, len(png))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_cv_sweep_shows_fold_runs_under_their_trial(mlflow_server, cfg_factory, tmp_path: Path) -> None:
+    """With tune.cv=true: parent -> one run per trial -> one run per fold, in the UI too."""
+    chromium = _chromium()
+    url = mlflow_server["url"]
+    cfg = cfg_factory(["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.num_samples=1",
+                       "tune.max_epochs=1", "tune.scheduler=fifo", "tune.cv=true", "data.split.folds=2",
+                       "~tune.space", '+tune.space={optimizer.lr: "grid[0.001, 0.01]"}',
+                       f"tracking.tracking_uri={url}", "tracking.experiment_name=cv-sweeps"])
+    ensure_data(cfg)
+    run_sweep(cfg)
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("cv-sweeps")  # its own: the server is the module's
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 2 and len(runs) == 1 + 2 + 2 * 2
+    trial = trials[0]
+    folds = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id}
+    assert len(folds) == 2
+
+    async def check(page: Page) -> dict[str, Any]:
+        await page.call("Page.navigate", url=f"{url}/#/experiments/{experiment.experiment_id}/runs")
+        await page.wait_for(f"document.querySelector('[role=row][row-id=\"{parent.info.run_id}\"]') !== null",
+                            "the sweep's parent run")
+        assert await page.evaluate(_expand(parent.info.run_id)), "no expander in the parent run's row"
+        await page.wait_for(f"{ROW_IDS}.includes('{trial.info.run_id}')", "the trial runs")
+        assert await page.evaluate(_expand(trial.info.run_id)), "no expander in the trial run's row"
+        await page.wait_for(f"{ROW_IDS}.length >= 5", "the fold runs after expanding the trial")
+        return {"rows": await page.evaluate(ROW_IDS), "text": await page.evaluate("document.body.innerText")}
+
+    seen = _in_chromium(chromium, tmp_path, check)
+    rows = seen["rows"]
+    # The trial's fold runs sit right below it; the parent's other trial is still collapsed.
+    at = rows.index(trial.info.run_id)
+    assert set(rows[at + 1:at + 3]) == folds, rows
+    assert rows[0] == parent.info.run_id and len(rows) == 5, rows
+    for run in runs:
+        if run.info.run_id in folds:
+            assert run.info.run_name in seen["text"] and run.info.run_name.endswith(("fold0", "fold1"))
