@@ -122,3 +122,4 @@ def test_cli_bad_value_exits_before_reading_data_or_creating_a_run(tmp_path, ove
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
     assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "run").exists()  # nor the run folder Hydra had made for it
