@@ -134,3 +134,21 @@ def test_cv_sweep_reports_running_means_and_nests_folds(cfg_factory, tmp_path: P
     crashed = next(k for k, t in trials.items() if t["failures"] == "1")
     fold0 = next(d for d in fold_dirs if crashed in str(d.parent.parent) and d.name == "fold_0")
     assert (fold0 / "metrics" / "train.json").stat().st_mtime < marker.stat().st_mtime
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_cv_trial_that_diverges_stops_and_is_never_best(cfg_factory, tmp_path: Path):
+    cfg = cfg_factory([*CV, "optimizer=sgd", "tune.max_epochs=2", "tune.scheduler=fifo", "tune.num_samples=1",
+                       "~tune.space", '+tune.space={optimizer.lr: "grid[1e6, 0.05]"}'])
+    ensure_data(cfg)
+    best = run_sweep(cfg)
+
+    with (tmp_path / "out/results/tune/trials.csv").open() as f:
+        trials = {float(t["optimizer.lr"]): t for t in csv.DictReader(f)}
+    bad, good = trials[1e6], trials[0.05]
+    # The first fold diverged: no further folds, no score.
+    assert bad["diverged"] == "1" and bad["stop_reason"] == "diverged" and bad["folds"] == "1"
+    assert bad["cv_val_acc"] == "nan"
+    assert good["folds"] == str(FOLDS) and best["trial_id"] == good["trial_id"]
+    assert not list((tmp_path / "results" / "ray").glob(f"*/*{bad['trial_id']}*/cv/fold_1"))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.errors import PipelineError
 from pipeline.tasks.prepare import ensure_data
 from pipeline.tuning.driver import run_sweep
 
@@ -95,3 +96,19 @@ def test_ddp_trial_that_crashes_resumes_from_its_checkpoint(local_ray, cfg_facto
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert child.info.status == "FINISHED" and child.data.tags["restarts"] == "1"
     assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/acc")) == [0, 1, 2]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ddp_trial_that_diverges_stops_on_every_rank_and_is_never_best(local_ray, cfg_factory, tmp_path: Path):
+    cfg = cfg_factory([*DDP, "optimizer=sgd", "tune.max_epochs=3",
+                       "~tune.space", '+tune.space={optimizer.lr: "grid[1e6]"}'])
+    ensure_data(cfg)
+    with pytest.raises(PipelineError, match="no trial .* produced a finite val/acc"):
+        run_sweep(cfg)  # its only trial diverged: there is no best to write
+
+    with (tmp_path / "out/results/tune/trials.csv").open() as f:
+        (trial,) = list(csv.DictReader(f))
+    assert trial["status"] == "TERMINATED" and trial["diverged"] == "1" and trial["stop_reason"] == "diverged"
+    assert int(trial["epochs"]) < 3 and math.isnan(float(trial["best_val_acc"]))
+    assert not (tmp_path / "out/results/tune/best.yaml").exists()

@@ -170,7 +170,8 @@ def curves_png(outcome: Outcome, metric: str, path: Path, step_key: str = "epoch
     ax.set_ylabel(metric if step_key == "epoch" else f"{metric}, mean of the folds so far")
     ax.set_title(f"{metric} of every trial")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.lines:  # every trial diverged: nothing to draw
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
