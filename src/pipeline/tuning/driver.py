@@ -53,11 +53,13 @@ def init_ray(tune: dict[str, Any]) -> bool:
         return False
     for key, value in TRIAL_ENV.items():
         os.environ.setdefault(key, value)
-    runtime_env = {"env_vars": TRIAL_ENV}
     if tune.get("address"):
-        ray.init(address=tune["address"], runtime_env=runtime_env, log_to_driver=True)
+        # Workers on other nodes do not inherit this process's environment.
+        ray.init(address=tune["address"], runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=True)
     else:
-        ray.init(num_cpus=tune.get("num_cpus"), include_dashboard=False, runtime_env=runtime_env)
+        # A local Ray's workers inherit it from the raylet this call starts. A runtime_env here
+        # would cost every sweep about 1.5 s more before its first trial actor starts.
+        ray.init(num_cpus=tune.get("num_cpus"), include_dashboard=False)
     return True
 
 
