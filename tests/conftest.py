@@ -52,6 +52,18 @@ def cfg_factory(tmp_path: Path):
     return lambda overrides=(), **kw: make_cfg(tmp_path, overrides, **kw)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs) for a test module; its sweeps join it instead of starting their own."""
+    import ray
+
+    from pipeline.tuning.driver import init_ray
+
+    init_ray({"num_cpus": 2})
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def digits_cfg(cfg_factory) -> DictConfig:
     """A shrunk digits config whose data (fetch + split) is already prepared."""

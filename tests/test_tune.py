@@ -7,7 +7,6 @@ Trials use the MLP (or MiniVGG where trials must last a few seconds) on digits.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -21,76 +20,30 @@ from pathlib import Path
 import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback
-from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
+import sweeps
 from pipeline.errors import ConfigError
 from pipeline.tasks.prepare import ensure_data
 from pipeline.tuning.driver import SweepInterrupted, run_sweep
 from pipeline.tuning.plan import plan_sweep
 
-EXPERIMENT = "cnn-pipeline"
 MLP = ["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2"]
-
-
-# ---------------------------------------------------------------------------- helpers
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module (2 CPUs); sweeps reuse it instead of starting their own."""
-    import ray
-
-    from pipeline.tuning.driver import init_ray
-
-    init_ray({"num_cpus": 2})
-    yield
-    ray.shutdown()
-
-
-def _space(**dists: str) -> list[str]:
-    """Overrides replacing the whole search space (space keys contain dots)."""
-    body = ", ".join(f'{k}: "{v}"' for k, v in dists.items())
-    return ["~tune.space", f"+tune.space={{{body}}}"]
-
-
-def _tree(tmp_path: Path) -> tuple[MlflowClient, object, list]:
-    """The sweep's parent run and its children (asserting there is exactly one parent)."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1, [r.info.run_name for r in parents]
-    parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) + 1 == len(runs)
-    return client, parent, children
-
-
-def _trials(tmp_path: Path) -> list[dict]:
-    with (tmp_path / "out" / "results" / "tune" / "trials.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
-def _best(tmp_path: Path) -> dict:
-    return yaml.safe_load((tmp_path / "out" / "results" / "tune" / "best.yaml").read_text())
-
-
-def _steps(client: MlflowClient, run_id: str, key: str = "val/acc") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 # ---------------------------------------------------------------------------- before Ray
 
 @pytest.mark.parametrize("overrides, message", [
-    (_space(**{"optimizer.lr": "logunifom(1e-4, 1e-1)"}), r"tune\.space\.optimizer\.lr=.*loguniform\(low, high\)"),
-    (_space(**{"optimizer.lr": "loguniform(0, 1)"}), r"tune\.space\.optimizer\.lr.*0 < low"),
-    (_space(**{"optimizer.lrr": "uniform(0.1, 0.2)"}), r"tune\.space\.optimizer\.lrr: no such config key"),
-    (_space(model="uniform(1, 2)"), r"tune\.space\.model: model is a config group"),
-    (_space(model="choice[mlp, nosuch]"), r"(?s)tune\.space\.model: model=nosuch does not compose.*lenet5"),
-    (_space(**{"regularizer.dropout": "uniform(0.0, 1.5)"}), r"regularizer\.dropout=1\.49.* out of range"),
+    (sweeps.space(**{"optimizer.lr": "logunifom(1e-4, 1e-1)"}), r"tune\.space\.optimizer\.lr=.*loguniform\(low, high\)"),
+    (sweeps.space(**{"optimizer.lr": "loguniform(0, 1)"}), r"tune\.space\.optimizer\.lr.*0 < low"),
+    (sweeps.space(**{"optimizer.lrr": "uniform(0.1, 0.2)"}), r"tune\.space\.optimizer\.lrr: no such config key"),
+    (sweeps.space(model="uniform(1, 2)"), r"tune\.space\.model: model is a config group"),
+    (sweeps.space(model="choice[mlp, nosuch]"), r"(?s)tune\.space\.model: model=nosuch does not compose.*lenet5"),
+    (sweeps.space(**{"regularizer.dropout": "uniform(0.0, 1.5)"}), r"regularizer\.dropout=1\.49.* out of range"),
     (["tune.search_alg=grid"], r"search_alg=grid tries listed values only"),
     (["tune.scheduler=pbt", "tune.pbt.mutate=[scheduler.decay]"], r"tune\.pbt\.mutate"),
     (["tune.metric=val/f1"], r"tune\.metric='val/f1' is not one of"),
+    (["tune.address=ray://head:10001"], r"tune\.address=ray://head:10001 .* tune\.storage_path is unset"),
 ])
 def test_bad_sweeps_fail_before_ray_starts(cfg_factory, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -129,21 +82,21 @@ def test_asha_sweep_is_one_mlflow_tree_and_feeds_train(local_ray, cfg_factory, t
     ensure_data(cfg)
     best = run_sweep(cfg)
 
-    trials = _trials(tmp_path)
+    trials = sweeps.trials(tmp_path)
     assert len(trials) == 6 and {t["status"] for t in trials} == {"TERMINATED"}
     epochs = {t["trial_id"]: int(t["epochs"]) for t in trials}
     assert min(epochs.values()) < 4 <= max(epochs.values()), epochs  # ASHA stopped some early
     assert any(t["stop_reason"] == "scheduler" for t in trials)
     scores = {t["trial_id"]: float(t["best_val_acc"]) for t in trials}
     assert best["trial_id"] == max(scores, key=scores.get) or scores[best["trial_id"]] == max(scores.values())
-    written = _best(tmp_path)
+    written = sweeps.best(tmp_path)
     assert written["trial_id"] == best["trial_id"] and written["overrides"]["scheduler"] == "exponential"
     assert set(written["overrides"]) == {"scheduler", "optimizer.lr", "scheduler.decay", "regularizer.dropout"}
     assert written["config"]["optimizer"]["lr"] == written["overrides"]["optimizer.lr"]
     curves = json.loads((tmp_path / "out/results/tune/curves.json").read_text())
     assert len(curves) == sum(epochs.values()) and {"trial_id", "step", "epoch", "val_acc", "val_loss"} <= set(curves[0])
 
-    client, parent, children = _tree(tmp_path)
+    client, parent, children = sweeps.tree(tmp_path)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["best_trial_id"] == best["trial_id"] == written["trial_id"]
     assert float(parent.data.tags["best_val/acc"]) == pytest.approx(best["value"], rel=1e-5)
@@ -156,7 +109,7 @@ def test_asha_sweep_is_one_mlflow_tree_and_feeds_train(local_ray, cfg_factory, t
     for child in children:
         trial_id = child.data.tags["trial_id"]
         assert child.info.status == "FINISHED", trial_id
-        assert _steps(client, child.info.run_id) == list(range(epochs[trial_id]))
+        assert sweeps.steps(client, child.info.run_id) == list(range(epochs[trial_id]))
         assert child.data.tags["node"] and child.data.tags["stop_reason"] in ("scheduler", "max_epochs")
         assert "optimizer.lr" in child.data.params and child.data.params["fixed.scheduler"] == "exponential"
 
@@ -173,17 +126,17 @@ def test_asha_sweep_is_one_mlflow_tree_and_feeds_train(local_ray, cfg_factory, t
 @pytest.mark.slow
 def test_diverging_trial_is_marked_and_never_best(local_ray, cfg_factory, tmp_path: Path):
     cfg = cfg_factory([*MLP, "optimizer=sgd", "tune.num_samples=1", "tune.max_epochs=3", "tune.scheduler=fifo",
-                       *_space(**{"optimizer.lr": "grid[1e6, 0.05]"})])
+                       *sweeps.space(**{"optimizer.lr": "grid[1e6, 0.05]"})])
     ensure_data(cfg)
     best = run_sweep(cfg)
 
-    trials = {float(t["optimizer.lr"]): t for t in _trials(tmp_path)}
+    trials = {float(t["optimizer.lr"]): t for t in sweeps.trials(tmp_path)}
     bad, good = trials[1e6], trials[0.05]
     assert bad["diverged"] == "1" and bad["stop_reason"] == "diverged" and math.isnan(float(bad["best_val_acc"]))
     assert int(bad["epochs"]) < 3 and bad["status"] == "TERMINATED"
     assert good["diverged"] == "0" and best["trial_id"] == good["trial_id"]
 
-    client, parent, children = _tree(tmp_path)
+    client, parent, children = sweeps.tree(tmp_path)
     assert parent.data.tags["best_trial_id"] == good["trial_id"]
     child = next(c for c in children if c.data.tags["trial_id"] == bad["trial_id"])
     assert child.info.status == "FINISHED" and child.data.tags["stop_reason"] == "diverged"
@@ -214,22 +167,22 @@ def test_crashed_trial_is_retried_from_its_checkpoint(local_ray, cfg_factory, tm
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
     cfg = cfg_factory([*MLP, "tune.num_samples=1", "tune.max_epochs=3", "tune.scheduler=fifo", "tune.max_failures=1",
-                       *_space(**{"optimizer.lr": "grid[0.001, 0.003]"})])
+                       *sweeps.space(**{"optimizer.lr": "grid[0.001, 0.003]"})])
     ensure_data(cfg)
     run_sweep(cfg, trial_callbacks=[CrashOnce(str(tmp_path / "crashed"))])
 
-    trials = _trials(tmp_path)
+    trials = sweeps.trials(tmp_path)
     assert {t["status"] for t in trials} == {"TERMINATED"} and len(trials) == 2
     assert sorted(int(t["failures"]) for t in trials) == [0, 1]
     assert all(int(t["epochs"]) == 3 for t in trials)
     crashed = next(t for t in trials if t["failures"] == "1")
 
-    client, parent, children = _tree(tmp_path)
+    client, parent, children = sweeps.tree(tmp_path)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     child = next(c for c in children if c.data.tags["trial_id"] == crashed["trial_id"])
     assert child.data.tags["restarts"] == "1"
     # Resumed from the epoch-1 checkpoint: epochs 0 and 1 once, then epoch 2 (not 0, 1 again).
-    assert _steps(client, child.info.run_id) == [0, 1, 2]
+    assert sweeps.steps(client, child.info.run_id) == [0, 1, 2]
 
 
 def _finished_children(db: Path) -> int:
@@ -264,7 +217,7 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, cfg_factory, tm
     assert proc.wait(timeout=120) == SweepInterrupted.exit_code, (tmp_path / "stage.log").read_text()[-3000:]
     log.close()
 
-    client, parent, children = _tree(tmp_path)
+    client, parent, children = sweeps.tree(tmp_path)
     assert parent.info.status == "KILLED" and parent.data.tags.get("interrupted") == "true"
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     done_before = {c.data.tags["trial_id"]: c for c in children if c.info.status == "FINISHED"}
@@ -274,18 +227,18 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, cfg_factory, tm
     resumed = cfg_factory([*overrides, "tune.resume=true"])
     best = run_sweep(resumed)
 
-    client, parent2, children = _tree(tmp_path)
+    client, parent2, children = sweeps.tree(tmp_path)
     assert parent2.info.run_id == parent.info.run_id and parent2.info.status == "FINISHED"
     trial_ids = [c.data.tags["trial_id"] for c in children]
     assert len(trial_ids) == len(set(trial_ids)) == 5  # no duplicate children
     assert all(c.info.status == "FINISHED" for c in children)
     for child in children:
-        steps = _steps(client, child.info.run_id)
+        steps = sweeps.steps(client, child.info.run_id)
         assert sorted(set(steps)) == [0, 1, 2], (child.data.tags["trial_id"], steps)
         if child.data.tags["trial_id"] in done_before:  # finished trials were not run again
             assert steps == [0, 1, 2] and child.info.end_time == done_before[child.data.tags["trial_id"]].info.end_time
-    trials = _trials(tmp_path)
+    trials = sweeps.trials(tmp_path)
     assert {t["status"] for t in trials} == {"TERMINATED"}
     assert {t["trial_id"]: t["mlflow_run_id"] for t in trials} == {c.data.tags["trial_id"]: c.info.run_id
                                                                  for c in children}
-    assert _best(tmp_path)["trial_id"] == best["trial_id"]
+    assert sweeps.best(tmp_path)["trial_id"] == best["trial_id"]

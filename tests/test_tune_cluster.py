@@ -8,7 +8,6 @@ end time, node id and GPU ids.
 
 from __future__ import annotations
 
-import csv
 import json
 import sqlite3
 import sys
@@ -19,51 +18,19 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import Callback
-from mlflow import MlflowClient
 
+import sweeps
 from pipeline.tasks.prepare import ensure_data
 from pipeline.tuning.driver import TRIAL_ENV, run_sweep
+from pipeline.tuning.mlflow_tree import LOGGED
 from pipeline.tuning.trial import trial_accelerator
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-EXPERIMENT = "cnn-pipeline"
 
 
-def _space(**dists: str) -> list[str]:
-    """Overrides replacing the whole search space (space keys contain dots)."""
-    body = ", ".join(f'{k}: "{v}"' for k, v in dists.items())
-    return ["~tune.space", f"+tune.space={{{body}}}"]
-
-
-def _trials(tmp_path: Path) -> list[dict]:
-    with (tmp_path / "out" / "results" / "tune" / "trials.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
-def _tree(tmp_path: Path) -> tuple[MlflowClient, object, list]:
-    """The sweep's one parent run and its children."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1, [r.info.run_name for r in parents]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    return client, parents[0], children
-
-
-MLP = ["model=mlp", "tune.scheduler=fifo", *_space(**{"optimizer.lr": "loguniform(1e-3, 1e-1)"})]
+MLP = ["model=mlp", "tune.scheduler=fifo", *sweeps.space(**{"optimizer.lr": "loguniform(1e-3, 1e-1)"})]
 MB = 1024**2
-
-
-def _max_overlap(intervals: list[tuple[int, int]]) -> int:
-    """The most intervals open at one time (an end at t comes before a start at t)."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    running = peak = 0
-    for _, step in events:
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 def _shutdown_ray() -> None:
@@ -113,7 +80,9 @@ def gpu_ray():
     ray.shutdown()
 
 
-def test_fractional_gpus_cap_concurrency_and_ids(gpu_ray, cfg_factory, tmp_path: Path):
+def test_fractional_gpus_cap_concurrency_and_ids(gpu_ray, cfg_factory, tmp_path: Path, capfd):
+    """Eight trials share four logical GPUs, up to eight at once: also the single MLflow writer's
+    test (with SQLite, no "database is locked" and no metric lost)."""
     import torch
     from ray import cloudpickle
 
@@ -125,21 +94,26 @@ def test_fractional_gpus_cap_concurrency_and_ids(gpu_ray, cfg_factory, tmp_path:
     ensure_data(cfg)
     run_sweep(cfg, trial_callbacks=[RecordDevice(str(devices))])
 
-    trials = _trials(tmp_path)
+    trials = sweeps.trials(tmp_path)
     assert len(trials) == 8 and {t["status"] for t in trials} == {"TERMINATED"}
-    _, parent, children = _tree(tmp_path)
+    client, parent, children = sweeps.tree(tmp_path)
     assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
+    output = capfd.readouterr()
+    assert "database is locked" not in output.out + output.err
+    for child in children:  # every epoch of every metric of every trial reached the store
+        for key in LOGGED:
+            assert sweeps.steps(client, child.info.run_id, key) == [0, 1], (key, child.data.tags["trial_id"])
 
     intervals = [(c.info.start_time, c.info.end_time) for c in children]
-    peak = _max_overlap(intervals)
-    assert 1 <= peak <= 8, peak  # 4 GPUs / 0.5 GPU a trial
+    peak = sweeps.max_overlap(intervals)
+    assert 4 <= peak <= 8, peak  # 4 GPUs / 0.5 GPU a trial; 0.25 CPU each lets all 8 start at once
     by_gpu: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for child in children:
         ids = child.data.tags["gpu_ids"]
         assert ids in {"0", "1", "2", "3"}, ids  # exactly one valid logical GPU per trial
         by_gpu[ids].append((child.info.start_time, child.info.end_time))
     for gpu, spans in by_gpu.items():
-        assert _max_overlap(spans) <= 2, (gpu, spans)  # 0.5 GPU each: two trials share a GPU
+        assert sweeps.max_overlap(spans) <= 2, (gpu, spans)  # 0.5 GPU each: two trials share a GPU
 
     # Every trial saw the GPU Ray gave it; without CUDA it trains on the CPU, not crashing.
     records = {p.stem: json.loads(p.read_text()) for p in devices.glob("*.json")}
@@ -183,10 +157,10 @@ def test_trials_spread_over_worker_nodes(cluster, cfg_factory, tmp_path: Path):
     run_sweep(cfg)
     assert not ray.is_initialized()  # run_sweep joined the cluster itself, and left it
 
-    trials = _trials(tmp_path)
+    trials = sweeps.trials(tmp_path)
     assert len(trials) == 6 and {t["status"] for t in trials} == {"TERMINATED"}
     assert any((tmp_path / "shared").glob("*/experiment_state-*.json"))  # the shared storage
-    _, _, children = _tree(tmp_path)
+    _, _, children = sweeps.tree(tmp_path)
     assert all(c.info.status == "FINISHED" for c in children)
     workers = {n.node_id for n in cluster.worker_nodes}
     used = {c.data.tags["node_id"] for c in children}
@@ -221,10 +195,10 @@ def test_sweep_survives_losing_a_worker_node(cluster, cfg_factory, tmp_path: Pat
     thread.join(timeout=30)
     assert removed, "the worker node was never removed"
 
-    trials = _trials(tmp_path)
+    trials = sweeps.trials(tmp_path)
     assert len(trials) == 6 and {t["status"] for t in trials} == {"TERMINATED"}, trials
     assert all(int(t["epochs"]) == 3 for t in trials)
-    _, _, children = _tree(tmp_path)
+    _, _, children = sweeps.tree(tmp_path)
     assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
     survivor = next(n.node_id for n in cluster.worker_nodes)
     # Trials that started after the loss ran on the surviving node.

@@ -21,17 +21,6 @@ DDP = ["model=mlp", "tune.num_cpus=2", "tune.workers=2", "tune.resources.cpu=1",
        "tune.scheduler=fifo"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from pipeline.tuning.driver import init_ray
-
-    init_ray({"num_cpus": 2})
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_ddp_trial_trains_on_two_workers(local_ray, cfg_factory, tmp_path: Path):

@@ -75,6 +75,11 @@ def _check_tune_block(cfg: DictConfig) -> None:
         value = cfg.tune.get(key)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"tune.{key} must be null or a string, got {value!r}.")
+    if str(cfg.tune.get("address") or "").startswith("ray://") and not cfg.tune.get("storage_path"):
+        # Through Ray Client the trials and Tune's loop run on the cluster, and the results
+        # are read back here: a folder on this machine is not where the cluster writes them.
+        raise ConfigError(f"tune.address={cfg.tune.address} runs the sweep on the cluster, but tune.storage_path "
+                          "is unset: set it to s3://bucket/path (or a folder this machine and every node mount).")
     if not isinstance(cfg.tune.get("name"), str) or not cfg.tune.name or "/" in cfg.tune.name:
         raise ConfigError(f"tune.name must be a folder name, got {cfg.tune.get('name')!r}.")
     name = cfg.tune.scheduler

@@ -1,0 +1,59 @@
+"""Helpers shared by the sweep tests: override builders and readers of a sweep's outputs
+(`trials.csv`, `best.yaml`) and of its MLflow run tree."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import yaml
+from mlflow import MlflowClient
+
+EXPERIMENT = "cnn-pipeline"
+
+
+def space(**dists: str) -> list[str]:
+    """Overrides replacing the whole search space (space keys contain dots)."""
+    body = ", ".join(f'{k}: "{v}"' for k, v in dists.items())
+    return ["~tune.space", f"+tune.space={{{body}}}"]
+
+
+def trials(tmp_path: Path) -> list[dict]:
+    with (tmp_path / "out" / "results" / "tune" / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def best(tmp_path: Path) -> dict:
+    return yaml.safe_load((tmp_path / "out" / "results" / "tune" / "best.yaml").read_text())
+
+
+def tree(tmp_path: Path, *, exact: bool = True) -> tuple[MlflowClient, object, list]:
+    """The sweep's one parent run and its children; `exact`: no other run in the experiment."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    if exact:
+        assert len(children) + 1 == len(runs)
+    return client, parents[0], children
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "val/acc") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """{step: value} of one metric of a run."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def max_overlap(intervals: list[tuple[int, int]]) -> int:
+    """The most intervals open at one time (an end at t comes before a start at t)."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
