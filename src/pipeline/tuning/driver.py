@@ -79,12 +79,9 @@ def check_storage(plan: Plan) -> None:
 
 
 def _scheduler(plan: Plan) -> Any:
-    from ray.tune.schedulers import (
-        ASHAScheduler,
-        FIFOScheduler,
-        HyperBandScheduler,
-        PopulationBasedTraining,
-    )
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    from pipeline.tuning.schedulers import FinalEpochPBT
 
     tune, name = plan.tune, plan.tune["scheduler"]
     max_t = plan.steps  # epochs, or folds with tune.cv (a trial then reports once per fold)
@@ -99,9 +96,9 @@ def _scheduler(plan: Plan) -> Any:
     if name == "pbt":
         p = tune["pbt"]
         mutations = {k: plan.space[k].domain() for k in p["mutate"] if k in plan.space}
-        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=p["perturbation_interval"],
-                                       hyperparam_mutations=mutations, quantile_fraction=p["quantile_fraction"],
-                                       resample_probability=p["resample_probability"])
+        return FinalEpochPBT(max_t=max_t, time_attr="training_iteration", perturbation_interval=p["perturbation_interval"],
+                             hyperparam_mutations=mutations, quantile_fraction=p["quantile_fraction"],
+                             resample_probability=p["resample_probability"])
     return FIFOScheduler()
 
 

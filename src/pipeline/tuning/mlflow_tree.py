@@ -168,7 +168,10 @@ class MlflowTreeCallback(Callback):
         if "time_this_iter_s" in result:
             metrics["time/epoch_s"] = float(result["time_this_iter_s"])
         if self.log_hyperparameters:  # PBT changes them during the trial: params cannot
-            metrics.update({f"hp/{k}": float(v) for k, v in trial.config.items()
+            # The values this epoch trained with: PBT's exploit has already given the trial
+            # its next config when the callbacks see the result that triggered it.
+            config = result.get("config") or trial.config
+            metrics.update({f"hp/{k}": float(v) for k, v in config.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if self.step_key == "fold" and "cv/val_acc_std" in result:
             metrics["cv/val_acc_std"] = float(result["cv/val_acc_std"])
