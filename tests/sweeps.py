@@ -27,16 +27,15 @@ def best(tmp_path: Path) -> dict:
     return yaml.safe_load((tmp_path / "out" / "results" / "tune" / "best.yaml").read_text())
 
 
-def tree(tmp_path: Path, *, exact: bool = True) -> tuple[MlflowClient, object, list]:
-    """The sweep's one parent run and its children; `exact`: no other run in the experiment."""
+def tree(tmp_path: Path) -> tuple[MlflowClient, object, list]:
+    """The sweep's one parent run and its children, asserting the experiment holds no other run."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in parents]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    if exact:
-        assert len(children) + 1 == len(runs)
+    assert len(children) + 1 == len(runs)
     return client, parents[0], children
 
 

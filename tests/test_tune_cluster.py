@@ -27,8 +27,6 @@ from pipeline.tuning.trial import trial_accelerator
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-
-
 MLP = ["model=mlp", "tune.scheduler=fifo", *sweeps.space(**{"optimizer.lr": "loguniform(1e-3, 1e-1)"})]
 MB = 1024**2
 

@@ -21,8 +21,8 @@ class FinalEpochPBT(PopulationBasedTraining):
         self._max_t = max_t
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        time = result.get(self._time_attr)
-        if time is None or time < self._max_t or self._metric not in result:
+        time = result.get(self._time_attr, 0)
+        if time < self._max_t or self._metric not in result:
             return super().on_trial_result(tune_controller, trial, result)
         self._save_trial_state(self._trial_state[trial], time, result, trial)
         return TrialScheduler.CONTINUE
