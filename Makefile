@@ -28,10 +28,11 @@ test: install
 
 lint: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 # Rewrite params.yaml from conf/ exactly as DVC's Hydra integration does on `dvc exp run`.
 params: install
-	$(BIN)/python -m pipeline.cli params
+	$(BIN)/pipeline params
 
 bench: install
 	$(BIN)/python bench/overhead.py

@@ -1,6 +1,6 @@
 """ASHA against an exhaustive grid: same 16 configurations, same epoch budget.
 
-Runs the same grid twice with ``pipeline.tuning.driver.run_sweep`` on digits, on one local
+Runs the same grid twice with ``pipeline.tasks.tune.tune`` on digits, on one local
 Ray of 2 CPUs (2 concurrent trials of 1 CPU), the composed config with every path, the Ray
 storage and a SQLite MLflow store in a temporary folder:
 
@@ -66,8 +66,8 @@ def sweep(tmp: Path, args: argparse.Namespace, scheduler: str) -> dict:
     """One sweep of the grid; its wall time, best val/acc and epochs trained in all."""
     from mlflow import MlflowClient
 
-    from pipeline.tasks.prepare import ensure_data
-    from pipeline.tuning.driver import run_sweep
+    from pipeline.tasks.data import ensure_data
+    from pipeline.tasks.tune import tune
 
     cfg = sweep_cfg(tmp, [
         f"model={args.model}", "tune=lr_decay_dropout", "~tune.space",
@@ -77,7 +77,7 @@ def sweep(tmp: Path, args: argparse.Namespace, scheduler: str) -> dict:
         "tune.asha.brackets=1", f"tune.num_cpus={CPUS}", "tune.max_concurrent_trials=2",
         "tune.resources.cpu=1", "tune.resources.gpu=0", f"data.split.val_fraction={args.val_fraction}"])
     ensure_data(cfg)
-    best = run_sweep(cfg)
+    best = tune(cfg)
     wall = MlflowClient(cfg.tracking.tracking_uri).get_run(best["mlflow_parent_run_id"]).data.metrics["time/sweep_s"]
     with (tmp / "out" / "results" / "tune" / "trials.csv").open() as f:
         trials = list(csv.DictReader(f))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
-from pipeline.config import compose, model_args, to_container
+from pipeline.config import compose, to_container
 from pipeline.data.batches import ArrayDataModule, TensorBatches, channel_stats
 from pipeline.data.sources import load_source
 from pipeline.data.splits import stratified_split
@@ -53,6 +53,7 @@ from pipeline.tasks.train import _trainer
 from pipeline.training.callbacks import EpochRecorder
 from pipeline.training.module import Classifier, build_network
 from pipeline.training.optim import build_optimizer
+from pipeline.validation import model_args
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

@@ -1,6 +1,6 @@
 """Ray Tune efficiency: how much of a sweep's wall time the trials spend training.
 
-Runs one real sweep (``pipeline.tuning.driver.run_sweep``) of ``--trials`` short trials on
+Runs one real sweep (``pipeline.tasks.tune.tune``) of ``--trials`` short trials on
 digits, FIFO scheduler (no early stopping), 2 concurrent trials of 1 CPU each on a local
 Ray of 2 CPUs, with the composed config (``tune=lr_decay_dropout``: random lr, decay and
 dropout) and every path, the Ray storage and the MLflow store (SQLite) inside a temporary
@@ -116,8 +116,9 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     import ray
 
-    from pipeline.tasks.prepare import ensure_data
-    from pipeline.tuning.driver import init_ray, run_sweep
+    from pipeline.tasks.data import ensure_data
+    from pipeline.tasks.tune import tune
+    from pipeline.tuning.driver import init_ray
 
     concurrency = 2
     began = time.perf_counter()
@@ -137,7 +138,7 @@ def main() -> None:
         clock = Path(tmp) / "fit_clock.jsonl"
         try:
             sweep_start = time.time()
-            best = run_sweep(cfg, trial_callbacks=[FitClock(str(clock))])
+            best = tune(cfg, trial_callbacks=[FitClock(str(clock))])
         finally:
             ray.shutdown()
         times = trial_times(best["experiment"])

@@ -67,7 +67,7 @@ def local_ray():
 @pytest.fixture
 def digits_cfg(cfg_factory) -> DictConfig:
     """A shrunk digits config whose data (fetch + split) is already prepared."""
-    from pipeline.tasks.prepare import ensure_data
+    from pipeline.tasks.data import ensure_data
 
     cfg = cfg_factory()
     ensure_data(cfg)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.tasks.compare import alternatives, compare
-from pipeline.tasks.prepare import ensure_data
+from pipeline.tasks.data import ensure_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

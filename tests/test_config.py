@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from pipeline.config import compose, prepare
+from pipeline.config import compose
 from pipeline.errors import ConfigError
 from pipeline.models import min_image_size
+from pipeline.validation import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -101,7 +102,7 @@ def test_relative_paths_are_made_absolute(tmp_path):
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "pipeline.train", *overrides, f"paths.root={tmp_path}",
+    return subprocess.run([sys.executable, "-m", "pipeline", "train", *overrides, f"paths.root={tmp_path}",
                            f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
 

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from pipeline.data.splits import load_splits
 from pipeline.tasks.cv import cross_validate
-from pipeline.tasks.prepare import ensure_data
+from pipeline.tasks.data import ensure_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -32,8 +32,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from pipeline.tasks.prepare import ensure_data
-from pipeline.tuning.driver import run_sweep
+from pipeline.tasks.data import ensure_data
+from pipeline.tasks.tune import tune
 
 EXPERIMENT = "cnn-pipeline"
 UI_TIMEOUT_S = 90  # the first load of the UI bundle on a busy 2-CPU box
@@ -168,7 +168,7 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
     url = mlflow_server["url"]
     cfg = cfg_factory([*SWEEP, f"tracking.tracking_uri={url}"])
     ensure_data(cfg)
-    best = run_sweep(cfg)
+    best = tune(cfg)
 
     # The tree as the server stores it: one parent, four finished children.
     client = MlflowClient(url)
@@ -230,7 +230,7 @@ def test_cv_sweep_shows_fold_runs_under_their_trial(mlflow_server, cfg_factory, 
                        "~tune.space", '+tune.space={optimizer.lr: "grid[0.001, 0.01]"}',
                        f"tracking.tracking_uri={url}", "tracking.experiment_name=cv-sweeps"])
     ensure_data(cfg)
-    run_sweep(cfg)
+    tune(cfg)
 
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("cv-sweeps")  # its own: the server is the module's

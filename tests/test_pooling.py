@@ -10,10 +10,11 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.config import compose, model_args
+from pipeline.config import compose
 from pipeline.errors import ConfigError
 from pipeline.models import create_model
 from pipeline.models.layers import make_pool, pool_output_size
+from pipeline.validation import model_args
 
 POOL_TYPES = (nn.MaxPool2d, nn.AvgPool2d)
 SPEC = {"name": "avg", "kernel_size": 3, "stride": 2, "padding": 1}

@@ -21,8 +21,8 @@ from torch import nn
 
 from conftest import REPO, make_cfg
 from pipeline.models import count_macs, count_parameters, create_model
-from pipeline.reports import inspect
-from pipeline.reports.html import FILES, SECTIONS, diagnose, write_report
+from pipeline.reports import introspect
+from pipeline.reports.page import FILES, SECTIONS, diagnose, write_report
 
 IMG = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 
@@ -34,7 +34,7 @@ def test_saliency_of_a_linear_model_is_the_abs_weights_of_the_target_class(chann
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(channels * 5 * 6, 4))
     x, target = torch.rand(3, channels, 5, 6), torch.tensor([0, 2, 3])
-    sal = inspect.saliency(model, x, target)
+    sal = introspect.saliency(model, x, target)
     w = model[1].weight.detach().view(4, channels, 5, 6).abs().amax(dim=1)
     assert sal.shape == (3, 5, 6)
     torch.testing.assert_close(sal, w[target], rtol=0, atol=0)
@@ -59,7 +59,7 @@ def test_grad_cam_highlights_the_planted_region() -> None:
     x = torch.zeros(2, 1, 16, 16)
     x[0, 0, 2:6, 10:14] = 1.0   # a bright square top right
     x[1, 0, 11:15, 1:5] = 1.0   # bottom left
-    cam = inspect.grad_cam(net, x, target=1)
+    cam = introspect.grad_cam(net, x, target=1)
     assert cam.shape == (2, 16, 16)
     assert cam.min() >= 0 and cam.max() <= 1 and torch.allclose(cam.flatten(1).amax(1), torch.ones(2))
     for c, (rows, cols), (far_rows, far_cols) in ((cam[0], (slice(2, 6), slice(10, 14)), (slice(10, 16), slice(0, 6))),
@@ -69,7 +69,7 @@ def test_grad_cam_highlights_the_planted_region() -> None:
         assert c[rows, cols].mean() > 0.6
         assert c[far_rows, far_cols].max() == 0
     # Class 0 has only negative evidence from the bright square: an all-zero map.
-    assert inspect.grad_cam(net, x, target=0).abs().max() == 0
+    assert introspect.grad_cam(net, x, target=0).abs().max() == 0
 
 
 def test_grad_cam_defaults_to_the_last_conv_and_restores_training_mode() -> None:
@@ -78,27 +78,27 @@ def test_grad_cam_defaults_to_the_last_conv_and_restores_training_mode() -> None
                         nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 8 * 8, 3))
     net.train()
     x = torch.rand(2, 1, 8, 8)
-    default = inspect.grad_cam(net, x, [1, 2])
-    torch.testing.assert_close(default, inspect.grad_cam(net, x, [1, 2], layer="2"))
-    assert not torch.equal(default, inspect.grad_cam(net, x, [1, 2], layer="0"))
+    default = introspect.grad_cam(net, x, [1, 2])
+    torch.testing.assert_close(default, introspect.grad_cam(net, x, [1, 2], layer="2"))
+    assert not torch.equal(default, introspect.grad_cam(net, x, [1, 2], layer="0"))
     assert all(m.training for m in net.modules())
     with pytest.raises(KeyError, match="conv layers are: 0, 2"):
-        inspect.grad_cam(net, x, 0, layer="nosuch")
+        introspect.grad_cam(net, x, 0, layer="nosuch")
 
 
 def test_feature_maps_and_first_layer_filters() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 3 * 3, 2))
-    maps = inspect.feature_maps(net, torch.rand(4, 3, 8, 8), ["0", "2"])
+    maps = introspect.feature_maps(net, torch.rand(4, 3, 8, 8), ["0", "2"])
     assert maps["0"].shape == (4, 5, 6, 6) and maps["2"].shape == (4, 5, 3, 3)
     with torch.no_grad():
         net[0].weight[1] = 0
-    w = inspect.first_layer_filters(net)
+    w = introspect.first_layer_filters(net)
     assert w.shape == (5, 3, 3, 3) and w.min() >= 0 and w.max() <= 1
     assert np.all(w[1] == 0.5)  # a zero filter is mid-grey
     assert np.isclose(np.abs(w[0] - 0.5).max(), 0.5)  # each filter uses the full range
     with pytest.raises(ValueError, match="no Conv2d"):
-        inspect.first_layer_filters(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+        introspect.first_layer_filters(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
 
 
 # ------------------------------------------------------------------ layer table
@@ -106,7 +106,7 @@ def test_feature_maps_and_first_layer_filters() -> None:
 def test_receptive_fields_and_jumps_of_a_known_stack() -> None:
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
                         nn.MaxPool2d(2, 2), nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
-    rows = inspect.layer_table(net, (1, 16, 16))
+    rows = introspect.layer_table(net, (1, 16, 16))
     assert [r["name"] for r in rows] == ["0", "2", "3", "4", "6"]
     assert [r["receptive_field"] for r in rows[:4]] == [3, 5, 6, 10]
     assert [r["jump"] for r in rows[:4]] == [1, 1, 2, 2]
@@ -117,7 +117,7 @@ def test_receptive_fields_and_jumps_of_a_known_stack() -> None:
 
 def test_receptive_field_with_stride_dilation_and_unequal_axes() -> None:
     net = nn.Sequential(nn.Conv2d(1, 2, (5, 3), stride=(2, 1)), nn.Conv2d(2, 2, 3, dilation=2))
-    rows = inspect.layer_table(net, (1, 20, 20))
+    rows = introspect.layer_table(net, (1, 20, 20))
     assert rows[0]["receptive_field"] == (5, 3) and rows[0]["jump"] == (2, 1)
     assert rows[1]["receptive_field"] == (5 + 4 * 2, 3 + 4 * 1) and rows[1]["jump"] == (2, 1)
 
@@ -126,17 +126,17 @@ def test_receptive_field_with_stride_dilation_and_unequal_axes() -> None:
                                        ("googlenet", 32), ("densenet_bc", 16)])
 def test_layer_table_sums_to_the_model_totals(name: str, size: int) -> None:
     model = create_model(name, in_channels=1, num_classes=10, image_size=size)
-    rows = inspect.layer_table(model, (1, size, size))
+    rows = introspect.layer_table(model, (1, size, size))
     assert sum(r["params"] for r in rows) == count_parameters(model)
     assert sum(r["macs"] for r in rows) == count_macs(model, (1, size, size))
 
 
 def test_most_confused_pairs() -> None:
     cm = np.array([[5, 3, 0], [1, 7, 3], [0, 0, 9]])
-    pairs = inspect.most_confused_pairs(cm, ["a", "b", "c"], k=2)
+    pairs = introspect.most_confused_pairs(cm, ["a", "b", "c"], k=2)
     assert [(p["actual"], p["predicted"], p["count"]) for p in pairs] == [("a", "b", 3), ("b", "c", 3)]
     assert pairs[0]["rate"] == pytest.approx(3 / 8)
-    assert inspect.most_confused_pairs(np.eye(3, dtype=int), ["a", "b", "c"], 5) == []
+    assert introspect.most_confused_pairs(np.eye(3, dtype=int), ["a", "b", "c"], 5) == []
 
 
 def test_diagnose_names_over_fitting() -> None:
@@ -186,8 +186,8 @@ def _check_report(path: Path) -> int:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A digits config (as `digits_cfg`) trained 2 epochs and evaluated, with its report."""
+    from pipeline.tasks.data import ensure_data
     from pipeline.tasks.evaluate import evaluate
-    from pipeline.tasks.prepare import ensure_data
     from pipeline.tasks.report import report
     from pipeline.tasks.train import train
 
@@ -221,13 +221,12 @@ def test_report_end_to_end(trained, tmp_path: Path, monkeypatch) -> None:
     assert logged == figures
 
     # The DVC stage entry point on the same outputs: byte-identical (same seed).
-    from pipeline.stages.report import main
+    from pipeline.cli.stages import run_stage
 
     params = tmp_path / "params.yaml"
     params.write_text(OmegaConf.to_yaml(cfg))
     before = path.read_bytes()
-    monkeypatch.setattr(sys, "argv", ["report", str(params)])
-    assert main() == 0
+    assert run_stage("report", str(params)) == 0
     assert path.read_bytes() == before
 
 
@@ -240,7 +239,7 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
     info = json.loads((out / "models" / "run.json").read_text())
     here = make_cfg(Path(cfg.paths.root), tracking=False)
     here.paths.out_dir = str(tmp_path / "elsewhere")
-    path = report_for_run(info["run_id"], info["tracking_uri"], here)
+    path = report_for_run(info["run_id"], here)
     assert path == tmp_path / "elsewhere" / "reports" / "runs" / info["run_id"] / "report.html"
     _check_report(path)
     page = path.read_text()
@@ -258,7 +257,7 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
     run_file.rename(run_file.with_suffix(".bak"))
     original, task.rebuild_eager = task.rebuild_eager, lambda *a: (_ for _ in ()).throw(ValueError("nope"))
     try:
-        limited = report_for_run(info["run_id"], info["tracking_uri"], here)
+        limited = report_for_run(info["run_id"], here)
     finally:
         task.rebuild_eager = original
         run_file.with_suffix(".bak").rename(run_file)
@@ -273,7 +272,7 @@ def test_hydra_cli_reports_on_a_run_id(trained, tmp_path: Path) -> None:
     cfg, _ = trained
     info = json.loads((Path(cfg.paths.out_dir) / "models" / "run.json").read_text())
     root = Path(cfg.paths.root)
-    cmd = [sys.executable, "-m", "pipeline.report", f"run_id={info['run_id']}", f"paths.root={root}",
+    cmd = [sys.executable, "-m", "pipeline", "report", f"run_id={info['run_id']}", f"paths.root={root}",
            f"tracking.tracking_uri={info['tracking_uri']}", "tracking.enabled=false", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -314,15 +313,16 @@ def test_report_renders_in_headless_chromium(trained, tmp_path: Path) -> None:
 
 
 def test_cli_takes_run_id_without_a_plus_and_keeps_it_a_string() -> None:
-    from pipeline.report import _with_run_id_key
+    from pipeline.cli.apps import _with_run_id_key
 
     assert _with_run_id_key(["run_id=123e4", "model=lenet5", "+run_id=ab"]) == \
         ["+run_id='123e4'", "model=lenet5", "+run_id='ab'"]
 
 
 def test_an_older_runs_config_still_validates(cfg_factory, tmp_path: Path) -> None:
-    from pipeline.config import prepare, to_container
+    from pipeline.config import to_container
     from pipeline.tasks.report import merge_run_config
+    from pipeline.validation import prepare
 
     run = to_container(make_cfg(tmp_path / "elsewhere", ["model=minivgg", "optimizer=adam"]))
     del run["init"], run["regularizer"]["tta"]  # keys the pipeline gained after the run

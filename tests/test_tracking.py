@@ -32,15 +32,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from pipeline.config import prepare
 from pipeline.data.batches import to_tensors
 from pipeline.errors import ConfigError
 from pipeline.layout import Layout
 from pipeline.tasks.common import load_data
+from pipeline.tasks.data import ensure_data
 from pipeline.tasks.evaluate import evaluate, predict
-from pipeline.tasks.prepare import ensure_data
 from pipeline.tasks.train import train
 from pipeline.training.module import Classifier
+from pipeline.validation import prepare
 
 EXPERIMENT = "cnn-pipeline"
 

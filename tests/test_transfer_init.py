@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.cli import main as cli_main
+from pipeline.cli.main import main as cli_main
 from pipeline.errors import ConfigError
 from pipeline.models import create_model, list_models
 from pipeline.models.init import INITS, init_weights

@@ -24,8 +24,9 @@ from omegaconf import OmegaConf
 
 import sweeps
 from pipeline.errors import ConfigError
-from pipeline.tasks.prepare import ensure_data
-from pipeline.tuning.driver import SweepInterrupted, run_sweep
+from pipeline.tasks.data import ensure_data
+from pipeline.tasks.tune import tune
+from pipeline.tuning.driver import SweepInterrupted
 from pipeline.tuning.plan import plan_sweep
 
 MLP = ["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2"]
@@ -80,7 +81,7 @@ def test_asha_sweep_is_one_mlflow_tree_and_feeds_train(local_ray, cfg_factory, t
 
     cfg = cfg_factory([*MLP, "tune.num_samples=6", "tune.max_epochs=4", "tune.asha.grace_period=1"])
     ensure_data(cfg)
-    best = run_sweep(cfg)
+    best = tune(cfg)
 
     trials = sweeps.trials(tmp_path)
     assert len(trials) == 6 and {t["status"] for t in trials} == {"TERMINATED"}
@@ -128,7 +129,7 @@ def test_diverging_trial_is_marked_and_never_best(local_ray, cfg_factory, tmp_pa
     cfg = cfg_factory([*MLP, "optimizer=sgd", "tune.num_samples=1", "tune.max_epochs=3", "tune.scheduler=fifo",
                        *sweeps.space(**{"optimizer.lr": "grid[1e6, 0.05]"})])
     ensure_data(cfg)
-    best = run_sweep(cfg)
+    best = tune(cfg)
 
     trials = {float(t["optimizer.lr"]): t for t in sweeps.trials(tmp_path)}
     bad, good = trials[1e6], trials[0.05]
@@ -169,7 +170,7 @@ def test_crashed_trial_is_retried_from_its_checkpoint(local_ray, cfg_factory, tm
     cfg = cfg_factory([*MLP, "tune.num_samples=1", "tune.max_epochs=3", "tune.scheduler=fifo", "tune.max_failures=1",
                        *sweeps.space(**{"optimizer.lr": "grid[0.001, 0.003]"})])
     ensure_data(cfg)
-    run_sweep(cfg, trial_callbacks=[CrashOnce(str(tmp_path / "crashed"))])
+    tune(cfg, trial_callbacks=[CrashOnce(str(tmp_path / "crashed"))])
 
     trials = sweeps.trials(tmp_path)
     assert {t["status"] for t in trials} == {"TERMINATED"} and len(trials) == 2
@@ -207,7 +208,7 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, cfg_factory, tm
     # The DVC stage's entry point in its own process (and its own Ray), stopped like Ctrl+C
     # once the first trials have finished.
     log = (tmp_path / "stage.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.tune", str(params)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "stage", "tune", str(params)], cwd=tmp_path,
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while _finished_children(tmp_path / "mlflow.db") < 1 and proc.poll() is None:
@@ -225,7 +226,7 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, cfg_factory, tm
     assert not (tmp_path / "out/results/tune/best.yaml").exists()  # no best of half a sweep
 
     resumed = cfg_factory([*overrides, "tune.resume=true"])
-    best = run_sweep(resumed)
+    best = tune(resumed)
 
     client, parent2, children = sweeps.tree(tmp_path)
     assert parent2.info.run_id == parent.info.run_id and parent2.info.status == "FINISHED"

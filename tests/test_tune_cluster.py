@@ -20,8 +20,9 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 import sweeps
-from pipeline.tasks.prepare import ensure_data
-from pipeline.tuning.driver import TRIAL_ENV, run_sweep
+from pipeline.tasks.data import ensure_data
+from pipeline.tasks.tune import tune
+from pipeline.tuning.driver import TRIAL_ENV
 from pipeline.tuning.mlflow_tree import LOGGED
 from pipeline.tuning.trial import trial_accelerator
 
@@ -90,7 +91,7 @@ def test_fractional_gpus_cap_concurrency_and_ids(gpu_ray, cfg_factory, tmp_path:
     cfg = cfg_factory([*MLP, "tune.num_samples=8", "tune.max_epochs=2", "tune.resources.gpu=0.5",
                        "tune.resources.cpu=0.25", "tune.max_concurrent_trials=null"])
     ensure_data(cfg)
-    run_sweep(cfg, trial_callbacks=[RecordDevice(str(devices))])
+    tune(cfg, trial_callbacks=[RecordDevice(str(devices))])
 
     trials = sweeps.trials(tmp_path)
     assert len(trials) == 8 and {t["status"] for t in trials} == {"TERMINATED"}
@@ -128,7 +129,7 @@ def test_fractional_gpus_cap_concurrency_and_ids(gpu_ray, cfg_factory, tmp_path:
 @pytest.fixture
 def cluster():
     """A head without CPUs (trials run on workers only) and two 1-CPU worker nodes. The test
-    process stays disconnected: `run_sweep` joins through `tune.address` and leaves again."""
+    process stays disconnected: `tune` joins through `tune.address` and leaves again."""
     from ray.cluster_utils import Cluster
 
     _shutdown_ray()
@@ -174,8 +175,8 @@ def test_trials_spread_over_worker_nodes(cluster, cfg_factory, tmp_path: Path):
     ensure_data(cfg)
     started = tmp_path / "started"
     started.mkdir()
-    run_sweep(cfg, trial_callbacks=[WaitForTwoTrials(str(started))])
-    assert not ray.is_initialized()  # run_sweep joined the cluster itself, and left it
+    tune(cfg, trial_callbacks=[WaitForTwoTrials(str(started))])
+    assert not ray.is_initialized()  # tune joined the cluster itself, and left it
 
     trials = sweeps.trials(tmp_path)
     assert len(trials) == 6 and {t["status"] for t in trials} == {"TERMINATED"}
@@ -211,7 +212,7 @@ def test_sweep_survives_losing_a_worker_node(cluster, cfg_factory, tmp_path: Pat
 
     thread = threading.Thread(target=remove_after_first_results, daemon=True)
     thread.start()
-    run_sweep(cfg)
+    tune(cfg)
     thread.join(timeout=30)
     assert removed, "the worker node was never removed"
 

@@ -18,9 +18,10 @@ from mlflow import MlflowClient
 
 from pipeline.data.splits import load_splits
 from pipeline.errors import ConfigError
-from pipeline.tasks.prepare import ensure_data
+from pipeline.tasks.data import ensure_data
+from pipeline.tasks.tune import tune
 from pipeline.tuning.cv_trial import running_report
-from pipeline.tuning.driver import _scheduler, run_sweep
+from pipeline.tuning.driver import _scheduler
 from pipeline.tuning.plan import plan_sweep
 
 FOLDS = 3
@@ -81,7 +82,7 @@ def test_cv_sweep_reports_running_means_and_nests_folds(cfg_factory, tmp_path: P
                        "~tune.space", '+tune.space={optimizer.lr: "grid[0.001, 0.01]"}'])
     ensure_data(cfg)
     marker = tmp_path / "crashed"
-    best = run_sweep(cfg, trial_callbacks=[CrashInFold(str(marker))])
+    best = tune(cfg, trial_callbacks=[CrashInFold(str(marker))])
 
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
         trials = {t["trial_id"]: t for t in csv.DictReader(f)}
@@ -142,7 +143,7 @@ def test_cv_trial_that_diverges_stops_and_is_never_best(cfg_factory, tmp_path: P
     cfg = cfg_factory([*CV, "optimizer=sgd", "tune.max_epochs=2", "tune.scheduler=fifo", "tune.num_samples=1",
                        "~tune.space", '+tune.space={optimizer.lr: "grid[1e6, 0.05]"}'])
     ensure_data(cfg)
-    best = run_sweep(cfg)
+    best = tune(cfg)
 
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
         trials = {float(t["optimizer.lr"]): t for t in csv.DictReader(f)}

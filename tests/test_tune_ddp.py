@@ -14,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
-from pipeline.tasks.prepare import ensure_data
-from pipeline.tuning.driver import run_sweep
+from pipeline.tasks.data import ensure_data
+from pipeline.tasks.tune import tune
 
 DDP = ["model=mlp", "tune.num_cpus=2", "tune.workers=2", "tune.resources.cpu=1", "tune.num_samples=1",
        "tune.scheduler=fifo"]
@@ -26,7 +26,7 @@ DDP = ["model=mlp", "tune.num_cpus=2", "tune.workers=2", "tune.resources.cpu=1",
 def test_ddp_trial_trains_on_two_workers(local_ray, cfg_factory, tmp_path: Path):
     cfg = cfg_factory([*DDP, "tune.max_epochs=2"])
     ensure_data(cfg)
-    best = run_sweep(cfg)
+    best = tune(cfg)
 
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
         trials = list(csv.DictReader(f))
@@ -68,7 +68,7 @@ def test_ddp_trial_that_crashes_resumes_from_its_checkpoint(local_ray, cfg_facto
     cloudpickle.register_pickle_by_value(test_tune)  # the workers cannot import tests/
     cfg = cfg_factory([*DDP, "tune.max_epochs=3", "tune.max_failures=1"])
     ensure_data(cfg)
-    run_sweep(cfg, trial_callbacks=[test_tune.CrashOnce(str(tmp_path / "crashed"))])
+    tune(cfg, trial_callbacks=[test_tune.CrashOnce(str(tmp_path / "crashed"))])
 
     assert (tmp_path / "crashed").exists()
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
@@ -94,7 +94,7 @@ def test_ddp_trial_that_diverges_stops_on_every_rank_and_is_never_best(local_ray
                        "~tune.space", '+tune.space={optimizer.lr: "grid[1e6]"}'])
     ensure_data(cfg)
     with pytest.raises(PipelineError, match="no trial .* produced a finite val/acc"):
-        run_sweep(cfg)  # its only trial diverged: there is no best to write
+        tune(cfg)  # its only trial diverged: there is no best to write
 
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
         (trial,) = list(csv.DictReader(f))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import sweeps
-from pipeline.tasks.prepare import ensure_data
-from pipeline.tuning.driver import run_sweep
+from pipeline.tasks.data import ensure_data
+from pipeline.tasks.tune import tune
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,7 +39,7 @@ def test_pbt_perturbs_lr_and_dropout_and_trains_with_the_new_values(local_ray, c
                        *sweeps.space(**{"optimizer.lr": "loguniform(1e-4, 1e-1)",
                                         "regularizer.dropout": "uniform(0.0, 0.5)"})])
     ensure_data(cfg)
-    result = run_sweep(cfg)
+    result = tune(cfg)
 
     rows = sweeps.trials(tmp_path)
     assert len(rows) == 4 and {t["status"] for t in rows} == {"TERMINATED"}
@@ -82,7 +82,7 @@ def test_optuna_tpe_samples_group_choices_reproducibly(local_ray, cfg_factory, t
                  *sweeps.space(**{"optimizer": "choice[sgd, adam]", "optimizer.lr": "loguniform(1e-3, 1e-1)"})]
     cfg = cfg_factory(overrides)
     ensure_data(cfg)
-    result = run_sweep(cfg)
+    result = tune(cfg)
 
     rows = sweeps.trials(tmp_path)
     assert len(rows) == 4 and {t["status"] for t in rows} == {"TERMINATED"}
@@ -96,7 +96,7 @@ def test_optuna_tpe_samples_group_choices_reproducibly(local_ray, cfg_factory, t
         assert 1e-3 <= float(t["optimizer.lr"]) <= 1e-1
     # Seeded: a second sweep with the same seed proposes the same trials.
     first = sorted((t["optimizer"], t["optimizer.lr"]) for t in rows)
-    run_sweep(cfg_factory([*overrides, "tune.name=again"]))
+    tune(cfg_factory([*overrides, "tune.name=again"]))
     assert sorted((t["optimizer"], t["optimizer.lr"]) for t in sweeps.trials(tmp_path)) == first
 
 
@@ -106,7 +106,7 @@ def test_hyperband_over_a_grid_tries_every_value_once(local_ray, cfg_factory, tm
                        "tune.max_concurrent_trials=null", "tune.hyperband.reduction_factor=2",
                        *sweeps.space(**{"optimizer.lr": f"grid[{', '.join(map(str, grid))}]"})])
     ensure_data(cfg)
-    result = run_sweep(cfg)
+    result = tune(cfg)
 
     rows = sweeps.trials(tmp_path)
     assert sorted(float(t["optimizer.lr"]) for t in rows) == grid

@@ -33,6 +33,11 @@ _COUNTERS: dict[type, Callable[[nn.Module, torch.Tensor, torch.Tensor], int]] = 
 }
 
 
+def layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """One call's multiply-accumulates of a conv or linear layer (0 for any other module)."""
+    return next((count(module, inp, out) for kind, count in _COUNTERS.items() if isinstance(module, kind)), 0)
+
+
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """Multiply-accumulates for one sample of shape ``(C, H, W)``.
 
@@ -47,10 +52,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         nonlocal total
-        for kind, counter in _COUNTERS.items():
-            if isinstance(module, kind):
-                total += counter(module, args[0], out)
-                return
+        total += layer_macs(module, args[0], out)
 
     modes = {m: m.training for m in model.modules()}
     handles = [

@@ -12,7 +12,6 @@ from pipeline.data.splits import Splits, load_splits
 from pipeline.data.store import RawDataset, read_raw
 from pipeline.errors import DataError
 from pipeline.layout import Layout
-from pipeline.tracking.mlflow_run import resolve_artifact_location, resolve_tracking_uri
 
 
 def load_data(cfg: DictConfig, layout: Layout) -> tuple[RawDataset, Splits]:
@@ -26,14 +25,6 @@ def load_data(cfg: DictConfig, layout: Layout) -> tuple[RawDataset, Splits]:
         raise DataError(f"{layout.raw} has {len(raw.classes)} classes but data.num_classes={cfg.data.num_classes}.")
     splits = load_splits(layout.splits, expect=dict(cfg.data.split))
     return raw, splits
-
-
-def tracking_target(cfg: DictConfig) -> dict[str, Any]:
-    """Tracking URI and artifact location with relative paths taken from the project root."""
-    root = Path(cfg.paths.root)
-    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, root)
-    return {"tracking_uri": uri, "experiment": cfg.tracking.experiment_name,
-            "artifact_location": resolve_artifact_location(cfg.tracking.artifact_location, uri, root)}
 
 
 def write_json(path: Path, data: Any) -> Path:

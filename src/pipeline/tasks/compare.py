@@ -21,14 +21,15 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.analysis.stats import compare_alternatives
-from pipeline.config import prepare, to_container
+from pipeline.config import to_container
 from pipeline.data.splits import load_splits
 from pipeline.data.store import read_raw
 from pipeline.errors import ConfigError
 from pipeline.layout import Layout
-from pipeline.tasks.common import tracking_target, write_json
-from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tasks.common import write_json
+from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tuning.space import GROUPS, apply_overrides, compose_block
+from pipeline.validation import prepare
 
 
 def alternatives(grid: list[dict[str, list]] | dict[str, list]) -> list[dict[str, Any]]:
@@ -72,7 +73,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     alts = alternatives(OmegaConf.to_container(cfg.compare.grid))
     metric = cfg.compare.metric.replace("/", "_")
     reports = layout.root_out / "reports"
-    parent = TrackedRun.start(**tracking_target(cfg), run_name=f"compare-{cfg.name}-{cfg.data.name}",
+    parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=f"compare-{cfg.name}-{cfg.data.name}",
                               tags={"dataset": cfg.data.name, "compare": "true"}) if cfg.tracking.enabled else None
     with parent if parent is not None else contextlib.nullcontext():
         scores, probs, extra = {}, {}, {}

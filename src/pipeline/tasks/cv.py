@@ -12,29 +12,17 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis.stats import summarize
-from pipeline.config import flatten, prepare, to_container
+from pipeline.config import flatten, fold_config, to_container
 from pipeline.layout import Layout
-from pipeline.tasks.common import tracking_target, write_json
-from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tasks.common import write_json
+from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
+from pipeline.validation import prepare
 
 # Metrics aggregated over folds (what each fold's train + evaluate return).
 CV_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro")
-
-
-def fold_config(cfg: DictConfig, fold: int) -> DictConfig:
-    """The config of fold `fold`: its own output folder under <out>/cv/fold_<i>."""
-    fold_cfg = cfg.copy()
-    with open_dict(fold_cfg):
-        fold_cfg.data.fold = fold
-        # Fold models are evidence, not deliverables: skip the (slow) model export per fold.
-        fold_cfg.tracking.log_model = False
-        if cfg.tracking.run_name:
-            fold_cfg.tracking.run_name = f"{cfg.tracking.run_name}-fold{fold}"
-        fold_cfg.paths.out_dir = str(Layout.from_cfg(cfg).root_out / "cv" / f"fold_{fold}")
-    return fold_cfg
 
 
 def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None) -> dict[str, float]:
@@ -77,7 +65,7 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
     parent = None
     if cfg.tracking.enabled:
         run_name = cfg.tracking.run_name or f"cv-{cfg.name}-{cfg.model.name}-{cfg.data.name}"
-        parent = TrackedRun.start(**tracking_target(cfg), run_name=run_name, parent_run_id=parent_run_id,
+        parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=run_name, parent_run_id=parent_run_id,
                                   tags={"dataset": cfg.data.name, "model": cfg.model.name, "cv_folds": str(len(folds))})
     with parent if parent is not None else contextlib.nullcontext():
         if parent is not None:

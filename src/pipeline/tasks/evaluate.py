@@ -11,7 +11,6 @@ import torch
 from omegaconf import DictConfig
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline.config import prepare
 from pipeline.data.batches import TensorBatches, to_tensors
 from pipeline.errors import DataError
 from pipeline.layout import Layout
@@ -20,6 +19,7 @@ from pipeline.tasks.common import load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.training.module import Classifier
 from pipeline.training.regularizers import tta_probabilities
+from pipeline.validation import prepare
 
 
 @torch.inference_mode()

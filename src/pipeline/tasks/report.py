@@ -2,7 +2,7 @@
 
 `report(cfg)` reads the train/evaluate outputs (best checkpoint, curves, test split) and
 writes `<out>/reports/report.html` with its PNGs in `<out>/reports/report_files/`, logged to
-the pipeline's MLflow run under `report/`. `report_for_run(run_id, tracking_uri, cfg)` does
+the pipeline's MLflow run under `report/`. `report_for_run(run_id, cfg)` does
 the same for any MLflow run of this pipeline, from the run's `config.yaml`, its logged
 model and its metric history, into `<out>/reports/runs/<run_id>/`.
 
@@ -28,16 +28,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline.config import model_args, prepare
 from pipeline.errors import DataError, PipelineError
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
-from pipeline.reports.html import FILES, write_report
+from pipeline.reports.page import FILES, write_report
 from pipeline.tasks.common import load_data
 from pipeline.tasks.evaluate import predict
-from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.provenance import tree_sha256
 from pipeline.training.module import Classifier, build_network
+from pipeline.validation import model_args, prepare
 
 CURVES = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss": "val_loss", "val/acc": "val_acc",
           "lr": "lr"}
@@ -62,8 +62,9 @@ def report(cfg: DictConfig) -> Path:
     return path
 
 
-def report_for_run(run_id: str, tracking_uri: str, cfg: DictConfig) -> Path:
-    """Report on any MLflow run of this pipeline, into `<cfg out>/reports/runs/<run_id>/`.
+def report_for_run(run_id: str, cfg: DictConfig) -> Path:
+    """Report on any MLflow run of this pipeline in `cfg`'s tracking store, into
+    `<cfg out>/reports/runs/<run_id>/`.
 
     The run's own config.yaml chooses dataset, split, model and evaluation settings; `cfg`
     gives the local paths (data is fetched and split as the run did if missing) and the
@@ -73,9 +74,10 @@ def report_for_run(run_id: str, tracking_uri: str, cfg: DictConfig) -> Path:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tasks.prepare import ensure_data
+    from pipeline.tasks.data import ensure_data
 
     cfg = prepare(cfg)
+    tracking_uri = tracking_target(cfg.tracking, cfg.paths.root)["tracking_uri"]
     client = MlflowClient(tracking_uri)
     try:
         run = client.get_run(run_id)

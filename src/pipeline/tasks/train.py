@@ -12,19 +12,20 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import flatten, model_args, prepare, to_container
+from pipeline.config import flatten, to_container
 from pipeline.data.batches import ArrayDataModule, channel_stats
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
 from pipeline.models.transfer import freeze, load_state, transfer_weights
 from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
-from pipeline.tasks.common import load_data, tracking_target, write_json
-from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tasks.common import load_data, write_json
+from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
 from pipeline.training.module import Classifier
 from pipeline.tuning.best import apply_best
+from pipeline.validation import model_args, prepare
 
 
 def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
@@ -120,7 +121,7 @@ def _transfer(module: Classifier, transfer: DictConfig) -> dict[str, str]:
 
 def _start_run(cfg: DictConfig, layout: Layout, manifest: dict, parent_run_id: str | None,
                extra_tags: dict[str, str] | None) -> TrackedRun:
-    target = tracking_target(cfg)
+    target = tracking_target(cfg.tracking, cfg.paths.root)
     tags = {"dataset": cfg.data.name, "model": cfg.model.name, "config_name": cfg.name,
             "split_sha256": tree_sha256(layout.splits), **git_commit(layout.root), **(extra_tags or {})}
     dvc_hash = dvc_out_hash(layout.root, "split", layout.splits)

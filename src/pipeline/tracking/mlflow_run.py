@@ -8,6 +8,7 @@ mlflow is imported where it is used: it costs over a second to import, and a Ray
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,14 @@ def resolve_artifact_location(location: str | None, uri: str, root: Path) -> str
         return location
     path = Path(location)
     return (path if path.is_absolute() else root / path).resolve().as_uri()
+
+
+def tracking_target(tracking: Mapping[str, Any], root: Path | str) -> dict[str, Any]:
+    """`TrackedRun.start`'s store arguments from the `tracking` config block, relative paths
+    taken from the project `root`."""
+    uri = resolve_tracking_uri(tracking["tracking_uri"], Path(root))
+    return {"tracking_uri": uri, "experiment": tracking["experiment_name"],
+            "artifact_location": resolve_artifact_location(tracking.get("artifact_location"), uri, Path(root))}
 
 
 def get_experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:

@@ -2,9 +2,11 @@
 
 - `space`: distribution strings -> Tune domains; group options composed into plain blocks
 - `plan`: validation of the `tune` block and of every trial config, before Ray starts
-- `trial`: the trainable (one `pipeline.tasks.train.train` per trial, reporting each epoch)
+- `trial`: the trainable (one run of the train task it is given per trial, reporting each epoch)
 - `mlflow_tree`: the driver-side callback writing the parent and child runs
 - `results`: best trial, `results/tune/{best.yaml,trials.csv,curves.json}`
-- `driver`: `run_sweep(cfg)`, the task the CLI and the DVC stage call
+- `driver`: `run_sweep(cfg, train=...)`, what the tune task (`pipeline.tasks.tune`) calls
 - `best`: applying `best.yaml` in the train task (no Ray import)
+
+The tasks sit above this package: it imports none of them, and is handed the train task.
 """

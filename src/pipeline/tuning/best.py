@@ -17,7 +17,7 @@ BEST_FILE = Path("results") / "tune" / "best.yaml"
 
 def best_file(cfg: DictConfig) -> Path:
     """`<paths.out_dir>/results/tune/best.yaml`: the DVC pipeline's at the project root; an ad-hoc
-    `python -m pipeline.train` (its own Hydra output folder) never picks up the pipeline's."""
+    `pipeline train` (its own Hydra output folder) never picks up the pipeline's."""
     return Path(resolve_paths(cfg).paths.out_dir) / BEST_FILE
 
 

@@ -4,7 +4,7 @@ reports, after each fold, the running mean over the folds done so far.
 So the sweep optimises the k-fold mean rather than one validation split, and ASHA or
 HyperBand can drop a trial whose first folds already trail (their time unit is then the
 fold). Folds validate on fold i and train on the others, exactly as the `cv` stage does
-(`pipeline.tasks.cv.fold_config`), but nothing is evaluated on the test split: choosing a
+(`pipeline.config.fold_config`), but nothing is evaluated on the test split: choosing a
 configuration by its test score would leak the test set into the choice.
 
 A checkpoint after every fold holds the finished folds' results, so a retried or resumed
@@ -23,7 +23,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from pipeline.tuning.trial import REPORTED
+from pipeline.tuning.trial import REPORTED, TrainFn
 
 STATE_FILE = "folds.json"
 
@@ -52,14 +52,13 @@ def _diverged(rows: Sequence[Mapping[str, Any]]) -> bool:
     return any(not math.isfinite(float(r.get(k, 0.0))) for r in rows for k in ("train_loss", "val_loss"))
 
 
-def run_cv_trial(plain: dict[str, Any], *, callbacks: Sequence[Callback] = ()) -> None:
-    """Train `plain` (a trial's resolved config) on every fold; report after each one."""
+def run_cv_trial(plain: dict[str, Any], train: TrainFn, *, callbacks: Sequence[Callback] = ()) -> None:
+    """Train `plain` (a trial's resolved config) with `train` on every fold; report after each one."""
     import ray
     from omegaconf import OmegaConf
     from ray import tune
 
-    from pipeline.tasks.cv import fold_config
-    from pipeline.tasks.train import train
+    from pipeline.config import fold_config
 
     folds = int(plain["data"]["split"]["folds"])
     done: list[dict[str, Any]] = []

@@ -11,7 +11,7 @@ relays each epoch back to Tune:
     rank 0 waits for the trial's answer  <------------------------------------ "go" / "stop"
     and broadcasts it, so all ranks stop together (ASHA, PBT, divergence).
 
-Every worker calls `pipeline.tasks.train.train` with the same config (tracking off) and
+Every worker calls the train task with the same config (tracking off) and
 `trainer_kwargs` for the DDP strategy; `ArrayDataModule` shards batches by rank itself.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from pipeline.tuning.trial import CKPT_FILE, META_FILE, REPORTED, rescale_lr
+from pipeline.tuning.trial import CKPT_FILE, META_FILE, REPORTED, TrainFn, rescale_lr
 
 ANSWER_TIMEOUT_S = 3600.0  # rank 0 waits this long for the trial to take an epoch's report
 POLL_S = 0.5
@@ -96,8 +96,7 @@ def _worker(config: dict[str, Any]) -> None:
     from ray import train
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
-    from pipeline.tasks.train import train as train_task
-
+    train_task = config["train"]
     torch.set_num_threads(max(1, int(config["cpus"])))
     plain = json.loads(json.dumps(config["plain"]))
     rank = train.get_context().get_world_rank()
@@ -129,8 +128,9 @@ def _relay_callback(queue: Any) -> Any:
     return Relay()
 
 
-def run_ddp(plain: dict[str, Any], *, workers: int, cpu: float, gpu: float, storage: str | None,
-            lr: float, lr_scale: float, checkpoint: Any, callbacks: Sequence[Callback]) -> None:
+def run_ddp(plain: dict[str, Any], train_task: TrainFn, *, workers: int, cpu: float, gpu: float,
+            storage: str | None, lr: float, lr_scale: float, checkpoint: Any,
+            callbacks: Sequence[Callback]) -> None:
     """Fit a TorchTrainer of `workers` ranks for this Tune trial and report its epochs to Tune
     as a single-worker trial would (rank 0's checkpoint; metrics averaged over ranks)."""
     from ray import train, tune
@@ -144,8 +144,8 @@ def run_ddp(plain: dict[str, Any], *, workers: int, cpu: float, gpu: float, stor
     trial_folder = Path(context.get_trial_dir()).name
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"plain": plain, "cpus": cpu, "lr": lr, "lr_scale": lr_scale, "checkpoint": checkpoint,
-                           "callbacks": list(callbacks), "answers": answers,
+        train_loop_config={"plain": plain, "train": train_task, "cpus": cpu, "lr": lr, "lr_scale": lr_scale,
+                           "checkpoint": checkpoint, "callbacks": list(callbacks), "answers": answers,
                            "accelerator": "gpu" if use_gpu else "cpu"},
         scaling_config=train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -1,4 +1,4 @@
-"""`run_sweep(cfg)`: a Ray Tune sweep of `train`, tracked as one MLflow run tree.
+"""`run_sweep(cfg, train=...)`: a Ray Tune sweep of the train task, tracked as one MLflow run tree.
 
 Validates the whole sweep first (`plan.plan_sweep`), starts or joins Ray, runs the trials
 (`trial.run_trial`), then keeps the best one: `results/tune/best.yaml` (its overrides and
@@ -17,10 +17,11 @@ from omegaconf import DictConfig
 
 from pipeline.config import flatten
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.tasks.common import tracking_target
+from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tracking.provenance import git_commit
 from pipeline.tuning.plan import Plan, plan_sweep
 from pipeline.tuning.results import abort_tree, collect, finish_parent, write_outputs
+from pipeline.tuning.trial import TrainFn
 
 # Trial actors are reused (`reuse_actors`): the next trial waits for the stopped trial's
 # thread to unwind through Lightning, which can take longer than Tune's 2 s on a busy box.
@@ -147,15 +148,15 @@ def _mlflow_callback(plan: Plan, path: str) -> Any:
     tags = {"sweep": plan.tune["name"], "dataset": cfg.data.name, "model": cfg.model.name,
             "search_alg": plan.tune["search_alg"], "tune_scheduler": plan.tune["scheduler"],
             "ray_experiment": path, **git_commit(plan.root)}
-    return MlflowTreeCallback(target=tracking_target(cfg), map_path=map_path(path),
+    return MlflowTreeCallback(target=tracking_target(cfg.tracking, cfg.paths.root), map_path=map_path(path),
                               parent_name=f"tune-{plan.tune['name']}-{cfg.model.name}-{cfg.data.name}",
                               parent_params=params, parent_tags=tags, fixed=plan.fixed,
                               max_steps=plan.steps, step_key=plan.step_key,
                               log_hyperparameters=plan.tune["scheduler"] == "pbt")
 
 
-def build_tuner(plan: Plan, trial_callbacks: Sequence[Any] = ()) -> tuple[Any, str]:
-    """The Tuner (new or restored) and its experiment path."""
+def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = ()) -> tuple[Any, str]:
+    """The Tuner (new or restored) and its experiment path; each trial trains with `train`."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -170,7 +171,7 @@ def build_tuner(plan: Plan, trial_callbacks: Sequence[Any] = ()) -> tuple[Any, s
                "storage": path.removeprefix("file://") if plan.storage_is_local else path}
         resources = {"cpu": 0, "gpu": 0, "memory": 1}  # Ray refuses an all-zero bundle
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=plan.base, blocks=plan.blocks, callbacks=list(trial_callbacks),
+        tune.with_parameters(run_trial, train=train, base=plan.base, blocks=plan.blocks, callbacks=list(trial_callbacks),
                              experiment=path.removeprefix("file://") if plan.storage_is_local else None, ddp=ddp),
         resources)
     if restore:
@@ -202,10 +203,11 @@ def build_tuner(plan: Plan, trial_callbacks: Sequence[Any] = ()) -> tuple[Any, s
                       run_config=run_config), path
 
 
-def run_sweep(cfg: DictConfig, *, trial_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Run the configured sweep; returns the best trial's summary (`best.yaml` without the config).
-
-    `trial_callbacks` are extra Lightning callbacks for every trial's Trainer (picklable).
+def run_sweep(cfg: DictConfig, *, train: TrainFn, trial_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the configured sweep, each trial fitting with `train` (the train task, passed in
+    by `pipeline.tasks.tune`: this library sits below the tasks); returns the best trial's
+    summary (`best.yaml` without the config). `trial_callbacks` are extra Lightning callbacks
+    for every trial's Trainer (picklable).
     """
     plan = plan_sweep(cfg)
     started = init_ray(plan.tune)
@@ -213,7 +215,7 @@ def run_sweep(cfg: DictConfig, *, trial_callbacks: Sequence[Any] = ()) -> dict[s
 
     try:
         check_storage(plan)
-        tuner, path = build_tuner(plan, trial_callbacks)
+        tuner, path = build_tuner(plan, train, trial_callbacks)
         start = time.perf_counter()
         try:
             tuner.fit()  # results are read back from the experiment folder, as on resume

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import check_bool, check_choice, check_number, prepare, to_container
+from pipeline.config import check_bool, check_choice, check_number, to_container
 from pipeline.errors import ConfigError
 from pipeline.tuning.space import (
     GROUPS,
@@ -21,6 +21,7 @@ from pipeline.tuning.space import (
     get_dotted,
     parse_space,
 )
+from pipeline.validation import prepare
 
 SEARCH_ALGS = ("random", "grid", "optuna")
 SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from pipeline.tasks.common import tracking_target
+from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tuning.plan import Plan
 from pipeline.tuning.space import trial_config
 
@@ -144,7 +144,7 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
     curves_png(outcome, plan.tune["metric"], out / "curves.png", plan.step_key)
     best_file = out / "best.yaml"
     if outcome.best is not None and final:
-        header = ("# The best trial of the last sweep (python -m pipeline.tune / the DVC tune stage). The train\n"
+        header = ("# The best trial of the last sweep (pipeline tune / the DVC tune stage). The train\n"
                   "# stage applies `overrides` (group keys take their block from `config`) when tune.use_best.\n")
         best_file.write_text(header + yaml.safe_dump(_plain(outcome.best), sort_keys=False))
     else:
@@ -183,7 +183,7 @@ def finish_parent(plan: Plan, outcome: Outcome, path: str, *, interrupted: bool,
     children still RUNNING become KILLED; the parent FINISHED (KILLED if interrupted)."""
     from pipeline.tuning.mlflow_tree import SweepRuns, map_path
 
-    runs = SweepRuns(tracking_target(plan.cfg), map_path(path))
+    runs = SweepRuns(tracking_target(plan.cfg.tracking, plan.cfg.paths.root), map_path(path))
     parent = runs.parent
     if parent is None:
         return
@@ -212,7 +212,7 @@ def abort_tree(plan: Plan, path: str, error: BaseException) -> None:
     from pipeline.tuning.mlflow_tree import SweepRuns, map_path
 
     try:
-        runs = SweepRuns(tracking_target(plan.cfg), map_path(path))
+        runs = SweepRuns(tracking_target(plan.cfg.tracking, plan.cfg.paths.root), map_path(path))
     except Exception:  # noqa: BLE001 - nothing was created
         return
     runs.end_open_children("KILLED")

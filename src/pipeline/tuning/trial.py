@@ -1,4 +1,4 @@
-"""One Ray Tune trial: the sampled overrides -> a plain config -> `pipeline.tasks.train.train`.
+"""One Ray Tune trial: the sampled overrides -> a plain config -> the train task it is given.
 
 The trial tracks nothing in MLflow (the driver is the only writer: see `mlflow_tree`); a
 Lightning callback reports each epoch to Tune with a checkpoint that PBT exploits and that
@@ -12,7 +12,7 @@ import logging
 import math
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,10 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from pipeline.tuning.space import trial_config
+
+# `pipeline.tasks.train.train`: (cfg, *, callbacks, ckpt_path, trainer_kwargs, figures) -> metrics.
+# Passed in rather than imported, since the tasks sit above this library.
+TrainFn = Callable[..., dict[str, float]]
 
 CKPT_FILE = "last.ckpt"
 META_FILE = "trial_meta.json"  # beside the checkpoint: the lr it was trained with
@@ -102,10 +106,10 @@ def _trial_dir(experiment: str | None) -> Path:
     return folder
 
 
-def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mapping[str, Any],
+def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any], blocks: Mapping[str, Any],
               experiment: str | None = None, callbacks: Sequence[Callback] = (),
               ddp: Mapping[str, Any] | None = None) -> None:
-    """The Tune function trainable. `config` holds the sampled `{dotted key: value}`; `base`
+    """The Tune function trainable, fitting with `train`. `config` holds the sampled `{dotted key: value}`; `base`
     is the sweep's resolved config (absolute paths, tracking off, trainer.max_epochs set);
     `experiment` the experiment folder when storage is a file system path. With `tune.cv`
     the trial trains every fold (`pipeline.tuning.cv_trial`). With `ddp`
@@ -114,8 +118,6 @@ def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mappin
     import torch
     from omegaconf import OmegaConf
     from ray import tune
-
-    from pipeline.tasks.train import train
 
     # "GPU available: ..." and "Checkpoint successfully created at ..." every trial and epoch.
     for name in ("lightning.pytorch", "lightning.fabric", "ray.train", "ray.tune"):
@@ -128,7 +130,7 @@ def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mappin
     plain = trial_config(base, config, blocks)
     plain["paths"]["out_dir"] = str(_trial_dir(experiment))
     if ddp:
-        _run_ddp_trial(plain, ddp, callbacks)
+        _run_ddp_trial(plain, train, ddp, callbacks)
         return
     if plain["trainer"].get("accelerator", "auto") == "auto":
         import ray
@@ -138,7 +140,7 @@ def run_trial(config: dict[str, Any], *, base: Mapping[str, Any], blocks: Mappin
     if plain["tune"].get("cv"):
         from pipeline.tuning.cv_trial import run_cv_trial
 
-        run_cv_trial(plain, callbacks=callbacks)
+        run_cv_trial(plain, train, callbacks=callbacks)
         return
     cfg = OmegaConf.create(plain)
     # (Lookahead keeps its rate in optimizer.base.lr.)
@@ -161,7 +163,8 @@ def _lr(plain: Mapping[str, Any]) -> float:
     return float(optimizer.get("lr") or (optimizer.get("base") or {}).get("lr") or 0)
 
 
-def _run_ddp_trial(plain: dict[str, Any], ddp: Mapping[str, Any], callbacks: Sequence[Callback]) -> None:
+def _run_ddp_trial(plain: dict[str, Any], train: TrainFn, ddp: Mapping[str, Any],
+                   callbacks: Sequence[Callback]) -> None:
     from ray import tune
 
     from pipeline.tuning.ddp import run_ddp
@@ -174,5 +177,5 @@ def _run_ddp_trial(plain: dict[str, Any], ddp: Mapping[str, Any], callbacks: Seq
             meta_file = Path(folder) / META_FILE
             old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
         lr_scale = lr / old_lr if old_lr and lr else 1.0
-    run_ddp(plain, workers=int(ddp["workers"]), cpu=float(ddp["cpu"]), gpu=float(ddp["gpu"]),
+    run_ddp(plain, train, workers=int(ddp["workers"]), cpu=float(ddp["cpu"]), gpu=float(ddp["gpu"]),
             storage=ddp.get("storage"), lr=lr, lr_scale=lr_scale, checkpoint=checkpoint, callbacks=callbacks)

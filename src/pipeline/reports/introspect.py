@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
 
-from pipeline.models.complexity import _COUNTERS
+from pipeline.models.complexity import layer_macs
 
 _POOLS = (_MaxPoolNd, _AvgPoolNd, _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd)
 
@@ -214,7 +214,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, int, int]) -> list[dic
             spatial = (1, 1)
         if out.dim() == 4:
             spatial = tuple(out.shape[-2:])
-        macs = next((c(module, inp, out) for kind, c in _COUNTERS.items() if isinstance(module, kind)), 0)
+        macs = layer_macs(module, inp, out)
         rows.append({"name": names[module], "type": type(module).__name__, "output_shape": list(out.shape[1:]),
                      "params": own_params(module), "macs": int(macs),
                      "receptive_field": _axes(r), "jump": _axes(j)})

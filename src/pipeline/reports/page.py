@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.reports import inspect  # noqa: E402
+from pipeline.reports import introspect  # noqa: E402
 from pipeline.reports.figures import confusion_matrix_png  # noqa: E402
 
 FILES = "report_files"  # the PNGs, beside report.html
@@ -135,7 +135,7 @@ def _confusion(images, labels, pred, probs, classes, figs: _Figures, seed: int, 
     cm = confusion_matrix(labels, pred, labels=list(range(len(classes))))
     path = confusion_matrix_png(cm, list(classes), figs.folder / "confusion_matrix.png")
     parts = [figs.tag(path.read_bytes(), "confusion_matrix", "confusion matrix")]
-    pairs = inspect.most_confused_pairs(cm, classes, k)
+    pairs = introspect.most_confused_pairs(cm, classes, k)
     if not pairs:
         return parts[0] + "<p>No test image was misclassified.</p>"
     rng = np.random.default_rng((seed, 1))
@@ -156,7 +156,7 @@ def _confusion(images, labels, pred, probs, classes, figs: _Figures, seed: int, 
 
 
 def _filters(net: nn.Module, figs: _Figures) -> str:
-    w = inspect.first_layer_filters(net)
+    w = introspect.first_layer_filters(net)
     cols = min(16, len(w))
     rows_ = -(-len(w) // cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(cols * 0.8, rows_ * 0.8 + 0.4), squeeze=False)
@@ -174,7 +174,7 @@ def _filters(net: nn.Module, figs: _Figures) -> str:
 
 def _feature_maps(net, x, images, layers, figs: _Figures, seed: int, n: int = 2, channels: int = 8) -> str:
     picks = np.sort(np.random.default_rng((seed, 2)).choice(len(x), size=min(n, len(x)), replace=False))
-    maps = inspect.feature_maps(net, x[picks], layers)
+    maps = introspect.feature_maps(net, x[picks], layers)
     parts = []
     for e, j in enumerate(picks):
         fig, axes = plt.subplots(len(layers), channels + 1, figsize=(1.3 * (channels + 1), 1.4 * len(layers)),
@@ -208,9 +208,9 @@ def _saliency(net, x, images, labels, pred, classes, figs: _Figures, seed: int, 
             continue
         idx = np.sort(rng.choice(idx, size=min(per_class, len(idx)), replace=False))
         target = torch.as_tensor(pred[idx])
-        sal = inspect.saliency(net, x[idx], target)
+        sal = introspect.saliency(net, x[idx], target)
         sal = sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-        cams = inspect.grad_cam(net, x[idx], target) if gradcam else None
+        cams = introspect.grad_cam(net, x[idx], target) if gradcam else None
         cols = 3 if gradcam else 2
         fig, axes = plt.subplots(len(idx), cols, figsize=(1.7 * cols, 1.8 * len(idx)), squeeze=False)
         for r, j in enumerate(idx):
@@ -227,7 +227,7 @@ def _saliency(net, x, images, labels, pred, classes, figs: _Figures, seed: int, 
 
 
 def _layers_table(net: nn.Module, input_shape: tuple[int, int, int]) -> str:
-    rows = inspect.layer_table(net, input_shape)
+    rows = introspect.layer_table(net, input_shape)
     fmt = lambda v: "" if v is None else "x".join(map(str, v)) if isinstance(v, (list, tuple)) else f"{v:,}"  # noqa: E731
     head = "".join(f"<th>{h}</th>" for h in ("layer", "type", "output", "params", "MACs", "receptive field", "jump"))
     body = "".join(f"<tr><td><code>{html.escape(r['name'])}</code></td><td>{r['type']}</td><td>"
@@ -253,7 +253,7 @@ def write_report(out_dir: Path, *, net: nn.Module, images: np.ndarray, labels: n
     figs = _Figures(out_dir / FILES)
     labels, pred = np.asarray(labels), probs.argmax(axis=1)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
-    convs = inspect.conv_layers(net) if hooks else []
+    convs = introspect.conv_layers(net) if hooks else []
     unavailable = "<p class='note'>Not available: {}.</p>".format
     why = "the model has no convolutional layer" if hooks else "the model cannot take forward hooks"
     layers = sorted({convs[0], convs[len(convs) // 2], convs[-1]}, key=convs.index) if convs else []

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from pipeline.config import prepare
 from pipeline.data.sources import fetch as fetch_source
 from pipeline.data.splits import make_splits, save_splits
 from pipeline.data.store import read_raw
 from pipeline.layout import Layout
+from pipeline.validation import prepare
 
 
 def fetch(cfg: DictConfig) -> dict:

@@ -1,0 +1,7 @@
+"""`python -m pipeline ...`: the `pipeline` command."""
+
+import sys
+
+from pipeline.cli.main import main
+
+sys.exit(main())

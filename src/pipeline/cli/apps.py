@@ -1,0 +1,161 @@
+"""The Hydra apps: `pipeline train|tune|cv|compare|report [hydra overrides]`.
+
+Each composes `conf/` with the command line's overrides (Hydra's `-m`, `--help`, `--cfg job`
+work as usual), writes into Hydra's run folder (`outputs/<date>/<time>/`, never over the DVC
+pipeline's outputs), fetches and splits the dataset first if missing, calls the job's task
+and prints a short summary. `launch` is the one way in; `JOBS` lists the jobs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, open_dict
+
+from pipeline.cli import exits
+
+
+class _Carried(BaseException):
+    """Carries a task's exception past Hydra, which would print any exception with a
+    traceback and exit 1, as for its own override errors, to `exits.run` (a user error: its
+    message and 2; a bug: its traceback and 1)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
+def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any]) -> Any:
+    """`task(cfg)` with outputs in Hydra's run folder and the data prepared first. A run
+    refused for a user error leaves no folder behind."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipeline.errors import PipelineError
+    from pipeline.tasks.data import ensure_data
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    with open_dict(cfg):
+        cfg.paths.out_dir = str(out_dir)
+    try:
+        ensure_data(cfg)
+        return task(cfg)
+    except PipelineError as err:
+        _drop_if_unused(out_dir)
+        raise _Carried(err) from err
+    except Exception as err:
+        raise _Carried(err) from err
+
+
+def _drop_if_unused(out_dir: Path) -> None:
+    """Hydra made the folder, with only its `.hydra/` record, before the task could check the
+    config: remove it (and outputs/<date>/, outputs/ if now empty)."""
+    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra"}:
+        shutil.rmtree(out_dir)
+        for parent in (out_dir.parent, out_dir.parent.parent):
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+
+
+def _train(cfg: DictConfig) -> float:
+    from pipeline.tasks.evaluate import evaluate
+    from pipeline.tasks.train import train
+
+    metrics = _run_adhoc(cfg, lambda c: {**train(c), **evaluate(c)})
+    shown = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/")) and not k.endswith("/n")}
+    print("  ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
+    print(f"outputs: {cfg.paths.out_dir}")
+    return metrics[cfg.optimized_metric]
+
+
+def _tune(cfg: DictConfig) -> float:
+    from pipeline.tasks.tune import tune
+
+    best = _run_adhoc(cfg, tune)
+    print("best: " + "  ".join(f"{k}={v}" for k, v in best["overrides"].items()))
+    where = f"mean of {best['folds']} folds" if "folds" in best else f"epoch {best['epoch']}"
+    print(f"{best['metric']}={best['value']:.4f} (trial {best['trial_id']}, {where})")
+    print(f"outputs: {cfg.paths.out_dir}/results/tune")
+    return best["value"]
+
+
+def _cv(cfg: DictConfig) -> float:
+    from pipeline.tasks.cv import cross_validate
+
+    result = _run_adhoc(cfg, cross_validate)
+    for key in ("val_acc", "test_acc"):
+        s = result[key]
+        print(f"{key}: {s['mean']:.4f} ± {s['std']:.4f}  ({result['confidence']:.0%} CI {s['ci_low']:.4f}–"
+              f"{s['ci_high']:.4f})  folds: {', '.join(f'{v:.4f}' for v in s['values'])}")
+    print(f"outputs: {cfg.paths.out_dir}")
+    return result["val_acc"]["mean"]
+
+
+def _compare(cfg: DictConfig) -> None:
+    from pipeline.tasks.compare import compare
+
+    result = _run_adhoc(cfg, compare)
+    print("\n".join(result["statements"]))
+    print(f"report: {cfg.paths.out_dir}/reports/compare.md")
+
+
+def _report(cfg: DictConfig) -> None:
+    """Without `run_id`, the DVC pipeline's train outputs under `paths.out_dir` (or an ad-hoc
+    run's: `paths.out_dir=outputs/<date>/<time>`) into `<out>/reports/`; with `run_id`, that
+    MLflow run into this command's own run folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipeline.tasks.report import report, report_for_run
+
+    with open_dict(cfg):
+        run_id = cfg.pop("run_id", None)
+        if run_id:
+            cfg.paths.out_dir = HydraConfig.get().runtime.output_dir
+    path = report_for_run(str(run_id), cfg) if run_id else report(cfg)
+    print(f"report: {path}")
+
+
+def _with_run_id_key(argv: list[str]) -> list[str]:
+    """`run_id=X` -> `+run_id='X'`: the key is not in conf/ (it is no pipeline parameter), and
+    quoted so that an id of digits and one `e` stays a string rather than a Hydra number."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "run_id":
+            arg = f"+run_id={value}" if value[:1] in ("'", '"') or not value else f"+run_id='{value}'"
+        out.append(arg)
+    return out
+
+
+# job -> (its app, what it does: the `pipeline` tool's help)
+JOBS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
+    "train": (_train, "train and evaluate one model"),
+    "tune": (_tune, "a Ray Tune sweep of the train task (conf/tune/)"),
+    "cv": (_cv, "k-fold cross-validation of one configuration"),
+    "compare": (_compare, "cross-validate a grid of designs and test the differences"),
+    "report": (_report, "the HTML report of what a trained network learned (run_id=<id>: any run)"),
+}
+
+
+def launch(job: str, argv: list[str]) -> int:
+    """Run the Hydra app of `job` with `argv` (overrides and Hydra flags); its exit status."""
+    import hydra
+
+    from pipeline.config import CONFIG_NAME, config_dir
+
+    def body() -> None:
+        try:
+            app = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(JOBS[job][0])
+            # hydra.job.name: Hydra would name every job after this file ("apps").
+            sys.argv = [f"pipeline {job}", f"hydra.job.name={job}",
+                        *(_with_run_id_key(argv) if job == "report" else argv)]
+            app()
+        except SystemExit as stop:  # Hydra's own exit: 1 is a bad override or option, a user error
+            raise SystemExit(2 if stop.code == 1 else stop.code) from None
+        except _Carried as carried:
+            raise carried.error from None
+
+    return exits.run(body)

@@ -1,0 +1,65 @@
+"""The one place where errors and signals become exit statuses.
+
+    0    success
+    1    a bug: any other exception (its traceback is printed)
+    2    a user error (`PipelineError`): a bad config value or override, missing or corrupt data
+    130  interrupted by SIGINT (Ctrl+C)
+    141  the reader of the output went away (`pipeline models | head`)
+    143  terminated by SIGTERM (a scheduler, `kill`, `timeout`)
+
+Every way in (the Hydra apps, the DVC stage runner, the `pipeline` tool) runs its body
+through `run`, so `dvc repro`, SLURM, Kubernetes and shell scripts never read success after
+a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+INTERRUPTED = 130  # 128 + SIGINT
+BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (`pipeline models | head`)
+TERMINATED = 143   # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `finally` blocks and context managers run
+    on the way out (an MLflow run marks itself KILLED). A BaseException, as KeyboardInterrupt
+    is, so that no `except Exception` on the way swallows it."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def run(body: Callable[[], object]) -> int:
+    """Run `body()` and return its exit status; a user error prints its message only."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    try:
+        body()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return TERMINATED
+    except BrokenPipeError:
+        # Python would print a traceback, then fail again flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
