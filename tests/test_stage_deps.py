@@ -3,6 +3,9 @@ re-runs a stage whenever code it runs changes (and only then)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,17 @@ import yaml
 from pipeline.stagedeps import check, import_closure, stage_roots, write
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dvc_yaml_lists_every_file_each_stage_imports_and_no_other():
+    problems = check(REPO / "dvc.yaml")
+    assert not problems, "run `make deps`:\n" + "\n".join(problems)
+
+
+def test_every_stage_runs_project_code():
+    """Otherwise check() would skip a stage and pass without looking at it."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert all(stage_roots(stage["cmd"]) for stage in stages.values())
 
 
 def test_stage_roots():
@@ -132,6 +146,48 @@ def test_write_makes_the_lists_exact_and_keeps_everything_else(src):
     assert "- src/pkg/main.py  # the entry point\n" in text
     assert "# the pipeline\n" in text and "      # data first, then the rest of the code\n" in text
     assert not write(dvc_yaml) and dvc_yaml.read_text() == text
+
+
+def _dummy_outputs(repo) -> None:
+    for stage in repo.index.stages:
+        for out in stage.outs:
+            path = Path(out.fs_path)
+            target = path if path.suffix else path / "placeholder"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("placeholder\n")
+
+
+@pytest.mark.integration
+def test_dvc_status_sees_a_comment_added_to_any_file_a_stage_imports(tmp_path, monkeypatch):
+    """The issue's cases, through DVC itself: a lock over placeholder outputs, then comments."""
+    from dvc.repo import Repo
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file() and not rel.startswith(("tests/", "bench/")):
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tmp_path / rel)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(os.environ, "DVC_NO_ANALYTICS", "1")
+    with Repo(str(tmp_path)) as repo:
+        _dummy_outputs(repo)
+        repo.commit(force=True)
+        assert repo.status() == {}
+    touched = ["src/pipeline/config.py", "src/pipeline/layout.py", "src/pipeline/tracking/mlflow_run.py",
+               "src/pipeline/data/store.py"]
+    for rel in touched:
+        with (tmp_path / rel).open("a") as f:
+            f.write("# a comment\n")
+    with Repo(str(tmp_path)) as repo:
+        status = repo.status()
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        closure = {p.as_posix() for p in import_closure(stage_roots(stage["cmd"]), tmp_path / "src")}
+        changed = {dep for entry in status.get(name, []) for dep in entry.get("changed deps", {})}
+        assert changed == set(touched) & closure, name
+    assert "src/pipeline/data/store.py" in status["train"][0]["changed deps"]
 
 
 def test_check_names_a_stage_whose_module_does_not_exist(src):
