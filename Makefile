@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # pip's "no index page" warnings from local mirrors are noise, not news.
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test install lint params bench clean
+.PHONY: run test install lint params deps bench clean
 
 # The stamp is newer than pyproject.toml once installed, so a second `make` installs nothing.
 $(VENV)/.installed: pyproject.toml
@@ -33,6 +33,10 @@ lint: install
 # Rewrite params.yaml from conf/ exactly as DVC's Hydra integration does on `dvc exp run`.
 params: install
 	$(BIN)/pipeline params
+
+# Rewrite each dvc.yaml stage's src/ deps as the files its command imports (a test checks them).
+deps: install
+	$(BIN)/pipeline deps
 
 bench: install
 	$(BIN)/python bench/overhead.py

@@ -208,7 +208,7 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, cfg_factory, tm
     # The DVC stage's entry point in its own process (and its own Ray), stopped like Ctrl+C
     # once the first trials have finished.
     log = (tmp_path / "stage.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "stage", "tune", str(params)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", "tune", str(params)], cwd=tmp_path,
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while _finished_children(tmp_path / "mlflow.db") < 1 and proc.poll() is None:

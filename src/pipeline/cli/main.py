@@ -1,7 +1,6 @@
 """`pipeline`: every way in to the pipeline, as one command (also `python -m pipeline`).
 
     pipeline train|tune|cv|compare|report [hydra overrides]   the jobs (Hydra apps, see --help of each)
-    pipeline stage <name> [params.yaml]                        one DVC stage (what dvc.yaml runs)
     pipeline models [--input 3x32x32] [--classes 10]           registered models with their size
     pipeline params                                            rewrite params.yaml from conf/
     pipeline deps [--check]                                    rewrite (check) dvc.yaml's code deps
@@ -70,9 +69,6 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for job, (_, summary) in JOBS.items():  # parsed by Hydra (see main); listed here for --help
         sub.add_parser(job, help=summary, add_help=False)
-    stage = sub.add_parser("stage", help="run one DVC stage on params.yaml (as dvc.yaml does)")
-    stage.add_argument("name")
-    stage.add_argument("params", nargs="?", default="params.yaml")
     models = sub.add_parser("models", help="list registered models with parameters and MACs")
     models.add_argument("--input", default="3x32x32", help="CxHxW input shape (default 3x32x32)")
     models.add_argument("--classes", type=int, default=10)
@@ -92,8 +88,4 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in JOBS:  # Hydra parses the rest (-m, --help, --cfg job, overrides)
         return launch(argv[0], argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "stage":
-        from pipeline.cli.stages import run_stage
-
-        return run_stage(args.name, args.params)
     return exits.run(lambda: args.func(args))

@@ -1,4 +1,4 @@
-"""The DVC stage runner: `python -m pipeline stage <name> [params.yaml]`, as dvc.yaml calls it.
+"""The DVC stage runner: `python -m pipeline.cli.stages <name> [params.yaml]`, as dvc.yaml calls it.
 
 A stage reads `params.yaml` (DVC's composition of `conf/`) and calls its task; `STAGES` maps
 each stage to its task function as a string, so a stage imports its own task only (and
@@ -8,6 +8,7 @@ each stage to its task function as a string, so a stage imports its own task onl
 from __future__ import annotations
 
 import importlib
+import sys
 
 from pipeline.cli import exits
 from pipeline.errors import ConfigError
@@ -42,3 +43,7 @@ def run_stage(stage: str, params: str = "params.yaml") -> int:
         task(load_params(params))
 
     return exits.run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(*sys.argv[1:3]) if len(sys.argv) > 1 else run_stage(""))

@@ -1,0 +1,1 @@
+"""Experiment tracking: MLflow runs and the provenance (git commit, data hash) they record."""
