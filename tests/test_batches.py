@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,3 +51,26 @@ def test_shuffle_is_shared_by_the_ranks_and_changes_with_the_epoch():
     first, second = ([torch.cat([y for _, y in b]).tolist() for b in ranks] for _ in range(2))
     assert first != second  # each pass is the next epoch's order
     assert sorted(first[0] + first[1]) == list(range(10))
+
+
+def test_validation_leaves_the_padding_out(tmp_path):
+    """A rank's padded validation shard, run by a single process, scores its real samples only."""
+    import lightning as L
+
+    from pipeline.training.module import Classifier
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (7, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(7) % 3
+    module = Classifier(arch="mlp", arch_kwargs=dict(in_channels=1, num_classes=3, image_size=4, hidden_sizes=[8]),
+                        mean=[0.5], std=[0.25], resize=None, optimizer={"name": "sgd", "lr": 0.1},
+                        scheduler={"name": "none"}).eval()
+    # Rank 3 of 4 holds sample 3 and a duplicate of sample 0 (7 samples padded to 8), in two
+    # batches of one: the second is all padding.
+    shard = TensorBatches(images, labels, batch_size=1, shuffle=False, rank=3, world_size=4, mark_padding=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    (metrics,) = trainer.validate(module, dataloaders=shard)
+    with torch.inference_mode():
+        logits = module(images[3:4].float() / 255.0)
+    assert metrics["val/acc"] == float(logits.argmax(dim=1).item() == labels[3].item())
+    assert metrics["val/loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels[3:4]).item())

@@ -124,7 +124,7 @@ class ArrayDataModule(L.LightningDataModule):
     def _eval(self, part: str) -> TensorBatches:
         rank, world = self._rank()
         return TensorBatches(*self.subset(part), batch_size=self.eval_batch_size, shuffle=False,
-                             rank=rank, world_size=world)
+                             rank=rank, world_size=world, mark_padding=True)
 
     def val_dataloader(self) -> TensorBatches:
         return self._eval("val")
