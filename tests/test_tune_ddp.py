@@ -11,11 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from mlflow import MlflowClient
 
+from pipeline.data.batches import to_tensors
+from pipeline.data.store import read_raw
 from pipeline.errors import PipelineError
+from pipeline.layout import Layout
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.tune import tune
+from pipeline.training.module import Classifier
+from pipeline.validation import prepare
 
 DDP = ["model=mlp", "tune.num_cpus=2", "tune.workers=2", "tune.resources.cpu=1", "tune.num_samples=1",
        "tune.scheduler=fifo"]
@@ -36,11 +43,12 @@ def test_ddp_trial_trains_on_two_workers(local_ray, cfg_factory, tmp_path: Path)
     results = [json.loads(line) for path in tmp_path.rglob("result.json")
                for line in path.read_text().splitlines() if line.strip()]
     assert [r["epoch"] for r in results] == [0, 1] and all(0.0 < r["val/acc"] <= 1.0 for r in results)
-    # Both ranks trained, each on its half of the training set (rank 0 wrote the outputs).
+    # Both ranks trained, each on its half of the training set, padded to the same number of
+    # batches (rank 0 wrote the outputs).
     indices = [p for p in tmp_path.rglob("indices.npz") if "ranks" not in p.parts and "out" not in p.parts]
     assert len(indices) == 1
     n_train, batch_size = len(np.load(indices[0])["train"]), cfg.data.batch_size
-    per_rank = [math.ceil(len(range(rank, n_train, 2)) / batch_size) for rank in (0, 1)]
+    per_rank = [math.ceil(math.ceil(n_train / 2) / batch_size)] * 2
     assert max(per_rank) < math.ceil(n_train / batch_size)
     for result in results:
         ranks = json.loads(result["ranks"])
@@ -54,6 +62,52 @@ def test_ddp_trial_trains_on_two_workers(local_ray, cfg_factory, tmp_path: Path)
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(children[0].info.run_id, "val/acc"))
     assert steps == [0, 1]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a rank left waiting in an all-reduce must fail the test, not hang CI
+def test_ddp_trial_on_uneven_shards_finishes_and_reports_global_val_metrics(local_ray, cfg_factory, tmp_path: Path):
+    """Batches of 37 split digits' odd-sized training set into 630 + 629 samples, 18 and 17
+    batches, unless the shards are padded; a rank with one batch fewer left the other waiting
+    in the gradient all-reduce forever. Evaluation batches of 50 pad the validation shards
+    too, and the padded duplicates must not count in val metrics."""
+    cfg = cfg_factory([*DDP, "tune.max_epochs=2", "data.batch_size=37", "data.eval_batch_size=50"])
+    ensure_data(cfg)
+    tune(cfg)
+
+    with (tmp_path / "out/results/tune/trials.csv").open() as f:
+        (trial,) = list(csv.DictReader(f))
+    assert trial["status"] == "TERMINATED" and trial["epochs"] == "2"
+    (indices,) = [p for p in tmp_path.rglob("indices.npz") if "ranks" not in p.parts and "out" not in p.parts]
+    split = np.load(indices)
+    n_train, n_val = len(split["train"]), len(split["val"])
+    assert n_train % 2 and n_val % 2  # uneven shards without padding
+    results = [json.loads(line) for path in tmp_path.rglob("result.json")
+               for line in path.read_text().splitlines() if line.strip()]
+    assert [r["epoch"] for r in results] == [0, 1]
+    for result in results:
+        assert [r["train_batches"] for r in json.loads(result["ranks"])] == [math.ceil(math.ceil(n_train / 2) / 37)] * 2
+
+    # The reported val metrics are the whole validation split's, as one process computes them
+    # from the last epoch's checkpoint (rank 0's).
+    raw = read_raw(Layout.from_cfg(prepare(cfg)).raw)
+    x, y = to_tensors(raw.images[split["val"]], raw.labels[split["val"]])
+    module = Classifier.load_from_checkpoint(indices.parent / "last.ckpt", map_location="cpu").eval()
+    with torch.inference_mode():
+        logits = module(x.float() / 255.0)
+    acc = float((logits.argmax(dim=1) == y).double().mean())
+    loss = float(F.cross_entropy(logits.double(), y))
+    assert results[-1]["val/acc"] == pytest.approx(acc, abs=1e-6)
+    assert results[-1]["val/loss"] == pytest.approx(loss, rel=1e-5)
+    # Every rank saw those same global figures, so its early stopping and checkpointing
+    # decided on them (each rank's own curves: rank 0's beside the checkpoint, rank 1's apart).
+    curves = sorted(tmp_path.rglob("plots/train_curves.json"), key=lambda p: "ranks" in p.parts)
+    assert len(curves) == 2 and "rank1" in curves[1].parts
+    for path in curves:
+        rows = json.loads(path.read_text())
+        assert [row["val_acc"] for row in rows] == pytest.approx([r["val/acc"] for r in results], abs=1e-7)
+        assert [row["val_loss"] for row in rows] == pytest.approx([r["val/loss"] for r in results], rel=1e-6)
 
 
 @pytest.mark.integration

@@ -18,6 +18,9 @@ _EXPECTED_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     # In-memory batches are fast; Lightning's worker hint is about DataLoaders.
     r"The '.*_dataloader' does not have many workers",
+    # Under DDP the module all-reduces val/test sums itself; train metrics stay per rank (the
+    # Ray Train reporter averages them) and lr is the same on every rank.
+    r"It is recommended to use `self.log\('.*', \.\.\., sync_dist=True\)`",
 )
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.augment import AugmentConfig, BatchAugment
+from pipeline.data.batches import IGNORE_INDEX
 from pipeline.models import create_model
 from pipeline.models.init import init_weights
 from pipeline.models.transfer import param_groups
@@ -70,6 +71,7 @@ class Classifier(L.LightningModule):
         self.pretrained: tuple[list[str], float] | None = None
         self._epoch_sums: dict[str, torch.Tensor] = {}  # see `_accumulate`
         self._epoch_count = 0
+        self._eval_sums: torch.Tensor | None = None  # see `_eval_step`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -100,20 +102,43 @@ class Classifier(L.LightningModule):
         self._accumulate(values, len(y))
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
+    # Evaluation metrics are the whole split's, on every rank: each rank sums loss, hits and
+    # samples over its shard, leaving out the padding `TensorBatches` marks, and one all-reduce
+    # at the epoch's end adds the ranks up. Early stopping, checkpointing, Ray Tune and MLflow
+    # then see the same exact figures a single process would compute.
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         x, y = batch
         logits = self(x)
-        n = len(y)
-        self.log(f"{split}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, batch_size=n,
-                 prog_bar=split == "val")
-        self.log(f"{split}/acc", (logits.argmax(dim=1) == y).float().mean(), on_step=False, on_epoch=True,
-                 batch_size=n, prog_bar=split == "val")
+        sums = torch.stack([F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX),
+                            (logits.argmax(dim=1) == y).sum(), (y != IGNORE_INDEX).sum()]).float()
+        self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
+
+    def _log_eval(self, split: str) -> None:
+        if self._eval_sums is None:  # no batches on any rank (they all run as many)
+            return
+        loss, hits, count = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        self._eval_sums = None
+        if count:
+            self.log(f"{split}/loss", loss / count, on_step=False, on_epoch=True, prog_bar=split == "val")
+            self.log(f"{split}/acc", hits / count, on_step=False, on_epoch=True, prog_bar=split == "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = None  # an interrupted evaluation must not leak into this one
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_sums = None
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
 
     # `self.log` costs about 0.3 ms a call on CPU (Lightning re-validates and moves its result
     # state every time), which was a twentieth of a small model's training step. So training

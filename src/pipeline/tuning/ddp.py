@@ -11,8 +11,14 @@ relays each epoch back to Tune:
     rank 0 waits for the trial's answer  <------------------------------------ "go" / "stop"
     and broadcasts it, so all ranks stop together (ASHA, PBT, divergence).
 
+<<<<<<< HEAD
 Every worker calls the train task with the same config (tracking off) and
 `trainer_kwargs` for the DDP strategy; `ArrayDataModule` shards batches by rank itself.
+=======
+Every worker calls `pipeline.tasks.train.train` with the same config (tracking off) and
+`trainer_kwargs` for the DDP strategy; `ArrayDataModule` shards batches by rank itself,
+padded so that every rank runs as many batches (DDP's collectives wait for all of them).
+>>>>>>> wt-a
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ class WorkerReporter(Callback):
 
         logged = trainer.callback_metrics
         strategy = trainer.strategy
-        # The module logs without sync_dist: each rank's figures cover its own shard.
+        # val/* are already the whole split's (the module all-reduces them); train/* cover each
+        # rank's shard, all of one size, so their mean over ranks is the padded epoch's figure.
         metrics: dict[str, Any] = {}
         for key in REPORTED:
             if key in logged:
