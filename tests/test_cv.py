@@ -63,6 +63,41 @@ def test_folds_are_isolated_and_aggregates_match_child_runs(cv_cfg, tmp_path: Pa
     np.testing.assert_allclose(saved["test_acc"]["values"], test_acc)
 
 
+def test_a_recorded_run_is_written_as_it_happened(tmp_path: Path):
+    """What a parallel fold sends back: calls in order, artifacts' bytes at the time, its
+    times, and a failure in a second `with` (evaluate after train) ending it FAILED."""
+    import pickle
+
+    from pipeline.tracking.mlflow_run import tracking_target
+    from pipeline.tracking.recorded import RecordedRun
+
+    artifact = tmp_path / "train.json"
+    artifact.write_text('{"epochs": 2}')
+    record = RecordedRun().begin(run_name="fold-0", tags={"fold": "0"}, parent_run_id=None)
+    with record:
+        record.log_params({"data.fold": 0})
+        for step, acc in enumerate((0.5, 0.7)):
+            record.log_metrics({"val/acc": acc}, step=step)
+        record.log_artifact(artifact)
+    artifact.write_text("changed")
+    with pytest.raises(ValueError), record:
+        raise ValueError("boom")
+    record = pickle.loads(pickle.dumps(record))  # as Ray returns it
+
+    target = tracking_target({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "e",
+                              "artifact_location": str(tmp_path / "artifacts")}, tmp_path)
+    run = record.replay(target)
+    written = run.client.get_run(run.run_id)
+    assert (written.info.run_name, written.info.status) == ("fold-0", "FAILED")
+    assert written.data.tags["fold"] == "0" and written.data.tags["error"] == "ValueError: boom"
+    assert written.data.params == {"data.fold": "0"}
+    assert [(m.step, m.value) for m in run.client.get_metric_history(run.run_id, "val/acc")] == [(0, 0.5), (1, 0.7)]
+    assert written.info.start_time == record.start_args["start_time"]
+    assert written.info.end_time == record.end_time
+    local = run.client.download_artifacts(run.run_id, "train.json", str(tmp_path / "down"))
+    assert Path(local).read_text() == '{"epochs": 2}'
+
+
 def test_parallel_folds_equal_sequential(cfg_factory, tmp_path: Path):
     from omegaconf import open_dict
 
