@@ -68,6 +68,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
 
     for stale in (layout.best_ckpt, layout.last_ckpt):
         stale.unlink(missing_ok=True)  # else Lightning would write best-v1.ckpt beside it
+    layout.run_file.unlink(missing_ok=True)  # it names the run of the checkpoints just removed
     layout.models.mkdir(parents=True, exist_ok=True)
     resolved = to_container(cfg)
     (layout.models / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
