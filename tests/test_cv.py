@@ -1,13 +1,16 @@
-"""Cross-validation: fold isolation, aggregates equal to the fold runs, parallel == sequential."""
+"""Cross-validation: fold isolation, aggregates equal to the fold runs, parallel == sequential
+(results and MLflow tree, with the driver as the only writer)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from omegaconf import open_dict
 
 from pipeline.data.splits import load_splits
 from pipeline.tasks.cv import cross_validate
@@ -63,17 +66,125 @@ def test_folds_are_isolated_and_aggregates_match_child_runs(cv_cfg, tmp_path: Pa
     np.testing.assert_allclose(saved["test_acc"]["values"], test_acc)
 
 
-def test_parallel_folds_equal_sequential(cfg_factory, tmp_path: Path):
-    from omegaconf import open_dict
+def test_a_recorded_run_is_written_as_it_happened(tmp_path: Path):
+    """What a parallel fold sends back: calls in order, artifacts' bytes at the time, its
+    times, and a failure in a second `with` (evaluate after train) ending it FAILED."""
+    import pickle
 
-    base = cfg_factory([f"data.split.folds={FOLDS}", "model=mlp", "trainer.max_epochs=2"], tracking=False)
+    from pipeline.tracking.mlflow_run import tracking_target
+    from pipeline.tracking.recorded import RecordedRun
+
+    artifact = tmp_path / "train.json"
+    artifact.write_text('{"epochs": 2}')
+    record = RecordedRun().begin(run_name="fold-0", tags={"fold": "0"}, parent_run_id=None)
+    with record:
+        record.log_params({"data.fold": 0})
+        for step, acc in enumerate((0.5, 0.7)):
+            record.log_metrics({"val/acc": acc}, step=step)
+        record.log_artifact(artifact)
+    artifact.write_text("changed")
+    with pytest.raises(ValueError), record:
+        raise ValueError("boom")
+    record = pickle.loads(pickle.dumps(record))  # as Ray returns it
+
+    target = tracking_target({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "e",
+                              "artifact_location": str(tmp_path / "artifacts")}, tmp_path)
+    run = record.replay(target)
+    written = run.client.get_run(run.run_id)
+    assert (written.info.run_name, written.info.status) == ("fold-0", "FAILED")
+    assert written.data.tags["fold"] == "0" and written.data.tags["error"] == "ValueError: boom"
+    assert written.data.params == {"data.fold": "0"}
+    assert [(m.step, m.value) for m in run.client.get_metric_history(run.run_id, "val/acc")] == [(0, 0.5), (1, 0.7)]
+    assert written.info.start_time == record.start_args["start_time"]
+    assert written.info.end_time == record.end_time
+    local = run.client.download_artifacts(run.run_id, "train.json", str(tmp_path / "down"))
+    assert Path(local).read_text() == '{"epochs": 2}'
+
+
+def _no_mlflow() -> None:
+    """A Ray worker's setup hook: importing mlflow fails there."""
+    import sys
+
+    class NoMlflow:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mlflow" or name.startswith("mlflow."):
+                raise ImportError(f"a parallel fold imported {name}: only the CV driver may write to MLflow")
+            return None
+
+    sys.meta_path.insert(0, NoMlflow())
+
+
+@pytest.fixture
+def no_mlflow_ray():
+    """A local Ray (2 CPUs) whose workers cannot import mlflow; `cross_validate` uses it."""
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": _no_mlflow})
+    with pytest.raises(ray.exceptions.RayTaskError, match="only the CV driver"):
+        ray.get(ray.remote(lambda: __import__("mlflow")).remote())  # the hook holds
+    yield
+    ray.shutdown()
+
+
+def _tree(client: MlflowClient, experiment: str) -> list[dict]:
+    """The CV parent then its fold runs, each as name, status, params, tags, per-step metrics
+    and artifacts (time/* values differ from run to run: their steps only)."""
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 1 + len(children) == 1 + FOLDS
+    out = []
+    for run in [parent, *sorted(children, key=lambda r: r.data.tags["fold"])]:
+        run_id = run.info.run_id
+        metrics = {key: sorted((m.step, None if key.startswith("time/") else m.value)
+                               for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+        out.append({"name": run.info.run_name, "status": run.info.status, "params": run.data.params,
+                    "tags": {k: v for k, v in run.data.tags.items() if k != "mlflow.parentRunId"},
+                    "metrics": metrics, "artifacts": sorted(a.path for a in client.list_artifacts(run_id)),
+                    "run_id": run_id, "span": (run.info.start_time, run.info.end_time)})
+    return out
+
+
+def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_factory, tmp_path: Path):
+    """Parallel folds (Ray workers that cannot even import mlflow) leave the same results and
+    the same MLflow tree as sequential ones: the driver writes every fold's run."""
+    base = cfg_factory([f"data.split.folds={FOLDS}", "model=mlp", "trainer.max_epochs=2"])
     ensure_data(base)
-    results = {}
+    results, trees = {}, {}
     for parallel in (False, True):
         cfg = base.copy()
         with open_dict(cfg):
             cfg.cv.parallel = parallel
-            cfg.paths.out_dir = str(tmp_path / f"out_{parallel}")
+            cfg.tracking.experiment_name = f"cv-parallel-{parallel}"
         results[parallel] = cross_validate(cfg)
+        trees[parallel] = _tree(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), cfg.tracking.experiment_name)
     assert results[True]["val_acc"]["values"] == results[False]["val_acc"]["values"]
     assert results[True]["test_acc"]["values"] == results[False]["test_acc"]["values"]
+
+    for sequential, parallel in zip(trees[False], trees[True]):
+        durations = {}
+        for run, value in ((sequential, "False"), (parallel, "True")):
+            assert run["params"].pop("cv.parallel") == value
+            assert run["params"].pop("tracking.experiment_name") == f"cv-parallel-{value}"
+            assert run["status"] == "FINISHED"
+            start, end = run.pop("span")
+            durations[value] = end - start
+            run.pop("run_id")
+        assert parallel == sequential
+        # A fold's run keeps the times the worker trained at, not those of its writing.
+        assert durations["True"] > 0.1 * durations["False"] > 0, durations
+    fold_runs = trees[True][1:]
+    assert {"config.yaml", "learning_curves.png", "train.json", "test.json", "confusion.png"} <= set(fold_runs[0]["artifacts"])
+    assert [s for s, _ in fold_runs[0]["metrics"]["val/acc"]] == [0, 1]
+    # The driver shares this machine with the folds: each fold's run.json names its run.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for fold in range(FOLDS):
+        info = json.loads((tmp_path / "out" / "cv" / f"fold_{fold}" / "models" / "run.json").read_text())
+        assert client.get_run(info["run_id"]).data.tags["fold"] == str(fold)
+        assert client.get_run(info["run_id"]).info.experiment_id == \
+            client.get_experiment_by_name("cv-parallel-True").experiment_id

@@ -12,6 +12,7 @@ from pipeline.data.splits import Splits, load_splits
 from pipeline.data.store import RawDataset, read_raw
 from pipeline.errors import DataError
 from pipeline.layout import Layout
+from pipeline.tracking.mlflow_run import TrackedRun
 
 
 def load_data(cfg: DictConfig, layout: Layout) -> tuple[RawDataset, Splits]:
@@ -31,3 +32,8 @@ def write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def write_run_file(layout: Layout, run: TrackedRun) -> Path:
+    """`models/run.json`: the MLflow run of these checkpoints (evaluate logs into it, report finds it)."""
+    return write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})

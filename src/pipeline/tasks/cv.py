@@ -3,13 +3,21 @@ intervals, tracked as an MLflow parent run with one child run per fold.
 
 Fold i trains on the other k-1 folds and validates on fold i (`data.fold`); the test split
 is never seen during training. Folds run one after another, or in parallel as Ray tasks
-(`cv.parallel`), with identical results for the same seed: each fold is seeded and
-deterministic on its own.
+(`cv.parallel`, on the Ray `tune.address` names, as sweeps do), with identical results for
+the same seed: each fold is seeded and deterministic on its own.
+
+One writer per MLflow store, as in sweeps: sequential folds write their runs themselves, one
+after another; a parallel fold records its run (`RecordedRun`) and the driver writes it when
+the fold returns, so both produce the same run tree.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,39 +25,88 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.analysis.stats import summarize
 from pipeline.config import flatten, fold_config, to_container
 from pipeline.layout import Layout
-from pipeline.tasks.common import write_json
+from pipeline.tasks.common import write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
+from pipeline.tracking.recorded import RecordedRun
 from pipeline.validation import prepare
 
 # Metrics aggregated over folds (what each fold's train + evaluate return).
 CV_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro")
 
 
-def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None) -> dict[str, float]:
-    """Train and evaluate one fold (a plain dict config, so a Ray task can take it)."""
+def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None,
+             record: RecordedRun | None = None) -> dict[str, float]:
+    """Train and evaluate one fold (a plain dict config, so a Ray task can take it); with
+    `record`, its MLflow run is recorded there instead of written."""
     from pipeline.tasks.evaluate import evaluate
     from pipeline.tasks.train import train
 
     fold_cfg = fold_config(OmegaConf.create(cfg), fold)
-    metrics = train(fold_cfg, parent_run_id=parent_run_id, run_tags={"fold": str(fold)})
-    metrics.update(evaluate(fold_cfg))
+    metrics = train(fold_cfg, parent_run_id=parent_run_id, run_tags={"fold": str(fold)}, record=record)
+    metrics.update(evaluate(fold_cfg, run=record))
     return {"fold": fold, **metrics}
 
 
-def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | None,
-                  cpus_per_fold: int) -> list[dict]:
+@dataclass
+class FoldOutcome:
+    """What a parallel fold sends back: its results or error, and its recorded run."""
+
+    fold: int
+    host: str
+    record: RecordedRun | None
+    result: dict[str, float] | None = None
+    error: Exception | None = None
+    trace: str = ""  # the error's traceback, which pickling drops
+
+
+def _fold_task(cfg: dict[str, Any], fold: int, parent_run_id: str | None, threads: int) -> FoldOutcome:
+    """One fold on a Ray worker, which never opens the MLflow store (see the module docstring)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    outcome = FoldOutcome(fold, socket.gethostname(), RecordedRun() if cfg["tracking"]["enabled"] else None)
+    try:
+        outcome.result = run_fold(cfg, fold, parent_run_id, outcome.record)
+    except Exception as err:  # returned, so the driver still writes the failed fold's run
+        outcome.error, outcome.trace = err, traceback.format_exc()
+    return outcome
+
+
+def _write_fold_run(cfg: dict[str, Any], outcome: FoldOutcome) -> None:
+    if outcome.record is None or not outcome.record.begun:
+        return
+    run = outcome.record.replay(tracking_target(cfg["tracking"], cfg["paths"]["root"]))
+    layout = Layout.from_cfg(fold_config(OmegaConf.create(cfg), outcome.fold))
+    # The fold's folder is this machine's only if the fold ran here (or on a node sharing it).
+    if outcome.host == socket.gethostname() and layout.models.is_dir():
+        write_run_file(layout, run)
+
+
+def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | None) -> list[dict]:
+    """The folds as Ray tasks; each fold's run is written here as the fold returns."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=max(cpus_per_fold, 1) * min(len(folds), 2), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    from pipeline.tuning.driver import init_ray
+
+    per_fold = int(cfg["cv"]["cpus_per_fold"])
+    # A local Ray: every fold at once if the machine has the CPUs (and at least one fold's).
+    started = init_ray(cfg["tune"], num_cpus=max(per_fold, min(len(folds) * per_fold, os.cpu_count() or 1)))
+    outcomes: list[FoldOutcome] = []
     try:
-        task = ray.remote(num_cpus=cpus_per_fold)(run_fold)
-        return ray.get([task.remote(cfg, fold, parent_run_id) for fold in folds])
+        task = ray.remote(num_cpus=per_fold)(_fold_task)
+        pending = [task.remote(cfg, fold, parent_run_id, per_fold) for fold in folds]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            outcomes.append(ray.get(done[0]))
+            _write_fold_run(cfg, outcomes[-1])
     finally:
         if started:
             ray.shutdown()
+    outcomes.sort(key=lambda o: o.fold)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            raise outcome.error from RuntimeError(f"fold {outcome.fold} on {outcome.host}:\n{outcome.trace}")
+    return [o.result for o in outcomes]
 
 
 def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict[str, Any]:
@@ -72,7 +129,7 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
             parent.log_params(flatten(plain))
         parent_id = parent.run_id if parent is not None else None
         if cfg.cv.parallel:
-            results = _run_parallel(plain, folds, parent_id, cfg.cv.cpus_per_fold)
+            results = _run_parallel(plain, folds, parent_id)
         else:
             results = [run_fold(plain, fold, parent_id) for fold in folds]
         results.sort(key=lambda r: r["fold"])

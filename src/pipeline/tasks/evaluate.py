@@ -47,8 +47,12 @@ def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[d
     return overall, per_class, confusion_matrix(labels, pred, labels=ids)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Score `models/best.ckpt` on the test split; writes `metrics/test.json` and plots."""
+def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None) -> dict[str, float]:
+    """Score `models/best.ckpt` on the test split; writes `metrics/test.json` and plots.
+
+    Logs into `run` when given (a parallel cross-validation fold's recorded run), else into
+    the run `models/run.json` names.
+    """
     cfg = prepare(cfg)
     layout = Layout.from_cfg(cfg)
     if not layout.best_ckpt.exists():
@@ -70,7 +74,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                [{"actual": names[a], "predicted": names[b]} for a, b in zip(labels, probs.argmax(axis=1))])
     confusion_matrix_png(cm, names, layout.plots / "confusion.png")
 
-    run = _resume_run(layout) if cfg.tracking.enabled else None
+    if not cfg.tracking.enabled:
+        run = None
+    elif run is None:
+        run = _resume_run(layout)
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
             run.log_metrics({f"test/{k}": v for k, v in overall.items() if k != "n"})

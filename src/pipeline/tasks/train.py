@@ -19,9 +19,10 @@ from pipeline.models import count_macs, count_parameters
 from pipeline.models.transfer import freeze, load_state, transfer_weights
 from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
-from pipeline.tasks.common import load_data, write_json
+from pipeline.tasks.common import load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
+from pipeline.tracking.recorded import RecordedRun
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
 from pipeline.training.module import Classifier
 from pipeline.tuning.best import apply_best
@@ -30,7 +31,8 @@ from pipeline.validation import model_args, prepare
 
 def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
           run_tags: dict[str, str] | None = None, ckpt_path: str | None = None,
-          trainer_kwargs: dict[str, Any] | None = None, figures: bool = True) -> dict[str, float]:
+          trainer_kwargs: dict[str, Any] | None = None, figures: bool = True,
+          record: RecordedRun | None = None) -> dict[str, float]:
     """Train one model as configured; returns the best epoch's metrics (keys like `val/acc`).
 
     Writes `models/{best,last}.ckpt`, `models/run.json`, `metrics/train.json` and the
@@ -40,6 +42,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     Trainer arguments (a Ray Train worker passes its DDP strategy and environment).
     `figures=False` skips the learning-curve PNG (a Tune trial: ~0.5 s of matplotlib per
     trial, and the sweep draws all trials' curves in one figure anyway).
+    With `record`, the run's MLflow calls go there instead of the store (a parallel
+    cross-validation fold: the CV driver writes them; `models/run.json` is then its to write).
     With `tune.use_best`, the best sweep trial's overrides (`results/tune/best.yaml`) apply first.
     """
     cfg, tuned_tags = apply_best(cfg)
@@ -68,6 +72,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
 
     for stale in (layout.best_ckpt, layout.last_ckpt):
         stale.unlink(missing_ok=True)  # else Lightning would write best-v1.ckpt beside it
+    layout.run_file.unlink(missing_ok=True)  # it names the run of the checkpoints just removed
     layout.models.mkdir(parents=True, exist_ok=True)
     resolved = to_container(cfg)
     (layout.models / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -75,14 +80,15 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     np.savez(layout.models / "indices.npz", train=train_idx, val=val_idx)
 
     run_tags = {**transfer_tags, **tuned_tags, **(run_tags or {})}
-    run = _start_run(cfg, layout, raw.manifest, parent_run_id, run_tags) if cfg.tracking.enabled else None
+    run = _start_run(cfg, layout, raw.manifest, parent_run_id, run_tags, record) if cfg.tracking.enabled else None
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
             run.log_params(flatten(resolved))
             run.log_params({"model.arch": arch, **size})
             run.log_metrics(size)
             run.log_artifact(layout.models / "config.yaml")
-            write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
+            if run.run_id is not None:  # a recorded run has no id until it is written
+                write_run_file(layout, run)
         recorder = EpochRecorder(run)
         checkpoint = BestCheckpoint(dirpath=layout.models, filename="best", monitor=cfg.optimized_metric, mode="max",
                                      save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
@@ -120,7 +126,7 @@ def _transfer(module: Classifier, transfer: DictConfig) -> dict[str, str]:
 
 
 def _start_run(cfg: DictConfig, layout: Layout, manifest: dict, parent_run_id: str | None,
-               extra_tags: dict[str, str] | None) -> TrackedRun:
+               extra_tags: dict[str, str] | None, record: RecordedRun | None = None) -> TrackedRun:
     target = tracking_target(cfg.tracking, cfg.paths.root)
     tags = {"dataset": cfg.data.name, "model": cfg.model.name, "config_name": cfg.name,
             "split_sha256": tree_sha256(layout.splits), **git_commit(layout.root), **(extra_tags or {})}
@@ -128,6 +134,8 @@ def _start_run(cfg: DictConfig, layout: Layout, manifest: dict, parent_run_id: s
     if dvc_hash:
         tags["dvc_split_md5"] = dvc_hash
     run_name = cfg.tracking.run_name or f"{cfg.name}-{cfg.model.name}-{cfg.data.name}"
+    if record is not None:
+        return record.begin(run_name=run_name, tags=tags, parent_run_id=parent_run_id)
     return TrackedRun.start(**target, run_name=run_name, tags=tags, parent_run_id=parent_run_id)
 
 

@@ -76,7 +76,7 @@ class TrackedRun:
     @classmethod
     def start(cls, *, tracking_uri: str, experiment: str, artifact_location: str | None = None,
               run_name: str | None = None, tags: dict[str, str] | None = None,
-              parent_run_id: str | None = None) -> TrackedRun:
+              parent_run_id: str | None = None, start_time: int | None = None) -> TrackedRun:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
@@ -84,7 +84,7 @@ class TrackedRun:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=tags)
         return cls(client, run.info.run_id)
 
     @classmethod
@@ -106,12 +106,12 @@ class TrackedRun:
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + BATCH])
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, *, timestamp: int | None = None) -> None:
         import time
 
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp or int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
@@ -132,8 +132,8 @@ class TrackedRun:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2), artifact_file)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str = "FINISHED", *, end_time: int | None = None) -> None:
+        self.client.set_terminated(self.run_id, status=status, end_time=end_time)
 
     def __enter__(self) -> TrackedRun:
         return self

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,14 @@ class SweepInterrupted(PipelineError):
     exit_code = 130
 
 
-def init_ray(tune: dict[str, Any]) -> bool:
-    """Join `tune.address` or start a local Ray; True if this call started or connected it."""
+def init_ray(tune: Mapping[str, Any], *, num_cpus: int | None = None) -> bool:
+    """Connect this process to Ray; True if this call did (the caller then shuts it down).
+
+    `tune.address` (auto, host:port, ray://host:10001) joins that cluster. Null starts a
+    private local Ray of `tune.num_cpus` CPUs (else `num_cpus`, else all), even when another
+    Ray runs on this machine or RAY_ADDRESS names one. A Ray this process is already
+    connected to (a test's, a caller's) is used as it is.
+    """
     import ray
 
     for key, value in DRIVER_ENV.items():
@@ -57,10 +63,15 @@ def init_ray(tune: dict[str, Any]) -> bool:
     if tune.get("address"):
         # Workers on other nodes do not inherit this process's environment.
         ray.init(address=tune["address"], runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=True)
-    else:
-        # A local Ray's workers inherit it from the raylet this call starts. A runtime_env here
-        # would cost every sweep about 1.5 s more before its first trial actor starts.
-        ray.init(num_cpus=tune.get("num_cpus"), include_dashboard=False)
+        return True
+    if os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
+        print(f"note: tune.address is null, so this starts its own Ray and ignores RAY_ADDRESS="
+              f"{os.environ['RAY_ADDRESS']} (tune.address=auto would join it).")
+    # "local", not None: ray.init() joins RAY_ADDRESS or the last `ray start` on this machine,
+    # whose CPUs, lifetime and jobs belong to someone else. A local Ray's workers inherit
+    # TRIAL_ENV from the raylet this call starts; a runtime_env here would cost every sweep
+    # about 1.5 s more before its first trial actor starts.
+    ray.init(address="local", num_cpus=tune.get("num_cpus") or num_cpus, include_dashboard=False)
     return True
 
 
