@@ -100,7 +100,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     import ray
 
-    from pipeline.tuning.driver import init_ray
+    from pipeline.tuning.ray_init import init_ray
 
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-asha-") as tmp:

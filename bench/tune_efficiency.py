@@ -118,7 +118,7 @@ def main() -> None:
 
     from pipeline.tasks.data import ensure_data
     from pipeline.tasks.tune import tune
-    from pipeline.tuning.driver import init_ray
+    from pipeline.tuning.ray_init import init_ray
 
     concurrency = 2
     began = time.perf_counter()

@@ -57,7 +57,7 @@ def local_ray():
     """One local Ray (2 CPUs) for a test module; its sweeps join it instead of starting their own."""
     import ray
 
-    from pipeline.tuning.driver import init_ray
+    from pipeline.tuning.ray_init import init_ray
 
     init_ray({"num_cpus": 2})
     yield

@@ -21,7 +21,7 @@ import pytest
 import sweeps
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.tune import tune
-from pipeline.tuning.driver import init_ray
+from pipeline.tuning.ray_init import init_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

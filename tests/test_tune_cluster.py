@@ -22,8 +22,8 @@ from lightning.pytorch.callbacks import Callback
 import sweeps
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.tune import tune
-from pipeline.tuning.driver import TRIAL_ENV
 from pipeline.tuning.mlflow_tree import LOGGED
+from pipeline.tuning.ray_init import TRIAL_ENV
 from pipeline.tuning.trial import trial_accelerator
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -86,7 +86,7 @@ def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | No
     """The folds as Ray tasks; each fold's run is written here as the fold returns."""
     import ray
 
-    from pipeline.tuning.driver import init_ray
+    from pipeline.tuning.ray_init import init_ray
 
     per_fold = int(cfg["cv"]["cpus_per_fold"])
     # A local Ray: every fold at once if the machine has the CPUs (and at least one fold's).

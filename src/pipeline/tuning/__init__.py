@@ -5,6 +5,7 @@
 - `trial`: the trainable (one run of the train task it is given per trial, reporting each epoch)
 - `mlflow_tree`: the driver-side callback writing the parent and child runs
 - `results`: best trial, `results/tune/{best.yaml,trials.csv,curves.json}`
+- `ray_init`: a private local Ray, or the cluster `tune.address` names (sweeps and parallel CV)
 - `driver`: `run_sweep(cfg, train=...)`, what the tune task (`pipeline.tasks.tune`) calls
 - `best`: applying `best.yaml` in the train task (no Ray import)
 

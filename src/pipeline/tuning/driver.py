@@ -7,9 +7,8 @@ full config, which the train stage applies), `trials.csv` and `curves.json`.
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,59 +19,15 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tracking.provenance import git_commit
 from pipeline.tuning.plan import Plan, plan_sweep
+from pipeline.tuning.ray_init import init_ray
 from pipeline.tuning.results import abort_tree, collect, finish_parent, write_outputs
 from pipeline.tuning.trial import TrainFn
-
-# Trial actors are reused (`reuse_actors`): the next trial waits for the stopped trial's
-# thread to unwind through Lightning, which can take longer than Tune's 2 s on a busy box.
-TRIAL_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "60", "OMP_WAIT_POLICY": "PASSIVE"}
-
-
-DRIVER_ENV = {
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/TensorBoard files; the JSON logger is added explicitly
-    # The classic reporter: at verbose=1 just the trial status table, every few seconds (the
-    # newer output, the default, also prints two boxes per trial).
-    "RAY_AIR_NEW_OUTPUT": "0",
-    # Keeping 2 checkpoints per trial forces an experiment snapshot per trial every 2 epochs; fine.
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-}
 
 
 class SweepInterrupted(PipelineError):
     """The sweep stopped before every trial ended (Ctrl+C, SIGUSR1): resume it."""
 
     exit_code = 130
-
-
-def init_ray(tune: Mapping[str, Any], *, num_cpus: int | None = None) -> bool:
-    """Connect this process to Ray; True if this call did (the caller then shuts it down).
-
-    `tune.address` (auto, host:port, ray://host:10001) joins that cluster. Null starts a
-    private local Ray of `tune.num_cpus` CPUs (else `num_cpus`, else all), even when another
-    Ray runs on this machine or RAY_ADDRESS names one. A Ray this process is already
-    connected to (a test's, a caller's) is used as it is.
-    """
-    import ray
-
-    for key, value in DRIVER_ENV.items():
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return False
-    for key, value in TRIAL_ENV.items():
-        os.environ.setdefault(key, value)
-    if tune.get("address"):
-        # Workers on other nodes do not inherit this process's environment.
-        ray.init(address=tune["address"], runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=True)
-        return True
-    if os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
-        print(f"note: tune.address is null, so this starts its own Ray and ignores RAY_ADDRESS="
-              f"{os.environ['RAY_ADDRESS']} (tune.address=auto would join it).")
-    # "local", not None: ray.init() joins RAY_ADDRESS or the last `ray start` on this machine,
-    # whose CPUs, lifetime and jobs belong to someone else. A local Ray's workers inherit
-    # TRIAL_ENV from the raylet this call starts; a runtime_env here would cost every sweep
-    # about 1.5 s more before its first trial actor starts.
-    ray.init(address="local", num_cpus=tune.get("num_cpus") or num_cpus, include_dashboard=False)
-    return True
 
 
 def check_storage(plan: Plan) -> None:
