@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.models.init import he_init
 from pipeline.models.layers import (
     PoolSpec,
     check_min_size,
@@ -35,7 +36,6 @@ from pipeline.models.layers import (
     probe,
 )
 from pipeline.models.registry import register_model
-from pipeline.models.vgg import init_weights
 
 # Table 1 of the paper: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj.
 INCEPTIONS = {
@@ -252,5 +252,4 @@ def googlenet(
     if isinstance(pooling, Mapping):  # string pools keep the geometry MIN_SIZE covers
         probe(model, in_channels, image_size, "googlenet", {"model.pooling": pooling})
     # He init rather than torchvision's N(0, 0.01), which starves a batch_norm=False net.
-    init_weights(model)
-    return model
+    return he_init(model)

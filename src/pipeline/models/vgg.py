@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.models.init import he_init
 from pipeline.models.layers import (
     PoolSpec,
     check_positive_ints,
@@ -155,25 +156,6 @@ VGG_MIN_SIZE = 32  # five 2x2/2 pools: 32 px ends as a 1x1 map, anything less as
 HEADS = ("imagenet", "small")
 
 
-def init_weights(model: nn.Module) -> None:
-    """torchvision's VGG init: He-normal (fan_out) convs, N(0, 0.01) linears, zero biases.
-
-    PyTorch's default init shrinks activations layer by layer, which stalls the deep
-    no-BN VGGs trained from scratch; He init keeps their scale.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-        else:
-            continue
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 def vgg(
     name: str,
     cfg: Cfg,
@@ -231,9 +213,7 @@ def vgg(
     else:  # "small"
         avgpool = nn.AdaptiveAvgPool2d(1)
         classifier = nn.Sequential(make_dropout(dropout), nn.Linear(width, num_classes))
-    model = VGG(features, classifier, avgpool)
-    init_weights(model)
-    return model
+    return he_init(VGG(features, classifier, avgpool))
 
 
 # Each builder below is the family function with one cfg; the signatures stay explicit
