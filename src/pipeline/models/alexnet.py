@@ -107,7 +107,8 @@ def _classifier(
 def _check_size(name: str, image_size: int | tuple[int, int]) -> None:
     """The design's minimum (default pools); other pool geometries are probed after."""
     other = "alexnet_small" if name == "alexnet" else "mlp"
-    check_min_size(name, image_size, MIN_SIZE[name], hint=f"resize the images (data.resize) or use '{other}'")
+    check_min_size(name, image_size, MIN_SIZE[name],
+                   hint=f"resize the images (data.resize) or use '{other}'")
 
 
 def _check_pools(name: str, features: nn.Module, in_channels: int,

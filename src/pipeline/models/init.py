@@ -70,4 +70,5 @@ def he_init(model: nn.Module) -> nn.Module:
     without BN trained from scratch; He init keeps their scale. Unlike `init_weights`
     (the user's `init.scheme`, applied after building), this is part of the architecture.
     """
-    return _reinit(model, lambda w: INITS["kaiming_normal"](w, 0.0), lambda w: INITS["normal"](w, 0.01))
+    return _reinit(model, conv=lambda w: INITS["kaiming_normal"](w, 0.0),
+                   linear=lambda w: INITS["normal"](w, 0.01))

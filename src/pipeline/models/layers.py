@@ -284,7 +284,8 @@ def check_min_size(arch: str, image_size: int | Sequence[int], min_size: int, wh
     """ConfigError naming ``arch``, ``min_size`` and (if given) ``why`` below that size."""
     if min(pair(image_size)) < min_size:
         because = f" ({why})" if why else ""
-        raise ConfigError(f"{arch} needs image_size >= {min_size}{because}, got {image_size!r}; {hint}.")
+        raise ConfigError(
+            f"{arch} needs image_size >= {min_size}{because}, got {image_size!r}; {hint}.")
 
 
 def check_positive_ints(values: object, name: str) -> list[int]:

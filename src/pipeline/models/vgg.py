@@ -53,6 +53,7 @@ def make_layers(
     conv → act → BN (MiniVGG). ``pool_dropout > 0`` adds Dropout after each pool.
     Disabled BN/dropout add no modules, so layer indices match torchvision's VGG.
     """
+    pool_dropout = make_dropout(pool_dropout, "conv_dropout").p  # a negative p must not pass as 0
     layers: list[nn.Module] = []
     for item in cfg:
         if item == "M":
@@ -111,18 +112,13 @@ def minivgg(
         raise ConfigError("minivgg needs at least one entry in widths, e.g. [32, 64].")
     fc_size = check_positive_ints(fc_size, "fc_size")[0]
     # The design's minimum, for its default 2x2/2 pools; other geometries are probed below.
-    check_min_size("minivgg", image_size, 2 ** len(widths), f"it halves the image {len(widths)} times",
+    pools = len(widths)
+    check_min_size("minivgg", image_size, 2**pools, f"it halves the image {pools} times",
                    "use fewer stages (widths) or larger images")
     cfg: list[int | str] = [item for w in widths for item in (w, w, "M")]
-    features = make_layers(
-        cfg,
-        in_channels,
-        activation=activation,
-        pooling=pooling,
-        batch_norm=batch_norm,
-        norm_after_activation=True,
-        pool_dropout=make_dropout(conv_dropout, "conv_dropout").p,  # validate range
-    )
+    features = make_layers(cfg, in_channels, activation=activation, pooling=pooling,
+                           batch_norm=batch_norm, pool_dropout=conv_dropout,
+                           norm_after_activation=True)
     shape = probe(features, in_channels, image_size, "minivgg", {"model.pooling": pooling})
     classifier = nn.Sequential(
         nn.Linear(math.prod(shape[1:]), fc_size),
@@ -172,14 +168,8 @@ def vgg(
     check_min_size(name, image_size, VGG_MIN_SIZE, "it halves the image 5 times",
                    "resize the images (data.resize) or use 'minivgg'")
     head = choose(head, HEADS, f"{name} head")
-    features = make_layers(
-        cfg,
-        in_channels,
-        activation=activation,
-        pooling=pooling,
-        batch_norm=batch_norm,
-        pool_dropout=make_dropout(conv_dropout, "conv_dropout").p,  # validate range
-    )
+    features = make_layers(cfg, in_channels, activation=activation, pooling=pooling,
+                           batch_norm=batch_norm, pool_dropout=conv_dropout)
     if isinstance(pooling, Mapping):  # string pools keep the 2x2/2 geometry checked above
         probe(features, in_channels, image_size, name, {"model.pooling": pooling})
     width = [c for c in cfg if c != "M"][-1]
@@ -211,18 +201,19 @@ def _vgg(depth: int, config: str, bn: bool):
 
     def build(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
               activation: str = "relu", batch_norm: bool = bn, dropout: float = 0.5,
-              pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
+              pooling: PoolSpec = "max", head: str = "imagenet",
+              conv_dropout: float = 0.0) -> nn.Module:
         return vgg(name, CFGS[config], in_channels=in_channels, num_classes=num_classes,
                    image_size=image_size, activation=activation, batch_norm=batch_norm,
                    dropout=dropout, pooling=pooling, head=head, conv_dropout=conv_dropout)
 
     convs = sum(1 for item in CFGS[config] if item != "M")
     build.__name__ = build.__qualname__ = name
-    build.__doc__ = (f"{name}: VGG-{depth}, configuration {config} ({convs} convs + 3 FC)"
-                     + (", BatchNorm after every conv (conv → BN → act, as torchvision)." if bn else "."))
+    norm = ", BatchNorm after every conv (conv → BN → act, as torchvision)" if bn else ""
+    build.__doc__ = f"{name}: VGG-{depth}, configuration {config} ({convs} convs + 3 FC){norm}."
     return register_model(name, min_image_size=VGG_MIN_SIZE)(build)
 
 
 _DEPTHS = {11: "A", 13: "B", 16: "D", 19: "E"}
-vgg11, vgg13, vgg16, vgg19 = (_vgg(depth, config, bn=False) for depth, config in _DEPTHS.items())
-vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn = (_vgg(depth, config, bn=True) for depth, config in _DEPTHS.items())
+vgg11, vgg13, vgg16, vgg19 = (_vgg(depth, cfg, bn=False) for depth, cfg in _DEPTHS.items())
+vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn = (_vgg(depth, cfg, bn=True) for depth, cfg in _DEPTHS.items())
