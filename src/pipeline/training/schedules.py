@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
 from pipeline.errors import ConfigError
+from pipeline.values import plain
 
 Multiplier = Callable[[int], float]
 
@@ -235,7 +236,7 @@ def validate_scheduler(cfg: Mapping[str, Any], *, max_epochs: int) -> None:
     (and, for per-epoch formulas, that f(t) is a finite non-negative factor at every epoch)."""
     from pipeline.config import check_bool, check_choice, check_number
 
-    cfg = OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)  # plain values
+    cfg = plain(cfg)
     name = cfg.get("name")
     if not isinstance(name, str) or name not in SCHEDULERS:
         raise ConfigError(f"scheduler.name={name!r} is not one of: {', '.join(sorted(SCHEDULERS))}.")
