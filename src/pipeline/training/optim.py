@@ -18,10 +18,8 @@ from omegaconf import OmegaConf
 
 from pipeline.errors import ConfigError
 from pipeline.training.lookahead import Lookahead
-from pipeline.training.schedules import (  # noqa: F401  (re-exported: module.py imports them from here)
-    SCHEDULES,
+from pipeline.training.schedules import (  # noqa: F401  (re-exported: module.py and config.py import them from here)
     build_scheduler,
-    lr_multiplier,
     validate_scheduler,
 )
 from pipeline.values import plain
