@@ -27,11 +27,11 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
+import sweeps
 from pipeline.config import prepare
 from pipeline.data.batches import to_tensors
 from pipeline.errors import ConfigError
@@ -233,21 +233,12 @@ def test_train_evaluate_against_mlflow_server(mlflow_server, cfg_factory, tmp_pa
 
 # ---------------------------------------------------------------------------- failures
 
-class CrashAtEpoch(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError(f"injected crash at epoch {self.epoch}")
-
-
 @pytest.mark.integration
 def test_crash_mid_training_ends_run_failed(cfg_factory, tmp_path: Path) -> None:
     cfg = cfg_factory(epochs=3)
     ensure_data(cfg)
     with pytest.raises(RuntimeError, match="injected crash at epoch 1"):
-        train(cfg, callbacks=[CrashAtEpoch(1)])
+        train(cfg, callbacks=[sweeps.Crash(1)])
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = _only_run(client)
