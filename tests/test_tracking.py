@@ -143,7 +143,7 @@ def test_train_evaluate_tracks_one_run_in_sqlite(digits_cfg, tmp_path: Path,
     run = _only_run(client)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    assert run.info.end_time is not None
+    assert run.info.end_time is not None and run.info.end_time >= run.info.start_time
     run_file = json.loads((tmp_path / "out" / "models" / "run.json").read_text())
     assert run_file == {"run_id": run_id, "tracking_uri": uri}
 
@@ -243,7 +243,7 @@ def test_crash_mid_training_ends_run_failed(cfg_factory, tmp_path: Path) -> None
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = _only_run(client)
     assert run.info.status == "FAILED"
-    assert run.info.end_time is not None
+    assert run.info.end_time is not None and run.info.end_time >= run.info.start_time
     assert "RuntimeError" in run.data.tags["error"]
     assert "injected crash at epoch 1" in run.data.tags["error"]
     for key in ("val/acc", "train/loss", "lr"):
