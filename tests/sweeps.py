@@ -1,12 +1,14 @@
-"""Helpers shared by the sweep tests: override builders and readers of a sweep's outputs
-(`trials.csv`, `best.yaml`) and of its MLflow run tree."""
+"""Helpers shared by the sweep tests: override builders, readers of a sweep's outputs
+(`trials.csv`, `best.yaml`) and of its MLflow run tree, and a callback injecting a crash."""
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
 EXPERIMENT = "cnn-pipeline"
@@ -56,3 +58,28 @@ def max_overlap(intervals: list[tuple[int, int]]) -> int:
         running += step
         peak = max(peak, running)
     return peak
+
+
+class Crash(Callback):
+    """Raises RuntimeError at the end of training epoch `epoch`, as a node or process failure
+    would; only in a trainer whose folder ends with `folder`, if given (a cv fold).
+
+    With `marker`, once per sweep: whichever trial first creates that file (atomically)
+    crashes, and its retry runs on. Ray workers cannot import tests/, so a sweep test passes
+    this class by value: `cloudpickle.register_pickle_by_value(sweeps)`.
+    """
+
+    def __init__(self, epoch: int, *, marker: str | None = None, folder: str | None = None) -> None:
+        self.epoch, self.marker, self.folder = epoch, marker, folder
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        if self.folder is not None and not trainer.default_root_dir.endswith(self.folder):
+            return
+        if self.marker is not None:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
+        raise RuntimeError(f"injected crash at epoch {self.epoch}")

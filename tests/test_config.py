@@ -38,16 +38,21 @@ def test_dvc_config_enables_hydra():
 
 
 @pytest.mark.parametrize("group", ["data", "model", "optimizer", "scheduler", "trainer", "tracking", "regularizer"])
-def test_every_group_option_composes_and_validates(group):
+def test_every_group_option_composes_and_validates(group, tmp_path):
+    root = tmp_path.resolve()
     for option in _options(group):
-        overrides = [f"{group}={option}"]
+        overrides = [f"{group}={option}", f"paths.root={root}"]
         if option == "imagefolder":
             overrides.append("data.path=/nonexistent/images")
         cfg = compose(overrides, conf=CONF)
         if group == "model" and min_image_size(cfg.model.name) > cfg.data.image_size:
             # ImageNet-style designs need bigger inputs than digits: validate them upsampled.
             cfg = compose([*overrides, f"data.resize={min_image_size(cfg.model.name)}"], conf=CONF)
-        assert prepare(cfg) is not None, option
+        out = prepare(cfg)
+        # Valid as composed: the option's values come through unchanged, the paths rooted.
+        assert OmegaConf.to_container(out[group]) == OmegaConf.to_container(cfg[group]), option
+        assert out[group].get("name", option) == option  # groups with a name are named by file
+        assert (Path(out.paths.data_dir), Path(out.paths.out_dir)) == (root / "data", root), option
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))

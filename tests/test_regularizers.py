@@ -26,6 +26,14 @@ def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **penalty) -> lis
     return [p.grad.clone() for p in penalized_parameters(model)]
 
 
+def _grad_changes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  **penalty) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(change of the gradient the penalty makes, the weight) for every penalized parameter."""
+    base, pen, weights = _grads(model, x, y), _grads(model, x, y, **penalty), penalized_parameters(model)
+    assert len(weights) == 5, "lenet5 has five weights: C1, C3, C5, F6 and the output layer"
+    return [(p - b, w) for b, p, w in zip(base, pen, weights, strict=True)]
+
+
 @pytest.fixture
 def toy():
     torch.manual_seed(0)
@@ -35,24 +43,20 @@ def toy():
 
 def test_l1_changes_gradient_by_l1_sign_w(toy):
     model, x, y = toy
-    base, pen = _grads(model, x, y), _grads(model, x, y, l1=0.01)
-    for b, p, w in zip(base, pen, penalized_parameters(model)):
-        torch.testing.assert_close(p - b, 0.01 * torch.sign(w), rtol=0, atol=1e-6)
+    for change, w in _grad_changes(model, x, y, l1=0.01):
+        torch.testing.assert_close(change, 0.01 * torch.sign(w), rtol=0, atol=1e-6)
 
 
 def test_l2_changes_gradient_by_l2_w(toy):
     model, x, y = toy
-    base, pen = _grads(model, x, y), _grads(model, x, y, l2=0.1)
-    for b, p, w in zip(base, pen, penalized_parameters(model)):
-        torch.testing.assert_close(p - b, 0.1 * w, rtol=0, atol=1e-6)
+    for change, w in _grad_changes(model, x, y, l2=0.1):
+        torch.testing.assert_close(change, 0.1 * w, rtol=0, atol=1e-6)
 
 
 def test_elastic_net_gradient(toy):
     model, x, y = toy
-    base = _grads(model, x, y)
-    pen = _grads(model, x, y, elastic_alpha=0.2, elastic_l1_ratio=0.3)
-    for b, p, w in zip(base, pen, penalized_parameters(model)):
-        torch.testing.assert_close(p - b, 0.2 * (0.3 * torch.sign(w) + 0.7 * w), rtol=0, atol=1e-6)
+    for change, w in _grad_changes(model, x, y, elastic_alpha=0.2, elastic_l1_ratio=0.3):
+        torch.testing.assert_close(change, 0.2 * (0.3 * torch.sign(w) + 0.7 * w), rtol=0, atol=1e-6)
 
 
 def test_biases_and_norms_are_not_penalized():

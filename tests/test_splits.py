@@ -63,7 +63,8 @@ def test_same_seed_same_split_other_seed_differs(labels, seed):
     a = make_splits(labels, val_fraction=0.15, test_fraction=0.15, folds=3, seed=seed)
     b = make_splits(labels, val_fraction=0.15, test_fraction=0.15, folds=3, seed=seed)
     c = make_splits(labels, val_fraction=0.15, test_fraction=0.15, folds=3, seed=seed + 1)
-    for x, y in zip((a.train, a.val, a.test, *a.folds), (b.train, b.val, b.test, *b.folds)):
+    assert len(a.folds) == 3
+    for x, y in zip((a.train, a.val, a.test, *a.folds), (b.train, b.val, b.test, *b.folds), strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.test, c.test)
 

@@ -46,7 +46,7 @@ def test_round_trip_and_manifest(tmp_path):
     assert manifest["source"] == {"origin": "test"}
     assert set(manifest["files"]) == {"images.npy", "labels.npy", "classes.json"}
     for name, meta in manifest["files"].items():
-        assert meta["sha256"] == store.sha256_file(out / name)
+        assert meta["sha256"] == store.file_digest(out / name)
         assert meta["bytes"] == (out / name).stat().st_size
     assert manifest["files"]["images.npy"]["shape"] == [12, 5, 4, 3]
     assert manifest["files"]["images.npy"]["dtype"] == "uint8"
@@ -224,7 +224,7 @@ def test_shape_mismatch_with_manifest_is_reported(written):
     np.save(path, np.zeros(5, dtype=np.int64))
     manifest = json.loads((written / "manifest.json").read_text())
     manifest["files"]["labels.npy"].update(
-        sha256=store.sha256_file(path), bytes=path.stat().st_size
+        sha256=store.file_digest(path), bytes=path.stat().st_size
     )
     (written / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="manifest says") as err:

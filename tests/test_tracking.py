@@ -27,11 +27,11 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
+import sweeps
 from pipeline.data.batches import to_tensors
 from pipeline.errors import ConfigError
 from pipeline.layout import Layout
@@ -143,7 +143,7 @@ def test_train_evaluate_tracks_one_run_in_sqlite(digits_cfg, tmp_path: Path,
     run = _only_run(client)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    assert run.info.end_time is not None
+    assert run.info.end_time is not None and run.info.end_time >= run.info.start_time
     run_file = json.loads((tmp_path / "out" / "models" / "run.json").read_text())
     assert run_file == {"run_id": run_id, "tracking_uri": uri}
 
@@ -233,26 +233,17 @@ def test_train_evaluate_against_mlflow_server(mlflow_server, cfg_factory, tmp_pa
 
 # ---------------------------------------------------------------------------- failures
 
-class CrashAtEpoch(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError(f"injected crash at epoch {self.epoch}")
-
-
 @pytest.mark.integration
 def test_crash_mid_training_ends_run_failed(cfg_factory, tmp_path: Path) -> None:
     cfg = cfg_factory(epochs=3)
     ensure_data(cfg)
     with pytest.raises(RuntimeError, match="injected crash at epoch 1"):
-        train(cfg, callbacks=[CrashAtEpoch(1)])
+        train(cfg, callbacks=[sweeps.Crash(1)])
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = _only_run(client)
     assert run.info.status == "FAILED"
-    assert run.info.end_time is not None
+    assert run.info.end_time is not None and run.info.end_time >= run.info.start_time
     assert "RuntimeError" in run.data.tags["error"]
     assert "injected crash at epoch 1" in run.data.tags["error"]
     for key in ("val/acc", "train/loss", "lr"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sqlite3
 import subprocess
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 import sweeps
@@ -144,33 +142,16 @@ def test_diverging_trial_is_marked_and_never_best(local_ray, cfg_factory, tmp_pa
     assert math.isnan(child.data.metrics["val/acc"])
 
 
-class CrashOnce(Callback):
-    """Raises at the end of epoch 1 of whichever trial gets there first, once per sweep (a
-    marker file created atomically), as a node or process failure would."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch != 1:
-            return
-        try:
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return
-        raise RuntimeError("injected trial crash")
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_crashed_trial_is_retried_from_its_checkpoint(local_ray, cfg_factory, tmp_path: Path):
     from ray import cloudpickle
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    cloudpickle.register_pickle_by_value(sweeps)  # the workers cannot import tests/
     cfg = cfg_factory([*MLP, "tune.num_samples=1", "tune.max_epochs=3", "tune.scheduler=fifo", "tune.max_failures=1",
                        *sweeps.space(**{"optimizer.lr": "grid[0.001, 0.003]"})])
     ensure_data(cfg)
-    tune(cfg, trial_callbacks=[CrashOnce(str(tmp_path / "crashed"))])
+    tune(cfg, trial_callbacks=[sweeps.Crash(1, marker=str(tmp_path / "crashed"))])
 
     trials = sweeps.trials(tmp_path)
     assert {t["status"] for t in trials} == {"TERMINATED"} and len(trials) == 2

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
+import sweeps
 from pipeline.data.splits import load_splits
 from pipeline.errors import ConfigError
 from pipeline.tasks.data import ensure_data
@@ -55,34 +53,18 @@ def test_running_report_is_the_mean_of_the_folds_so_far():
     assert json.loads(report["fold_history"]) == [{"epoch": 0, "val_acc": 0.8}]
 
 
-class CrashInFold(Callback):
-    """Raises at the end of the first epoch of fold 1 of whichever trial gets there first,
-    once per sweep (a marker file created atomically)."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.default_root_dir.endswith("fold_1") or trainer.current_epoch != 0:
-            return
-        try:
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return
-        raise RuntimeError("injected crash in fold 1")
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cv_sweep_reports_running_means_and_nests_folds(cfg_factory, tmp_path: Path):
     from ray import cloudpickle
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    cloudpickle.register_pickle_by_value(sweeps)  # the workers cannot import tests/
     cfg = cfg_factory([*CV, "tune.max_epochs=2", "tune.scheduler=fifo", "tune.max_failures=1", "tune.num_samples=1",
                        "~tune.space", '+tune.space={optimizer.lr: "grid[0.001, 0.01]"}'])
     ensure_data(cfg)
     marker = tmp_path / "crashed"
-    best = tune(cfg, trial_callbacks=[CrashInFold(str(marker))])
+    # The first epoch of fold 1 crashes, once per sweep.
+    best = tune(cfg, trial_callbacks=[sweeps.Crash(0, marker=str(marker), folder="fold_1")])
 
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
         trials = {t["trial_id"]: t for t in csv.DictReader(f)}

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
+import sweeps
 from pipeline.data.batches import to_tensors
 from pipeline.data.store import read_raw
 from pipeline.errors import PipelineError
@@ -117,12 +118,10 @@ def test_ddp_trial_that_crashes_resumes_from_its_checkpoint(local_ray, cfg_facto
     trial (tune.max_failures=1) from the epoch-1 checkpoint, and both ranks finish epoch 2."""
     from ray import cloudpickle
 
-    import test_tune  # tests/ is on sys.path (pytest's default rootdir-relative import mode)
-
-    cloudpickle.register_pickle_by_value(test_tune)  # the workers cannot import tests/
+    cloudpickle.register_pickle_by_value(sweeps)  # the workers cannot import tests/
     cfg = cfg_factory([*DDP, "tune.max_epochs=3", "tune.max_failures=1"])
     ensure_data(cfg)
-    tune(cfg, trial_callbacks=[test_tune.CrashOnce(str(tmp_path / "crashed"))])
+    tune(cfg, trial_callbacks=[sweeps.Crash(1, marker=str(tmp_path / "crashed"))])
 
     assert (tmp_path / "crashed").exists()
     with (tmp_path / "out/results/tune/trials.csv").open() as f:

@@ -6,7 +6,7 @@ builds it) is `pipeline.validation.prepare`, one layer up.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +95,32 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists stay values)."""
+def plain(value: Any) -> Any:
+    """Mappings → dicts, other sequences (not strings) → lists, numpy scalars → numbers.
+
+    OmegaConf nodes are resolved in place first, so an interpolation still sees the config
+    it came from, and a missing ``???`` stays the string for the caller's check to name.
+    """
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy and torch scalars (and arrays, as nested lists)
+        return value.tolist()
+    return value
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists stay values; a later duplicate key wins)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, Mapping):
             out.update(flatten(v, key + "."))
         else:
+            out.pop(key, None)  # `{a.b: 1, a: {b: 2}}`: the later entry wins, in its place
             out[key] = v
     return out
 

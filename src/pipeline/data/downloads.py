@@ -8,7 +8,6 @@ second hand-written downloader.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import tarfile
 from collections.abc import Callable, Mapping
@@ -16,20 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.store import file_digest
 from pipeline.errors import DataError
 
 # What a failed download can raise: URLError/socket errors are OSErrors, torchvision raises
 # RuntimeError on a bad md5, a cut connection can raise HTTPException, a bad archive TarError.
 DOWNLOAD_ERRORS = (OSError, RuntimeError, http.client.HTTPException, tarfile.TarError, EOFError)
-
-
-def md5_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex md5 of a file (the checksum torchvision publishes for its downloads)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -96,7 +87,7 @@ def obtain(
     md5s, unverified = {}, []
     for path in found.values():
         assert path is not None
-        actual = md5_file(path)
+        actual = file_digest(path, "md5")
         want = expected.get(path.name)
         if want is None:
             unverified.append(path.name)

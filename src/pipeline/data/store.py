@@ -55,9 +55,13 @@ class RawDataset:
         return int(self.labels.shape[0])
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large datasets do not need to fit twice in RAM."""
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256", chunk_size: int = 1 << 20) -> str:
+    """Hex digest of a file, read in chunks so large datasets do not need to fit twice in RAM.
+
+    These are integrity checks, not security (md5 is what torchvision publishes for its
+    downloads), so ``usedforsecurity=False`` keeps md5 usable on FIPS-restricted builds.
+    """
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
@@ -102,7 +106,7 @@ def _fsync_write(path: Path, write) -> dict[str, Any]:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return {"sha256": file_digest(path), "bytes": path.stat().st_size}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
@@ -227,7 +231,7 @@ def _check_file(raw_dir: Path, name: str, meta: Any, verify: bool) -> Path:
                 f"{path} has {size} bytes but the manifest says {meta['bytes']}: it is truncated "
                 "or was modified; " + _fix(raw_dir)
             )
-        actual = sha256_file(path)
+        actual = file_digest(path)
         if actual != meta.get("sha256"):
             raise DataError(
                 f"{path} sha256 mismatch (manifest {meta.get('sha256')}, file {actual}): it is "

@@ -23,12 +23,12 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.models.layers import (
     PoolSpec,
+    check_min_size,
     check_positive_ints,
     make_activation,
     make_dropout,
     make_norm,
     make_pool,
-    pair,
     probe,
 )
 from pipeline.models.registry import register_model
@@ -106,12 +106,9 @@ def _classifier(
 
 def _check_size(name: str, image_size: int | tuple[int, int]) -> None:
     """The design's minimum (default pools); other pool geometries are probed after."""
-    if min(pair(image_size)) < MIN_SIZE[name]:
-        other = "alexnet_small" if name == "alexnet" else "mlp"
-        raise ConfigError(
-            f"{name} needs image_size >= {MIN_SIZE[name]}, got {image_size!r}; "
-            f"resize the images (data.resize) or use '{other}'."
-        )
+    other = "alexnet_small" if name == "alexnet" else "mlp"
+    check_min_size(name, image_size, MIN_SIZE[name],
+                   hint=f"resize the images (data.resize) or use '{other}'")
 
 
 def _check_pools(name: str, features: nn.Module, in_channels: int,

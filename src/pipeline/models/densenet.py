@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.models.layers import PoolSpec, make_pool, probe
+from pipeline.models.layers import PoolSpec, check_min_size, make_pool, probe
 from pipeline.models.registry import register_model
-from pipeline.models.resnet import Activation, Network, Ops, check_size, dropout2d, make_stem
+from pipeline.models.resnet import Activation, Network, Ops, dropout2d, make_stem
 
 
 class DenseLayer(nn.Module):
@@ -78,8 +78,8 @@ def densenet(
     # Every default transition halves the map (a 2x2/2 pool, which fails on a 1-px map); so
     # does the stem. Other pool geometries are checked by a dry run once the net is built.
     min_size = (4 if stem == "imagenet" else 1) * 2 ** (len(blocks) - 1)
-    check_size(arch, image_size, min_size, f"its stem and {len(blocks) - 1} transitions "
-               "downsample that much")
+    check_min_size(arch, image_size, min_size, f"its stem and {len(blocks) - 1} transitions "
+                   "downsample that much")
     ops = Ops(activation, batch_norm)
     # Pre-activation layers throughout, so the CIFAR stem is a bare conv (as in the paper).
     stages, channels = [], stem_width

@@ -23,18 +23,19 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.models.init import he_init
 from pipeline.models.layers import (
     PoolSpec,
+    check_min_size,
+    choose,
     make_activation,
     make_dropout,
     make_norm,
     make_pool,
-    pair,
     pool_name,
     probe,
 )
 from pipeline.models.registry import register_model
-from pipeline.models.vgg import init_weights
 
 # Table 1 of the paper: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj.
 INCEPTIONS = {
@@ -234,23 +235,14 @@ def googlenet(
     ``pooling``: the stage pools' type, or a mapping such as ``{name: max, kernel_size: 3,
     stride: 2, padding: 1}`` that also sets their geometry (see ``make_pool``).
     """
-    if stem not in STEMS:
-        raise ConfigError(f"googlenet: unknown stem {stem!r}; choose one of: {', '.join(STEMS)}.")
-    if inception not in INCEPTION_KINDS:
-        raise ConfigError(
-            f"googlenet: unknown inception {inception!r}; choose one of: "
-            f"{', '.join(INCEPTION_KINDS)}."
-        )
+    stem = choose(stem, STEMS, "googlenet stem")
+    inception = choose(inception, INCEPTION_KINDS, "googlenet inception")
     make_dropout(aux_dropout, "aux_dropout")  # validate even when there are no aux heads
     k = branch5x5_kernel
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
         raise ConfigError(f"googlenet: branch5x5_kernel must be an odd positive int, got {k!r}.")
-    if min(pair(image_size)) < MIN_SIZE[stem]:
-        hint = "; stem='small' takes smaller images" if stem == "imagenet" else ""
-        raise ConfigError(
-            f"googlenet with stem={stem!r} needs image_size >= {MIN_SIZE[stem]}, got "
-            f"{image_size!r}{hint}."
-        )
+    hint = "stem='small' takes smaller images" if stem == "imagenet" else "resize the images"
+    check_min_size("googlenet", image_size, MIN_SIZE[stem], f"with stem={stem!r}", hint)
     model = GoogLeNet(
         in_channels, num_classes, activation=activation, batch_norm=batch_norm,
         dropout=dropout, pooling=pooling, conv_dropout=conv_dropout,
@@ -260,5 +252,4 @@ def googlenet(
     if isinstance(pooling, Mapping):  # string pools keep the geometry MIN_SIZE covers
         probe(model, in_channels, image_size, "googlenet", {"model.pooling": pooling})
     # He init rather than torchvision's N(0, 0.01), which starves a batch_norm=False net.
-    init_weights(model)
-    return model
+    return he_init(model)

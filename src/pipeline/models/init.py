@@ -37,6 +37,20 @@ INITS: dict[str, Callable[[torch.Tensor, float], None]] = {
 
 
 @torch.no_grad()
+def _reinit(model: nn.Module, conv: Callable[[torch.Tensor], None],
+            linear: Callable[[torch.Tensor], None]) -> nn.Module:
+    """Apply ``conv``/``linear`` to those layers' weights; zero their biases, reset norms."""
+    for module in model.modules():
+        if isinstance(module, _LAYERS):
+            (linear if isinstance(module, nn.Linear) else conv)(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
 def init_weights(model: nn.Module, scheme: str = "default", *, std: float = 0.01) -> nn.Module:
     """Re-initialise every conv/linear layer with `scheme`; `default` keeps PyTorch's."""
     if scheme == "default":
@@ -45,12 +59,16 @@ def init_weights(model: nn.Module, scheme: str = "default", *, std: float = 0.01
         raise ConfigError(f"init.scheme={scheme!r} is not one of: default, {', '.join(sorted(INITS))}.")
     if scheme == "normal" and not std > 0:
         raise ConfigError(f"init.std={std} must be > 0.")
-    for module in model.modules():
-        if isinstance(module, _LAYERS):
-            INITS[scheme](module.weight, std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    return model
+    return _reinit(model, lambda w: INITS[scheme](w, std), lambda w: INITS[scheme](w, std))
+
+
+def he_init(model: nn.Module) -> nn.Module:
+    """torchvision's VGG init, which VGG and GoogLeNet builders apply to their fresh weights:
+    He-normal (fan_out) convs, N(0, 0.01) linears.
+
+    PyTorch's default init shrinks activations layer by layer, which stalls deep nets
+    without BN trained from scratch; He init keeps their scale. Unlike `init_weights`
+    (the user's `init.scheme`, applied after building), this is part of the architecture.
+    """
+    return _reinit(model, conv=lambda w: INITS["kaiming_normal"](w, 0.0),
+                   linear=lambda w: INITS["normal"](w, 0.01))

@@ -5,7 +5,7 @@ Adding a choice is one dict entry; error messages list the table keys, so they n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -65,12 +65,17 @@ NORMS: dict[tuple[str, int], Callable[[int], nn.Module]] = {
 _NORM_ALIASES: dict[object, str] = {True: "batch", False: "none", None: "none"}
 
 
+def choose(value: object, choices: Collection[str], what: str) -> str:
+    """``value`` lower-cased if it is one of ``choices``, else a ConfigError listing them."""
+    key = value.lower() if isinstance(value, str) else None  # also rejects unhashable values
+    if key not in choices:
+        listed = ", ".join(sorted(str(c) for c in choices))
+        raise ConfigError(f"Unknown {what} {value!r}; choose one of: {listed}.")
+    return key
+
+
 def _lookup(table: dict, name: object, what: str) -> Callable[..., nn.Module]:
-    key = name.lower() if isinstance(name, str) else None  # also rejects unhashable values
-    if key not in table:
-        choices = ", ".join(sorted(str(k) for k in table))
-        raise ConfigError(f"Unknown {what} {name!r}; choose one of: {choices}.")
-    return table[key]
+    return table[choose(name, table, what)]
 
 
 def _build(ctor: Callable[..., nn.Module], what: str, name: object, **kw) -> nn.Module:
@@ -272,6 +277,15 @@ def pair(image_size: int | Sequence[int], name: str = "image_size") -> tuple[int
     if len(hw) != 2 or not all(_is_pos_int(v) for v in hw):
         raise ConfigError(f"{name} must be a positive int or [height, width], got {image_size!r}.")
     return hw
+
+
+def check_min_size(arch: str, image_size: int | Sequence[int], min_size: int, why: str = "",
+                   hint: str = "resize the images or pick a model for smaller inputs") -> None:
+    """ConfigError naming ``arch``, ``min_size`` and (if given) ``why`` below that size."""
+    if min(pair(image_size)) < min_size:
+        because = f" ({why})" if why else ""
+        raise ConfigError(
+            f"{arch} needs image_size >= {min_size}{because}, got {image_size!r}; {hint}.")
 
 
 def check_positive_ints(values: object, name: str) -> list[int]:

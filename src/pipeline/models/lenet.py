@@ -12,9 +12,9 @@ from collections import OrderedDict
 
 from torch import nn
 
-from pipeline.errors import ConfigError
 from pipeline.models.layers import (
     PoolSpec,
+    check_min_size,
     make_activation,
     make_dropout,
     make_norm,
@@ -59,12 +59,8 @@ def lenet5(
     goes between each conv and its activation. S2/S4 are 2x2/2 pools of type
     ``pooling``, or e.g. ``{name: max, kernel_size: 3, stride: 2, padding: 1}``.
     """
+    check_min_size("lenet5", image_size, MIN_SIZE, hint="resize the images or use the 'mlp' model")
     h, w = pair(image_size)
-    if min(h, w) < MIN_SIZE:
-        raise ConfigError(
-            f"lenet5 needs image_size >= {MIN_SIZE} (got {image_size!r}); "
-            "resize the images or use the 'mlp' model."
-        )
     s2, s4 = make_pool(pooling, 2, 2), make_pool(pooling, 2, 2)
     (p1h, p3h), (p1w, p3w) = _paddings(h, s2, 0), _paddings(w, s2, 1)
 

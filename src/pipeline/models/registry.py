@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from pipeline.config import plain
 from pipeline.errors import ConfigError
 from pipeline.models.layers import pair
 
@@ -58,20 +59,11 @@ def _builder(name: str) -> Builder:
     return _REGISTRY[name]
 
 
-def _plain(value: Any) -> Any:
-    """Turn OmegaConf containers and tuples into dicts/lists so kwargs pickle and YAML cleanly."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def model_defaults(name: str) -> dict[str, Any]:
     """The builder's own keyword defaults (excluding in_channels/num_classes/image_size)."""
     params = inspect.signature(_builder(name)).parameters.values()
     return {
-        p.name: _plain(p.default)
+        p.name: plain(p.default)
         for p in params
         if p.name not in _COMMON and p.default is not inspect.Parameter.empty
     }
@@ -112,7 +104,7 @@ def create_model(
     ``create_model(m.arch, **m.arch_kwargs)`` rebuilds the same architecture from a checkpoint.
     """
     builder = _builder(name)
-    kwargs = {k: _plain(v) for k, v in kwargs.items() if v is not None}
+    kwargs = {k: plain(v) for k, v in kwargs.items() if v is not None}
     _check_kwargs(name, kwargs)
     hw = pair(image_size)  # validate before any builder arithmetic
     common = {

@@ -32,12 +32,13 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.models.layers import (
     PoolSpec,
+    check_min_size,
     check_positive_ints,
+    choose,
     make_activation,
     make_dropout,
     make_norm,
     make_pool,
-    pair,
     probe,
 )
 from pipeline.models.registry import register_model
@@ -68,22 +69,6 @@ def dropout2d(p: float) -> nn.Module:
     """Spatial dropout (whole channels), or Identity when ``p == 0``; validates ``p``."""
     p = make_dropout(p, "conv_dropout").p
     return nn.Dropout2d(p) if p > 0 else nn.Identity()
-
-
-def check_size(arch: str, image_size: int | Sequence[int], min_size: int, why: str) -> None:
-    """ConfigError naming ``arch`` and ``min_size`` if the image is smaller than ``min_size``."""
-    if min(pair(image_size)) < min_size:
-        raise ConfigError(
-            f"{arch} needs image_size >= {min_size} ({why}), got {image_size!r}; "
-            "resize the images or pick a model for smaller inputs."
-        )
-
-
-def check_choice(value: object, choices: Sequence[str], what: str) -> str:
-    key = value.lower() if isinstance(value, str) else None
-    if key not in choices:
-        raise ConfigError(f"{what} must be one of {', '.join(choices)}; got {value!r}.")
-    return key
 
 
 class Network(nn.Module):
@@ -227,15 +212,15 @@ def resnet(
     layers = check_positive_ints(layers, "layers")
     if not layers:
         raise ConfigError(f"{arch} needs at least one stage in layers, e.g. [2, 2, 2].")
-    stem = check_choice(stem, ("imagenet", "cifar"), "stem")
+    stem = choose(stem, ("imagenet", "cifar"), f"{arch} stem")
     if stem == "cifar":
         make_pool(pooling, 3, 2, 1)  # no stem pool to build, but still reject a bad spec
-    shortcut = check_choice(shortcut, ("a", "b"), "shortcut")
+    shortcut = choose(shortcut, ("a", "b"), f"{arch} shortcut")
     if not isinstance(preact, bool):
         raise ConfigError(f"preact must be true or false, got {preact!r}.")
     min_size = (4 if stem == "imagenet" else 1) * 2 ** (len(layers) - 1)
-    check_size(arch, image_size, min_size, f"its {stem} stem and {len(layers)} stages "
-               "downsample that much")
+    check_min_size(arch, image_size, min_size, f"its {stem} stem and {len(layers)} stages "
+                   "downsample that much")
     ops, unit = Ops(activation, batch_norm), UNITS[block]
     channels, stages = stem_width, []
     for i, n in enumerate(layers):

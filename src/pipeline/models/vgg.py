@@ -7,6 +7,7 @@ e.g. MiniVGG is ``[32, 32, "M", 64, 64, "M"]``; VGG-11..19 are longer lists.
 VGG-11/13/16/19 (+ ``_bn``) are configurations A/B/D/E of Simonyan & Zisserman, "Very Deep
 Convolutional Networks for Large-Scale Image Recognition" (ICLR 2015), laid out as
 torchvision's ``vgg11``..``vgg19_bn``: same module indices, so the state_dict keys match.
+Each is a tiny builder over the family function :func:`vgg`, made by ``_vgg``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.models.init import he_init
 from pipeline.models.layers import (
     PoolSpec,
+    check_min_size,
     check_positive_ints,
+    choose,
     make_activation,
     make_dropout,
     make_norm,
     make_pool,
-    pair,
     probe,
 )
 from pipeline.models.registry import register_model
@@ -50,6 +53,7 @@ def make_layers(
     conv → act → BN (MiniVGG). ``pool_dropout > 0`` adds Dropout after each pool.
     Disabled BN/dropout add no modules, so layer indices match torchvision's VGG.
     """
+    pool_dropout = make_dropout(pool_dropout, "conv_dropout").p  # a negative p must not pass as 0
     layers: list[nn.Module] = []
     for item in cfg:
         if item == "M":
@@ -63,20 +67,6 @@ def make_layers(
         layers += [m for m in block if not isinstance(m, nn.Identity)]
         in_channels = item
     return nn.Sequential(*layers)
-
-
-def check_poolable(cfg: Cfg, image_size: int | tuple[int, int], arch: str) -> None:
-    """ConfigError if any of the cfg's default 2x2/2 pools would see < 2 px.
-
-    This is the design's minimum size; other pool geometries are checked by ``probe``.
-    """
-    h, w = pair(image_size)
-    pools = sum(1 for item in cfg if item == "M")
-    if min(h, w) < 2**pools:
-        raise ConfigError(
-            f"{arch} halves the image {pools} times, so it needs image_size >= {2**pools}, "
-            f"got {image_size!r}; use fewer stages (widths) or larger images."
-        )
 
 
 class VGG(nn.Module):
@@ -121,17 +111,14 @@ def minivgg(
     if not widths:
         raise ConfigError("minivgg needs at least one entry in widths, e.g. [32, 64].")
     fc_size = check_positive_ints(fc_size, "fc_size")[0]
+    # The design's minimum, for its default 2x2/2 pools; other geometries are probed below.
+    pools = len(widths)
+    check_min_size("minivgg", image_size, 2**pools, f"it halves the image {pools} times",
+                   "use fewer stages (widths) or larger images")
     cfg: list[int | str] = [item for w in widths for item in (w, w, "M")]
-    check_poolable(cfg, image_size, "minivgg")
-    features = make_layers(
-        cfg,
-        in_channels,
-        activation=activation,
-        pooling=pooling,
-        batch_norm=batch_norm,
-        norm_after_activation=True,
-        pool_dropout=make_dropout(conv_dropout, "conv_dropout").p,  # validate range
-    )
+    features = make_layers(cfg, in_channels, activation=activation, pooling=pooling,
+                           batch_norm=batch_norm, pool_dropout=conv_dropout,
+                           norm_after_activation=True)
     shape = probe(features, in_channels, image_size, "minivgg", {"model.pooling": pooling})
     classifier = nn.Sequential(
         nn.Linear(math.prod(shape[1:]), fc_size),
@@ -153,25 +140,6 @@ CFGS: dict[str, list[int | str]] = {
 }
 VGG_MIN_SIZE = 32  # five 2x2/2 pools: 32 px ends as a 1x1 map, anything less as 0x0
 HEADS = ("imagenet", "small")
-
-
-def init_weights(model: nn.Module) -> None:
-    """torchvision's VGG init: He-normal (fan_out) convs, N(0, 0.01) linears, zero biases.
-
-    PyTorch's default init shrinks activations layer by layer, which stalls the deep
-    no-BN VGGs trained from scratch; He init keeps their scale.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-        else:
-            continue
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def vgg(
@@ -197,22 +165,11 @@ def vgg(
     Linear(512, num_classes). ``conv_dropout`` adds Dropout after every pool. A
     ``pooling`` mapping reshapes the five 2x2/2 pools; both heads take any map size.
     """
-    h, w = pair(image_size)
-    if min(h, w) < VGG_MIN_SIZE:
-        raise ConfigError(
-            f"{name} halves the image 5 times, so it needs image_size >= {VGG_MIN_SIZE}, "
-            f"got {image_size!r}; resize the images (data.resize) or use 'minivgg'."
-        )
-    if head not in HEADS:
-        raise ConfigError(f"{name}: unknown head {head!r}; choose one of: {', '.join(HEADS)}.")
-    features = make_layers(
-        cfg,
-        in_channels,
-        activation=activation,
-        pooling=pooling,
-        batch_norm=batch_norm,
-        pool_dropout=make_dropout(conv_dropout, "conv_dropout").p,  # validate range
-    )
+    check_min_size(name, image_size, VGG_MIN_SIZE, "it halves the image 5 times",
+                   "resize the images (data.resize) or use 'minivgg'")
+    head = choose(head, HEADS, f"{name} head")
+    features = make_layers(cfg, in_channels, activation=activation, pooling=pooling,
+                           batch_norm=batch_norm, pool_dropout=conv_dropout)
     if isinstance(pooling, Mapping):  # string pools keep the 2x2/2 geometry checked above
         probe(features, in_channels, image_size, name, {"model.pooling": pooling})
     width = [c for c in cfg if c != "M"][-1]
@@ -231,75 +188,32 @@ def vgg(
     else:  # "small"
         avgpool = nn.AdaptiveAvgPool2d(1)
         classifier = nn.Sequential(make_dropout(dropout), nn.Linear(width, num_classes))
-    model = VGG(features, classifier, avgpool)
-    init_weights(model)
-    return model
+    return he_init(VGG(features, classifier, avgpool))
 
 
-# Each builder below is the family function with one cfg; the signatures stay explicit
-# because the registry reads defaults (and the accepted kwargs) from them. At their start
-# ``locals()`` is exactly those keyword arguments.
+def _vgg(depth: int, config: str, bn: bool):
+    """Register ``vgg{depth}`` (``_bn``): the family function with one cfg and BN default.
+
+    The builder's signature stays explicit because the registry reads the accepted
+    keyword arguments and their defaults from it.
+    """
+    name = f"vgg{depth}_bn" if bn else f"vgg{depth}"
+
+    def build(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
+              activation: str = "relu", batch_norm: bool = bn, dropout: float = 0.5,
+              pooling: PoolSpec = "max", head: str = "imagenet",
+              conv_dropout: float = 0.0) -> nn.Module:
+        return vgg(name, CFGS[config], in_channels=in_channels, num_classes=num_classes,
+                   image_size=image_size, activation=activation, batch_norm=batch_norm,
+                   dropout=dropout, pooling=pooling, head=head, conv_dropout=conv_dropout)
+
+    convs = sum(1 for item in CFGS[config] if item != "M")
+    build.__name__ = build.__qualname__ = name
+    norm = ", BatchNorm after every conv (conv → BN → act, as torchvision)" if bn else ""
+    build.__doc__ = f"{name}: VGG-{depth}, configuration {config} ({convs} convs + 3 FC){norm}."
+    return register_model(name, min_image_size=VGG_MIN_SIZE)(build)
 
 
-@register_model("vgg11", min_image_size=VGG_MIN_SIZE)
-def vgg11(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
-          activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
-          pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
-    """VGG-11, configuration A (8 convs + 3 FC)."""
-    return vgg("vgg11", CFGS["A"], **locals())
-
-
-@register_model("vgg13", min_image_size=VGG_MIN_SIZE)
-def vgg13(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
-          activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
-          pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
-    """VGG-13, configuration B (10 convs + 3 FC)."""
-    return vgg("vgg13", CFGS["B"], **locals())
-
-
-@register_model("vgg16", min_image_size=VGG_MIN_SIZE)
-def vgg16(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
-          activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
-          pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
-    """VGG-16, configuration D (13 convs + 3 FC)."""
-    return vgg("vgg16", CFGS["D"], **locals())
-
-
-@register_model("vgg19", min_image_size=VGG_MIN_SIZE)
-def vgg19(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
-          activation: str = "relu", batch_norm: bool = False, dropout: float = 0.5,
-          pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
-    """VGG-19, configuration E (16 convs + 3 FC)."""
-    return vgg("vgg19", CFGS["E"], **locals())
-
-
-@register_model("vgg11_bn", min_image_size=VGG_MIN_SIZE)
-def vgg11_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
-             activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
-             pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
-    """VGG-11 with BatchNorm after every conv (conv → BN → act, as torchvision)."""
-    return vgg("vgg11_bn", CFGS["A"], **locals())
-
-
-@register_model("vgg13_bn", min_image_size=VGG_MIN_SIZE)
-def vgg13_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
-             activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
-             pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
-    """VGG-13 with BatchNorm after every conv."""
-    return vgg("vgg13_bn", CFGS["B"], **locals())
-
-
-@register_model("vgg16_bn", min_image_size=VGG_MIN_SIZE)
-def vgg16_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
-             activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
-             pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
-    """VGG-16 with BatchNorm after every conv."""
-    return vgg("vgg16_bn", CFGS["D"], **locals())
-
-
-@register_model("vgg19_bn", min_image_size=VGG_MIN_SIZE)
-def vgg19_bn(*, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
-             activation: str = "relu", batch_norm: bool = True, dropout: float = 0.5,
-             pooling: PoolSpec = "max", head: str = "imagenet", conv_dropout: float = 0.0) -> nn.Module:
-    """VGG-19 with BatchNorm after every conv."""
-    return vgg("vgg19_bn", CFGS["E"], **locals())
+_DEPTHS = {11: "A", 13: "B", 16: "D", 19: "E"}
+vgg11, vgg13, vgg16, vgg19 = (_vgg(depth, cfg, bn=False) for depth, cfg in _DEPTHS.items())
+vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn = (_vgg(depth, cfg, bn=True) for depth, cfg in _DEPTHS.items())

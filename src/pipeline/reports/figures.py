@@ -11,6 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Lay out, write ``path`` (creating its folder) and close ``fig``, so figures do not pile
+    up in memory across a long run; returns ``path``."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def confusion_matrix_png(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     """Row-normalised confusion matrix with counts annotated when small enough to read."""
     n = len(classes)
@@ -28,11 +38,7 @@ def confusion_matrix_png(cm: np.ndarray, classes: list[str], path: Path) -> Path
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def learning_curves_png(rows: list[dict], path: Path) -> Path:
@@ -48,8 +54,4 @@ def learning_curves_png(rows: list[dict], path: Path) -> Path:
     axes[2].plot(epochs, [r.get("lr") for r in rows], color="tab:green")
     axes[2].set(xlabel="epoch", title="learning rate")
     axes[2].grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

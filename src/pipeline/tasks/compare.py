@@ -129,6 +129,8 @@ def per_fold_png(scores: dict[str, list[float]], metric: str, path: Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.reports.figures import save_figure
+
     names = list(scores)
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 4))
     folds = np.array([scores[n] for n in names])  # alternatives x folds
@@ -139,9 +141,5 @@ def per_fold_png(scores: dict[str, list[float]], metric: str, path: Path) -> Pat
     ax.set(ylabel=metric, title=f"{metric} per fold")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 

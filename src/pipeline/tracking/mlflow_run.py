@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
-BATCH = 100  # MLflow's limit on params per log_batch call
+BATCH = 100  # MLflow's limit on params (and tags) per log_batch call
+METRIC_BATCH = 1000  # and on metrics
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -102,9 +103,7 @@ class TrackedRun:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
-        for i in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + BATCH])
+        self._log_batches("params", [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, *, timestamp: int | None = None) -> None:
         import time
@@ -112,16 +111,18 @@ class TrackedRun:
         from mlflow.entities import Metric
 
         now = timestamp or int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        self._log_batches("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()],
+                          METRIC_BATCH)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, tags=items[i : i + BATCH])
+        self._log_batches("tags", [RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _log_batches(self, kind: str, items: list, size: int = BATCH) -> None:
+        """``log_batch`` in chunks MLflow accepts (``kind``: params, metrics or tags)."""
+        for i in range(0, len(items), size):
+            self.client.log_batch(self.run_id, **{kind: items[i : i + size]})
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from pipeline.config import plain
 from pipeline.errors import ConfigError
 from pipeline.training.lookahead import Lookahead
-from pipeline.training.schedules import (  # noqa: F401  (re-exported: module.py imports them from here)
-    SCHEDULES,
+from pipeline.training.schedules import (  # noqa: F401  (re-exported: module.py and config.py import them from here)
     build_scheduler,
-    lr_multiplier,
     validate_scheduler,
 )
 
@@ -92,21 +91,16 @@ def _spec(name: Any, where: str) -> OptimizerSpec:
     return OPTIMIZERS[name]
 
 
-def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain dict of plain values (the config may be, or hold, OmegaConf nodes)."""
-    return OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)  # type: ignore[return-value]
-
-
 def _check_keys(spec: OptimizerSpec, name: str, kwargs: Mapping[str, Any], where: str) -> None:
     unknown = sorted(set(kwargs) - spec.keys)
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]} is not an option of {name}; it takes: {', '.join(sorted(spec.keys))}.")
-    if spec.wraps and not isinstance(kwargs.get("base"), Mapping) and not OmegaConf.is_dict(kwargs.get("base")):
+    if spec.wraps and not isinstance(kwargs.get("base"), Mapping):
         raise ConfigError(f"{where}.base must be an optimizer config (name, lr, ...) for {name} to wrap.")
 
 
 def _build(params: Iterable, cfg: Mapping[str, Any], where: str) -> torch.optim.Optimizer:
-    kwargs = _plain(cfg)
+    kwargs = plain(cfg)
     name = kwargs.pop("name", None)
     spec = _spec(name, where)
     _check_keys(spec, name, kwargs, where)
@@ -132,7 +126,7 @@ def validate_optimizer(cfg: Mapping[str, Any], *, where: str = "optimizer") -> N
     `base` too, as `optimizer.base.*`), then a dry build on one parameter."""
     from pipeline.config import check_bool, check_number
 
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     spec = _spec(cfg.get("name"), where)
     kwargs = {k: v for k, v in cfg.items() if k != "name"}
     _check_keys(spec, cfg["name"], kwargs, where)

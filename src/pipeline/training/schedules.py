@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
+from pipeline.config import plain
 from pipeline.errors import ConfigError
 
 Multiplier = Callable[[int], float]
@@ -60,8 +61,9 @@ def _cosine(min_lr_ratio: float = 0.0, *, max_epochs: int) -> Multiplier:
     return lambda t: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, max_epochs) / max_epochs))
 
 
-# name -> factory of the multiplier f(t); lr(t) = lr0 * f(t).
-SCHEDULES: dict[str, Callable[..., Multiplier]] = {
+# name -> factory of the multiplier f(t); lr(t) = lr0 * f(t). Each is also a per-epoch
+# entry of SCHEDULERS below, which maps every name to its Lightning scheduler config.
+MULTIPLIERS: dict[str, Callable[..., Multiplier]] = {
     "none": _none,
     "step": _step,
     "multistep": _multistep,
@@ -84,10 +86,10 @@ def _check_unknown(name: str, kwargs: Mapping[str, Any], accepted: set[str]) -> 
 def lr_multiplier(name: str, *, warmup_epochs: int = 0, max_epochs: int | None = None, **kwargs: Any) -> Multiplier:
     """f(t) such that lr(t) = lr0 * f(t); linear warm-up over the first `warmup_epochs`.
     `max_epochs` is needed by `cosine` only."""
-    if name not in SCHEDULES:
+    if name not in MULTIPLIERS:
         raise ConfigError(f"scheduler.name={name!r} has no per-epoch multiplier; those are: "
-                          f"{', '.join(sorted(SCHEDULES))}.")
-    factory = SCHEDULES[name]
+                          f"{', '.join(sorted(MULTIPLIERS))}.")
+    factory = MULTIPLIERS[name]
     _check_unknown(name, kwargs, _config_keys(factory) | {"warmup_epochs"})
     if "max_epochs" in inspect.signature(factory).parameters:
         if not max_epochs:
@@ -143,7 +145,7 @@ def _per_epoch(name: str) -> Callable[..., dict[str, Any]]:
         return {"scheduler": LambdaLR(optimizer, lr_multiplier(name, max_epochs=max_epochs, **kwargs)),
                 "interval": "epoch"}
 
-    build.keys = _config_keys(SCHEDULES[name]) | {"warmup_epochs"}  # type: ignore[attr-defined]
+    build.keys = _config_keys(MULTIPLIERS[name]) | {"warmup_epochs"}  # type: ignore[attr-defined]
     return build
 
 
@@ -176,7 +178,7 @@ def _plateau(optimizer: torch.optim.Optimizer, *, monitor: str, warmup_epochs: i
 
 # name -> builder(optimizer, *, max_epochs, steps_per_epoch, monitor, **config) -> Lightning config.
 SCHEDULERS: dict[str, Callable[..., dict[str, Any]]] = {
-    **{name: _per_epoch(name) for name in SCHEDULES},
+    **{name: _per_epoch(name) for name in MULTIPLIERS},
     "onecycle": _onecycle,
     "plateau": _plateau,
 }
@@ -235,7 +237,7 @@ def validate_scheduler(cfg: Mapping[str, Any], *, max_epochs: int) -> None:
     (and, for per-epoch formulas, that f(t) is a finite non-negative factor at every epoch)."""
     from pipeline.config import check_bool, check_choice, check_number
 
-    cfg = OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)  # plain values
+    cfg = plain(cfg)
     name = cfg.get("name")
     if not isinstance(name, str) or name not in SCHEDULERS:
         raise ConfigError(f"scheduler.name={name!r} is not one of: {', '.join(sorted(SCHEDULERS))}.")
@@ -262,7 +264,7 @@ def validate_scheduler(cfg: Mapping[str, Any], *, max_epochs: int) -> None:
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0, momentum=0.9)
     build_scheduler(optimizer, name, max_epochs=max_epochs, steps_per_epoch=1, **kwargs)
-    if name in SCHEDULES:
+    if name in MULTIPLIERS:
         f = lr_multiplier(name, max_epochs=max_epochs, **kwargs)
         bad = [t for t in range(max_epochs) if not math.isfinite(f(t)) or f(t) < 0]
         if bad:

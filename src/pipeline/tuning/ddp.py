@@ -11,14 +11,9 @@ relays each epoch back to Tune:
     rank 0 waits for the trial's answer  <------------------------------------ "go" / "stop"
     and broadcasts it, so all ranks stop together (ASHA, PBT, divergence).
 
-<<<<<<< HEAD
 Every worker calls the train task with the same config (tracking off) and
-`trainer_kwargs` for the DDP strategy; `ArrayDataModule` shards batches by rank itself.
-=======
-Every worker calls `pipeline.tasks.train.train` with the same config (tracking off) and
 `trainer_kwargs` for the DDP strategy; `ArrayDataModule` shards batches by rank itself,
 padded so that every rank runs as many batches (DDP's collectives wait for all of them).
->>>>>>> wt-a
 """
 
 from __future__ import annotations

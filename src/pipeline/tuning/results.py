@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from pipeline.config import plain
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tuning.plan import Plan
 from pipeline.tuning.space import trial_config
@@ -109,18 +110,9 @@ def collect(plan: Plan, path: str) -> Outcome:
             "value": float(best["value"]), **({"folds": best["epochs"]} if plan.tune.get("cv") else {"epoch": best["epoch"]}),
             "sweep": plan.tune["name"],
             "experiment": path, "mlflow_parent_run_id": ids["parent"], "mlflow_run_id": best["run_id"] or None,
-            "overrides": _plain(overrides),
+            "overrides": plain(overrides),
             "config": OmegaConf.to_container(OmegaConf.create(config), resolve=True)}
     return outcome
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars (from Tune's samplers) -> Python numbers for YAML and MLflow."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value.item() if hasattr(value, "item") else value
 
 
 def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
@@ -137,7 +129,7 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
         writer.writerow(["trial_id", "status", *keys, *columns, "diverged",
                          "stop_reason", "failures", "node", "mlflow_run_id"])
         for t in outcome.trials:
-            writer.writerow([t["trial_id"], t["status"], *(_plain(t["config"].get(k, "")) for k in keys),
+            writer.writerow([t["trial_id"], t["status"], *(plain(t["config"].get(k, "")) for k in keys),
                              t["value"], t["epoch"], t["epochs"], int(t["diverged"]), t["stop_reason"],
                              t["failures"], t["node"], t["run_id"]])
     (out / "curves.json").write_text(json.dumps(outcome.curves, indent=1) + "\n")
@@ -146,7 +138,7 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
     if outcome.best is not None and final:
         header = ("# The best trial of the last sweep (pipeline tune / the DVC tune stage). The train\n"
                   "# stage applies `overrides` (group keys take their block from `config`) when tune.use_best.\n")
-        best_file.write_text(header + yaml.safe_dump(_plain(outcome.best), sort_keys=False))
+        best_file.write_text(header + yaml.safe_dump(plain(outcome.best), sort_keys=False))
     else:
         best_file.unlink(missing_ok=True)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import compose, flatten
 from pipeline.errors import ConfigError
 
 # Config groups whose options a space (or `tune.fixed`) can choose between.
@@ -122,19 +123,7 @@ def flat_mapping(node: Any, where: str) -> dict[str, Any]:
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping of dotted config keys, got {data!r}.")
-    out: dict[str, Any] = {}
-
-    def walk(d: Mapping, prefix: str) -> None:
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, Mapping):
-                walk(v, key + ".")
-            else:
-                out.pop(key, None)
-                out[key] = v
-
-    walk(data, "")
-    return out
+    return flatten(data)
 
 
 def parse_space(space: Any) -> dict[str, Dist]:
@@ -157,8 +146,6 @@ def parse_space(space: Any) -> dict[str, Dist]:
 def compose_block(group: str, option: str, where: str = "tune") -> dict[str, Any]:
     """Group `group`'s option `option`, composed from conf/ like `group=option` on the command
     line, as a plain block (interpolations kept: they resolve in the trial's own config)."""
-    from pipeline.config import compose
-
     try:
         composed = compose([f"{group}={option}"])
     except ConfigError as err:
