@@ -30,6 +30,12 @@ from pipeline.validation import prepare
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The registry is a module-level table: entries a test registers vanish after it."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
 def test_the_base_block_in_config_yaml_holds_the_registry_defaults():
     # conf/config.yaml lists keys for users to read and override; where it lists one, its
     # value must be the code's default. A new entry need not be listed (prepare fills it in).
@@ -47,9 +53,11 @@ def test_every_entry_says_where_it_acts():
     assert pbt_keys() == ["optimizer.lr", "regularizer.dropout"]
 
 
-def test_a_duplicate_key_is_an_error():
+def test_a_duplicate_key_or_a_missing_check_is_an_error(scratch_registry):
     with pytest.raises(ValueError, match="'l2' is already registered"):
         register_regularizer("l2", default=0.0)(type("L2Again", (Regularizer,), {}))
+    with pytest.raises(TypeError, match="'unchecked' .* must define its own `check`"):
+        register_regularizer("unchecked", default=0.0)(type("Unchecked", (Regularizer,), {}))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -73,12 +81,6 @@ def test_hooks_run_only_for_active_entries():
 
 
 # ---------------------------------------------------------------------------- adding one in a test
-
-@pytest.fixture
-def scratch_registry(monkeypatch):
-    """The registry is a module-level table: entries a test registers vanish after it."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-
 
 def _register_confidence_penalty() -> type[Regularizer]:
     """What a contributor writes in `training/regularizers/<module>.py`."""

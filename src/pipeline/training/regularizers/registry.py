@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pipeline.config import to_container
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -92,12 +93,17 @@ R = TypeVar("R", bound=type[Regularizer])
 
 
 def register_regularizer(key: str, *, default: Any, pbt_mutable: bool = False) -> Callable[[R], R]:
-    """Class decorator registering an entry for `regularizer.<key>`; a duplicate key raises ValueError."""
+    """Class decorator registering an entry for `regularizer.<key>`; a duplicate key raises
+    ValueError, an entry without its own `check` TypeError."""
 
     def decorator(cls: R) -> R:
         if key in _REGISTRY:
             # A silent overwrite would make what a config means depend on import order.
             raise ValueError(f"Regularizer {key!r} is already registered by {_REGISTRY[key]!r}.")
+        if cls.check.__func__ is Regularizer.check.__func__:
+            # Every value is checked before anything runs; an entry without a check would let
+            # a typo'd value through to training.
+            raise TypeError(f"Regularizer {key!r} ({cls.__name__}) must define its own `check`.")
         cls.key, cls.default, cls.pbt_mutable = key, default, pbt_mutable
         _REGISTRY[key] = cls
         return cls
@@ -130,8 +136,9 @@ def pbt_mutable_keys() -> list[str]:
     return out
 
 
-def _plain(block: Any) -> Any:
-    return OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else copy.deepcopy(block)
+def _copy(block: Any) -> Any:
+    """A plain copy (the block may be a DictConfig, a checkpoint's dict, or None)."""
+    return to_container(block) if OmegaConf.is_config(block) else copy.deepcopy(block)
 
 
 def _unknown(where: str, name: str, known: list[str]) -> ConfigError:
@@ -156,7 +163,7 @@ def _fill(value: Any, default: Any, where: str) -> Any:
 def complete(block: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
     """A plain copy of the `regularizer` block with every registered key, defaults filled in;
     a key no entry owns raises ConfigError naming it."""
-    given = _plain(block) or {}
+    given = _copy(block) or {}
     if not isinstance(given, dict):
         raise ConfigError(f"regularizer must be a block of {', '.join(_REGISTRY)}, got {given!r}.")
     for name in given:
