@@ -5,8 +5,8 @@ Stage and task functions are the only code that sees the whole config; they call
 `prepare(cfg)` first, which validates every value and makes every path absolute, so a
 bad config fails before any data is read or any MLflow run is created, and Ray trials do
 not depend on their working directory. Each group's own module checks its part (the model
-registry dry-builds the network, the optimizer and scheduler tables dry-build theirs), so a
-new option is validated by the same code that builds it.
+registry dry-builds the network, the optimizer and scheduler tables dry-build theirs, each
+regularizer entry checks its key), so a new option is validated by the same code that builds it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pipeline.config import (
     check_choice,
     check_number,
     get_required,
+    open_dict,
     resolve_paths,
     to_container,
 )
@@ -31,11 +32,12 @@ def validate(cfg: DictConfig) -> None:
     """Check every value the pipeline reads, before any data is touched.
 
     Each group's own module checks its part (the model registry dry-builds the network,
-    the optimizer and scheduler tables dry-build theirs), so a new option is validated by
-    the same code that builds it.
+    the optimizer and scheduler tables dry-build theirs, each regularizer entry checks its
+    key), so a new option is validated by the same code that builds it.
     """
     from pipeline.data.sources import list_sources
     from pipeline.training.optim import validate_optimizer, validate_scheduler
+    from pipeline.training.regularizers import check_regularizers
 
     check_number(cfg, "seed", integer=True, low=0)
     check_choice(cfg, "data.name", list_sources())
@@ -77,7 +79,7 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(get_required(cfg, "tracking.tracking_uri"), str):
         raise ConfigError("tracking.tracking_uri must be a URI string, e.g. sqlite:///mlflow.db or http://127.0.0.1:5000.")
 
-    _validate_regularizer(cfg)
+    check_regularizers(get_required(cfg, "regularizer"))
     from pipeline.models.init import INITS
 
     check_choice(cfg, "init.scheme", ["default", *INITS])
@@ -91,29 +93,6 @@ def validate(cfg: DictConfig) -> None:
     _validate_model(cfg)
     validate_optimizer(dict(cfg.optimizer))
     validate_scheduler(dict(cfg.scheduler), max_epochs=cfg.trainer.max_epochs)
-
-
-def _validate_regularizer(cfg: DictConfig) -> None:
-    from pipeline.data.augment import AugmentConfig
-    from pipeline.training.regularizers import TTA
-
-    check_number(cfg, "regularizer.dropout", low=0, high=1, high_open=True, optional=True)
-    check_number(cfg, "regularizer.conv_dropout", low=0, high=1, high_open=True, optional=True)
-    if get_required(cfg, "regularizer.batch_norm") is not None:
-        check_bool(cfg, "regularizer.batch_norm")
-    for key in ("l1", "l2", "elastic.alpha", "weight_decay"):
-        check_number(cfg, f"regularizer.{key}", low=0)
-    check_number(cfg, "regularizer.elastic.l1_ratio", low=0, high=1)
-    check_number(cfg, "regularizer.label_smoothing", low=0, high=1, high_open=True)
-    check_bool(cfg, "regularizer.early_stopping.enabled")
-    check_number(cfg, "regularizer.early_stopping.patience", integer=True, low=0)
-    check_number(cfg, "regularizer.early_stopping.min_delta", low=0)
-    check_choice(cfg, "regularizer.tta", list(TTA))
-    augment = to_container(cfg.regularizer.augment)
-    for key in augment:
-        if key != "resized_crop_scale":
-            check_number(cfg, f"regularizer.augment.{key}", integer=key in ("crop_padding", "cutout"), low=0)
-    AugmentConfig.from_dict(augment)
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -134,11 +113,11 @@ def _validate_model(cfg: DictConfig) -> None:
 
 def model_args(cfg: DictConfig, *, num_classes: int) -> dict[str, Any]:
     """Keyword arguments for `create_model` from the config (the one place that maps them)."""
+    from pipeline.training.regularizers import Regularizers
+
     kwargs = {k: v for k, v in to_container(cfg.model).items() if k != "name"}
-    # Regularizer choices override the model's own values when set (null keeps them).
-    for key in ("dropout", "conv_dropout", "batch_norm"):
-        if cfg.regularizer.get(key) is not None:
-            kwargs[key] = cfg.regularizer[key]
+    # Regularizers that are model options override the model's own values when set (null keeps them).
+    kwargs.update(Regularizers(cfg.regularizer).model_kwargs())
     return dict(name=cfg.model.name, in_channels=int(cfg.data.channels), num_classes=int(num_classes),
                 image_size=int(cfg.data.resize or cfg.data.image_size), **kwargs)
 
@@ -149,5 +128,18 @@ def prepare(cfg: DictConfig) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err)) from err
+    cfg = _complete_regularizer(cfg)
     validate(cfg)
     return resolve_paths(cfg)
+
+
+def _complete_regularizer(cfg: DictConfig) -> DictConfig:
+    """A copy whose `regularizer` block has every registered key: a regularizer whose key is
+    not in conf/config.yaml (only in its conf/regularizer/ option) gets its default, so every
+    later reader (training, sweeps, the logged parameters) sees the whole block."""
+    from pipeline.training.regularizers import complete
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.regularizer = complete(get_required(cfg, "regularizer"))
+    return cfg

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,17 +20,20 @@ from pipeline.reports.figures import confusion_matrix_png
 from pipeline.tasks.common import load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.training.module import Classifier
-from pipeline.training.regularizers import tta_probabilities
+from pipeline.training.regularizers import Regularizers
 from pipeline.validation import prepare
 
 
 @torch.inference_mode()
-def predict(net: torch.nn.Module, images: np.ndarray, *, batch_size: int = 512, tta: str = "none") -> np.ndarray:
-    """Class probabilities for NHWC uint8 images, in order, averaged over the TTA views."""
+def predict(net: torch.nn.Module, images: np.ndarray, *, batch_size: int = 512,
+            regularizer: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Class probabilities for NHWC uint8 images, in order, as the `regularizer` block's
+    evaluation-time entry computes them (e.g. averaged over test-time augmentation views)."""
     net.eval()
+    regularizers = Regularizers(regularizer)
     x, y = to_tensors(images, np.zeros(len(images), dtype=np.int64))
     batches = TensorBatches(x, y, batch_size=batch_size, shuffle=False)
-    return torch.cat([tta_probabilities(net, xb, tta) for xb, _ in batches]).numpy()
+    return torch.cat([regularizers.probabilities(net, xb) for xb, _ in batches]).numpy()
 
 
 def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[dict, list[dict], np.ndarray]:
@@ -60,7 +65,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None) -> dict[str, flo
     raw, splits = load_data(cfg, layout)
     module = Classifier.load_from_checkpoint(layout.best_ckpt, map_location="cpu")
     images, labels = raw.images[splits.test], raw.labels[splits.test]
-    probs = predict(module.net, images, batch_size=cfg.data.eval_batch_size, tta=cfg.regularizer.tta)
+    probs = predict(module.net, images, batch_size=cfg.data.eval_batch_size, regularizer=cfg.regularizer)
     overall, per_class, cm = scores(probs, labels, raw.classes)
 
     write_json(layout.metrics / "test.json", {"test": overall})

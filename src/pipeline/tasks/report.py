@@ -124,7 +124,7 @@ def _write(run_cfg: DictConfig, cfg: DictConfig, net: nn.Module, curves: list[di
     raw, splits = load_data(run_cfg, Layout.from_cfg(run_cfg))
     images, labels = raw.images[splits.test], raw.labels[splits.test]
     if eager:
-        probs = predict(net, images, batch_size=run_cfg.data.eval_batch_size, tta=run_cfg.regularizer.tta)
+        probs = predict(net, images, batch_size=run_cfg.data.eval_batch_size, regularizer=run_cfg.regularizer)
     else:
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import flatten, to_container
@@ -93,10 +93,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
         checkpoint = BestCheckpoint(dirpath=layout.models, filename="best", monitor=cfg.optimized_metric, mode="max",
                                      save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
         cbs: list[Callback] = [recorder, checkpoint, *callbacks]
-        es = cfg.regularizer.early_stopping
-        if es.enabled:
-            cbs.append(EarlyStopping(monitor=cfg.optimized_metric, mode="max", patience=es.patience,
-                                     min_delta=es.min_delta, check_finite=True))
+        cbs += module.regularizers.callbacks(monitor=cfg.optimized_metric, mode="max")  # e.g. early stopping
         trainer = _trainer(cfg, cbs, **(trainer_kwargs or {}))
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.augment import AugmentConfig, BatchAugment
 from pipeline.data.batches import IGNORE_INDEX
 from pipeline.models import create_model
 from pipeline.models.init import init_weights
 from pipeline.models.transfer import param_groups
 from pipeline.training.optim import build_optimizer, build_scheduler
-from pipeline.training.regularizers import decoupled_weight_decay, penalized_parameters, penalties
+from pipeline.training.regularizers import Regularizers
 
 AUX_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers' share of the loss (Szegedy et al. 2014)
 
@@ -58,14 +57,10 @@ class Classifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_network(arch, arch_kwargs, mean=mean, std=std, resize=resize, init=init)
-        reg = regularizer or {}
-        elastic = reg.get("elastic") or {}
-        self.penalty = {"l1": reg.get("l1", 0.0), "l2": reg.get("l2", 0.0),
-                        "elastic_alpha": elastic.get("alpha", 0.0), "elastic_l1_ratio": elastic.get("l1_ratio", 0.5)}
-        self.label_smoothing = reg.get("label_smoothing", 0.0)
-        self.weight_decay = reg.get("weight_decay", 0.0)
-        augment = AugmentConfig.from_dict(reg.get("augment") or {})
-        self.augment = BatchAugment(augment, seed=augment_seed) if augment.active else None
+        # The registry's entries act through the hooks below; a key the checkpoint's block
+        # lacks (a regularizer added since) takes its default, which changes nothing.
+        self.regularizers = Regularizers(regularizer, seed=augment_seed)
+        self.criterion_kwargs = self.regularizers.criterion_kwargs()
         # Set by transfer learning (names of pretrained parameters, their lr ratio); not a
         # hyperparameter, so loading a checkpoint never re-fetches the pretrained source.
         self.pretrained: tuple[list[str], float] | None = None
@@ -77,22 +72,21 @@ class Classifier(L.LightningModule):
         return self.net(x)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Augment training batches only, on the device the batch now lives on.
-        if self.augment is not None and self.trainer is not None and self.trainer.training:
+        # Transform (e.g. augment) training batches only, on the device the batch now lives on.
+        if self.regularizers.acts("transform_batch") and self.trainer is not None and self.trainer.training:
             x, y = batch
-            return self.augment(x), y
+            return self.regularizers.transform_batch(x), y
         return batch
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        ce = F.cross_entropy(logits, y, **self.criterion_kwargs)
         terms: dict[str, torch.Tensor] = {}
         aux = getattr(self.net[1], "aux_outputs", ())
         if aux:
-            terms["aux"] = AUX_WEIGHT * sum(F.cross_entropy(a, y, label_smoothing=self.label_smoothing) for a in aux)
-        if any(self.penalty[k] for k in ("l1", "l2", "elastic_alpha")):
-            terms.update(penalties(penalized_parameters(self.net), **self.penalty))
+            terms["aux"] = AUX_WEIGHT * sum(F.cross_entropy(a, y, **self.criterion_kwargs) for a in aux)
+        terms.update(self.regularizers.loss_terms(self.net, logits, y))
         loss = ce + sum(terms.values()) if terms else ce
         acc = (logits.argmax(dim=1) == y).float().mean()
         values = {"train/loss": loss, "train/acc": acc}
@@ -175,13 +169,7 @@ class Classifier(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Decoupled weight decay: shrink weights by lr * wd beside (not through) the gradient,
-        # with each parameter group's own learning rate.
-        if self.weight_decay:
-            decayed = {id(p) for p in penalized_parameters(self.net)}
-            for group in optimizer.param_groups:
-                decoupled_weight_decay([p for p in group["params"] if id(p) in decayed], group["lr"],
-                                       self.weight_decay)
+        self.regularizers.before_optimizer_step(self.net, optimizer)  # e.g. decoupled weight decay
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt_cfg = dict(self.hparams.optimizer)

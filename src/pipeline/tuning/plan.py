@@ -25,7 +25,6 @@ from pipeline.validation import prepare
 
 SEARCH_ALGS = ("random", "grid", "optuna")
 SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")
-PBT_KEYS = ("optimizer.lr", "regularizer.dropout")  # what a restored checkpoint can take new values of
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
 
 
@@ -128,13 +127,23 @@ def _check_space_against_search(tune: dict[str, Any], space: dict[str, Dist]) ->
                 raise ConfigError(f"tune.space.{key}={dist}: optuna cannot search grid[...]; use choice[...].")
     if tune["scheduler"] == "pbt":
         mutate = list(tune["pbt"].get("mutate") or [])
-        bad = [k for k in mutate if k not in PBT_KEYS]
+        mutable = pbt_keys()
+        bad = [k for k in mutate if k not in mutable]
         if bad:
             raise ConfigError(f"tune.pbt.mutate: {bad} cannot change on a restored checkpoint; "
-                              f"PBT can perturb {', '.join(PBT_KEYS)}.")
+                              f"PBT can perturb {', '.join(mutable)}.")
         if not [k for k in mutate if k in space]:
             raise ConfigError(f"tune.scheduler=pbt perturbs {', '.join(mutate) or 'nothing'}: "
                               "put at least one of them in tune.space.")
+
+
+def pbt_keys() -> list[str]:
+    """What a restored checkpoint can take new values of: the learning rate (trial.py rescales
+    the restored optimizer's rates) and the regularizers registered as PBT-mutable."""
+    # Imported here, as validation.py does: importing this module stays free of torch.
+    from pipeline.training.regularizers import pbt_mutable_keys
+
+    return ["optimizer.lr", *pbt_mutable_keys()]
 
 
 def _candidates(space: dict[str, Dist]) -> list[tuple[str, dict[str, Any]]]:
