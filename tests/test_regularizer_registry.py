@@ -140,3 +140,21 @@ def test_a_regularizer_is_one_registered_class_and_one_yaml_file(scratch_registr
     assert -0.1 * math.log(10) <= row["train_loss_confidence"] < 0
     assert row["train_loss"] == pytest.approx(row["train_loss_ce"] + row["train_loss_confidence"], rel=1e-5)
     assert metrics["train/loss_confidence"] == row["train_loss_confidence"]
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet5", "minivgg", "resnet20"])
+def test_none_switches_off_only_what_each_model_has(model) -> None:
+    """regularizer=none is the baseline of any comparison: it must compose with models that
+    lack an option it switches off (lenet5 and the MLP have no conv dropout)."""
+    from pipeline.models import model_defaults
+    from pipeline.validation import model_args
+
+    args = model_args(prepare(compose([f"model={model}", "regularizer=none"], conf=CONF)), num_classes=10)
+    has = model_defaults(model)
+    assert all(args[k] in (0, False) for k in ("dropout", "conv_dropout", "batch_norm") if k in has)
+    assert set(args) - {"name", "in_channels", "num_classes", "image_size"} <= set(has)
+
+
+def test_switching_on_an_option_the_model_lacks_names_it() -> None:
+    with pytest.raises(ConfigError, match="conv_dropout"):
+        prepare(compose(["model=lenet5", "regularizer.conv_dropout=0.2"], conf=CONF))

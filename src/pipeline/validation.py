@@ -113,11 +113,16 @@ def _validate_model(cfg: DictConfig) -> None:
 
 def model_args(cfg: DictConfig, *, num_classes: int) -> dict[str, Any]:
     """Keyword arguments for `create_model` from the config (the one place that maps them)."""
+    from pipeline.models import model_defaults
     from pipeline.training.regularizers import Regularizers
 
     kwargs = {k: v for k, v in to_container(cfg.model).items() if k != "name"}
-    # Regularizers that are model options override the model's own values when set (null keeps them).
-    kwargs.update(Regularizers(cfg.regularizer).model_kwargs())
+    # Regularizers that are model options override the model's own values when set (null keeps
+    # them). Switching off an option the model does not have (regularizer=none on an MLP without
+    # conv dropout) asks for nothing; switching it on is the builder's error, naming the option.
+    accepted = model_defaults(cfg.model.name)
+    kwargs.update({k: v for k, v in Regularizers(cfg.regularizer).model_kwargs().items()
+                   if k in accepted or v not in (0, False)})
     return dict(name=cfg.model.name, in_channels=int(cfg.data.channels), num_classes=int(num_classes),
                 image_size=int(cfg.data.resize or cfg.data.image_size), **kwargs)
 
