@@ -36,8 +36,9 @@ def validate(cfg: DictConfig) -> None:
     key), so a new option is validated by the same code that builds it.
     """
     from pipeline.data.sources import list_sources
-    from pipeline.training.optim import validate_optimizer, validate_scheduler
+    from pipeline.training.optim import validate_optimizer
     from pipeline.training.regularizers import check_regularizers
+    from pipeline.training.schedules import validate_scheduler
 
     check_number(cfg, "seed", integer=True, low=0)
     check_choice(cfg, "data.name", list_sources())

@@ -17,8 +17,9 @@ from pipeline.data.batches import IGNORE_INDEX
 from pipeline.models import create_model
 from pipeline.models.init import init_weights
 from pipeline.models.transfer import param_groups
-from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.optim import build_optimizer
 from pipeline.training.regularizers import Regularizers
+from pipeline.training.schedules import build_scheduler
 
 AUX_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers' share of the loss (Szegedy et al. 2014)
 

@@ -19,10 +19,6 @@ from omegaconf import OmegaConf
 from pipeline.config import plain
 from pipeline.errors import ConfigError
 from pipeline.training.lookahead import Lookahead
-from pipeline.training.schedules import (  # noqa: F401  (re-exported: module.py and config.py import them from here)
-    build_scheduler,
-    validate_scheduler,
-)
 
 
 def _ranger(params: Iterable, *, k: int = 6, alpha: float = 0.5, **radam: Any) -> Lookahead:

@@ -24,7 +24,7 @@ from pipeline.tuning.space import (
 from pipeline.validation import prepare
 
 SEARCH_ALGS = ("random", "grid", "optuna")
-SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")
+TRIAL_SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")  # Ray Tune's, not the lr schedules
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
 
 
@@ -58,7 +58,7 @@ class Plan:
 def _check_tune_block(cfg: DictConfig) -> None:
     check_number(cfg, "tune.num_samples", integer=True, low=1)
     check_choice(cfg, "tune.search_alg", SEARCH_ALGS)
-    check_choice(cfg, "tune.scheduler", SCHEDULERS)
+    check_choice(cfg, "tune.scheduler", TRIAL_SCHEDULERS)
     check_choice(cfg, "tune.metric", METRICS)
     check_choice(cfg, "tune.mode", ("max", "min"))
     check_number(cfg, "tune.max_epochs", integer=True, low=1)
