@@ -23,6 +23,7 @@ from pipeline.tasks.common import load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
+from pipeline.training.metrics import file_row
 from pipeline.training.module import Classifier
 from pipeline.tuning.best import apply_best
 from pipeline.validation import model_args, prepare
@@ -144,10 +145,9 @@ def _trainer(cfg: DictConfig, callbacks: list[Callback], **overrides: Any) -> L.
 
 def _summary(rows: list[dict], monitor: str, size: dict, elapsed: float) -> dict[str, float]:
     """The best epoch's figures by the monitored metric (what the best checkpoint holds)."""
-    key = monitor.replace("/", "_")
-    scored = [r for r in rows if key in r]
-    best = max(scored, key=lambda r: r[key]) if scored else (rows[-1] if rows else {"epoch": -1})
-    out = {k.replace("_", "/", 1): v for k, v in best.items() if k.startswith(("train_", "val_"))}
+    scored = [r for r in rows if monitor in r]
+    best = max(scored, key=lambda r: r[monitor]) if scored else (rows[-1] if rows else {"epoch": -1})
+    out = {k: v for k, v in best.items() if k.startswith(("train/", "val/"))}
     out.update({"best_epoch": best["epoch"], "epochs": len(rows), "time/train_s": elapsed, **size})
     return out
 
@@ -161,7 +161,7 @@ def _write_outputs(layout: Layout, rows: list[dict], metrics: dict[str, float], 
         else:
             nested[head] = v
     write_json(layout.metrics / "train.json", nested)
-    write_json(layout.plots / "train_curves.json", rows)
+    write_json(layout.plots / "train_curves.json", [file_row(r) for r in rows])
     if figures:
         learning_curves_png(rows, layout.plots / "learning_curves.png")
 
