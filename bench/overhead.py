@@ -5,11 +5,12 @@ with the same optimizer (the config's, at a constant rate: ``scheduler=none``), 
 ``TensorBatches`` of the same training split, for the same number of optimizer steps, in one
 process with the same torch thread count, seed and determinism setting:
 
-(a) pipeline: ``Classifier`` (built as ``pipeline.tasks.train`` builds it, regularizer and
-    init settings included) + ``ArrayDataModule`` + the Trainer from
-    ``pipeline.tasks.train._trainer`` (``logger=False``, deterministic as configured, the
-    ``EpochRecorder`` callback), overridden only where the bench must: CPU, no progress
-    bar, no checkpointing, no validation (``limit_val_batches=0``), ``max_steps``.
+(a) pipeline: the train task's own builders (``pipeline.training.builders``): the data
+    module, the ``Classifier`` as ``pipeline.tasks.train.configured_module`` builds it
+    (regularizer and init settings included), and the Trainer of ``build_trainer``
+    (``logger=False``, deterministic as configured, the ``EpochRecorder`` callback),
+    overridden only where the bench must: CPU, no progress bar, no checkpointing, no
+    validation (``limit_val_batches=0``), ``max_steps``.
 (b) bare: forward, cross-entropy (with the configured label smoothing), train-mode accuracy
     and batch-size-weighted epoch sums (what the module logs per epoch),
     ``zero_grad(set_to_none=True)``, backward, step. It implements the default regularizer
@@ -46,12 +47,13 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from pipeline.config import compose, to_container
-from pipeline.data.batches import ArrayDataModule, TensorBatches, channel_stats
+from pipeline.data.batches import ArrayDataModule, TensorBatches
 from pipeline.data.sources import load_source
 from pipeline.data.splits import stratified_split
-from pipeline.tasks.train import _trainer
+from pipeline.tasks.train import configured_module
+from pipeline.training.builders import build_datamodule, build_trainer, input_stats
 from pipeline.training.callbacks import EpochRecorder
-from pipeline.training.module import Classifier, build_network
+from pipeline.training.module import build_network
 from pipeline.training.optim import build_optimizer
 from pipeline.validation import model_args
 
@@ -60,18 +62,19 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 @dataclass
 class Setup:
-    """Everything both sides share: data, split, architecture and optimisation settings."""
+    """Everything both sides share: data, split, and the config (architecture, batch size,
+    optimisation settings)."""
 
     images: np.ndarray
     labels: np.ndarray
     train_idx: np.ndarray
+    num_classes: int
     cfg: DictConfig
-    arch: str
-    arch_kwargs: dict
-    mean: list[float]
-    std: list[float]
-    resize: int | None
-    batch_size: int
+
+    def datamodule(self) -> ArrayDataModule:
+        # The training split only: neither side validates.
+        return build_datamodule(self.images, self.labels, self.cfg.data, train_idx=self.train_idx,
+                                val_idx=self.train_idx[:0], seed=self.cfg.seed)
 
 
 @dataclass
@@ -86,21 +89,15 @@ class Result:
 def make_setup(args: argparse.Namespace, download_dir: Path) -> Setup:
     # A constant rate: a schedule is one call per epoch, not what is measured, and LR
     # schedulers that need the run length in epochs do not fit a run cut by max_steps.
-    cfg = compose([f"model={args.model}", f"data={args.data}", "scheduler=none"], conf=CONF_DIR)
+    overrides = [f"model={args.model}", f"data={args.data}", "scheduler=none"]
+    if args.batch_size:
+        overrides.append(f"data.batch_size={args.batch_size}")
+    cfg = compose(overrides, conf=CONF_DIR)
     images, labels, classes, _ = load_source(cfg.data.name, download_dir=download_dir)
     split = cfg.data.split
     train_idx, _, _ = stratified_split(labels, val_fraction=split.val_fraction,
                                        test_fraction=split.test_fraction, seed=split.seed)
-    dm = ArrayDataModule(images, labels, train_idx=train_idx, val_idx=train_idx[:0],
-                         batch_size=1, eval_batch_size=1, seed=0)
-    channels = int(cfg.data.channels)
-    mean, std = (channel_stats(dm.subset("train")[0]) if cfg.data.normalize
-                 else ([0.0] * channels, [1.0] * channels))
-    arch_kwargs = model_args(cfg, num_classes=len(classes))
-    arch = arch_kwargs.pop("name")
-    return Setup(images=images, labels=labels, train_idx=train_idx, cfg=cfg, arch=arch,
-                 arch_kwargs=arch_kwargs, mean=mean, std=std, resize=cfg.data.resize,
-                 batch_size=args.batch_size or int(cfg.data.batch_size))
+    return Setup(images=images, labels=labels, train_idx=train_idx, num_classes=len(classes), cfg=cfg)
 
 
 # ----------------------------------------------------------------------------- (a) Lightning
@@ -128,17 +125,13 @@ class _StepClock(Callback):
 def run_pipeline(s: Setup, warmup: int, steps: int) -> Result:
     cfg = s.cfg
     torch.manual_seed(cfg.seed)
-    dm = ArrayDataModule(s.images, s.labels, train_idx=s.train_idx, val_idx=s.train_idx[:0],
-                         batch_size=s.batch_size, eval_batch_size=s.batch_size, seed=cfg.seed)
-    module = Classifier(arch=s.arch, arch_kwargs=s.arch_kwargs, mean=s.mean, std=s.std, resize=s.resize,
-                        optimizer=to_container(cfg.optimizer), scheduler=to_container(cfg.scheduler),
-                        regularizer=to_container(cfg.regularizer), init=to_container(cfg.init),
-                        augment_seed=cfg.seed)
+    dm = s.datamodule()
+    module = configured_module(cfg, dm, num_classes=s.num_classes)
     clock = _StepClock(warmup, warmup + steps)
     with tempfile.TemporaryDirectory() as root:
-        trainer = _trainer(cfg, [EpochRecorder(None), clock], max_steps=warmup + steps, max_epochs=-1,
-                           accelerator="cpu", devices=1, enable_progress_bar=False,
-                           enable_checkpointing=False, limit_val_batches=0, default_root_dir=root)
+        trainer = build_trainer(cfg.trainer, [EpochRecorder(None), clock], root_dir=root, max_steps=warmup + steps,
+                                max_epochs=-1, accelerator="cpu", devices=1, enable_progress_bar=False,
+                                enable_checkpointing=False, limit_val_batches=0)
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == warmup + steps and clock.stop > 0.0
     return Result(clock.stop - clock.start, clock.cpu_stop - clock.cpu_start, clock.samples, steps,
@@ -152,10 +145,12 @@ def run_bare(s: Setup, warmup: int, steps: int) -> Result:
     cfg = s.cfg
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic))
-    x, y = ArrayDataModule(s.images, s.labels, train_idx=s.train_idx, val_idx=s.train_idx[:0],
-                           batch_size=1, eval_batch_size=1, seed=0).subset("train")
-    batches = TensorBatches(x, y, batch_size=s.batch_size, shuffle=True, seed=cfg.seed)
-    net = build_network(s.arch, s.arch_kwargs, mean=s.mean, std=s.std, resize=s.resize,
+    dm = s.datamodule()
+    batches = TensorBatches(*dm.subset("train"), batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.seed)
+    # The network alone (Preprocess + model), as `configured_module` builds it inside its Classifier.
+    mean, std = input_stats(dm, cfg.data)
+    arch_kwargs = model_args(cfg, num_classes=s.num_classes)
+    net = build_network(arch_kwargs.pop("name"), arch_kwargs, mean=mean, std=std, resize=cfg.data.resize,
                         init=to_container(cfg.init))
     net.train()
     opt_cfg = to_container(cfg.optimizer)
@@ -226,7 +221,7 @@ def main() -> None:
     wall = {k: min(r.seconds for r in v) for k, v in runs.items()}
     cpu = {k: min(r.cpu for r in v) for k, v in runs.items()}
 
-    print(f"{args.data} / {setup.arch}, batch {setup.batch_size}, {args.steps} timed steps "
+    print(f"{args.data} / {setup.cfg.model.name}, batch {setup.cfg.data.batch_size}, {args.steps} timed steps "
           f"(+{args.warmup} warm-up), best of {args.repeats}, torch threads {torch.get_num_threads()}, "
           f"load avg {os.getloadavg()[0]:.1f}, {time.perf_counter() - began:.0f} s in all")
     print(f"{'':10} {'samples/s':>10} {'steps/s':>9} {'ms/step':>8} {'CPU ms/step':>12} {'final loss':>11}")

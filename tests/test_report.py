@@ -23,6 +23,7 @@ from conftest import REPO, make_cfg
 from pipeline.models import count_macs, count_parameters, create_model
 from pipeline.reports import introspect
 from pipeline.reports.page import FILES, SECTIONS, diagnose, write_report
+from pipeline.training.metrics import file_row
 
 IMG = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 
@@ -140,7 +141,7 @@ def test_most_confused_pairs() -> None:
 
 
 def test_diagnose_names_over_fitting() -> None:
-    rows = [{"epoch": e, "train_loss": tl, "val_loss": vl, "train_acc": ta, "val_acc": va}
+    rows = [{"epoch": e, "train/loss": tl, "val/loss": vl, "train/acc": ta, "val/acc": va}
             for e, (tl, vl, ta, va) in enumerate([(1.0, 0.9, 0.6, 0.6), (0.5, 0.5, 0.9, 0.85),
                                                   (0.2, 0.6, 0.97, 0.86), (0.05, 0.8, 0.99, 0.85)])]
     text = " ".join(diagnose(rows))
@@ -157,8 +158,8 @@ def _tiny_report(out: Path, seed: int) -> Path:
     images = rng.integers(0, 256, size=(30, 8, 8, 1), dtype=np.uint8)
     labels = np.arange(30) % 3
     probs = rng.dirichlet(np.ones(3), size=30)
-    curves = [{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.1 / (e + 1), "train_acc": 0.5 + e / 10,
-               "val_acc": 0.45 + e / 10, "lr": 0.01} for e in range(3)]
+    curves = [{"epoch": e, "train/loss": 1 / (e + 1), "val/loss": 1.1 / (e + 1), "train/acc": 0.5 + e / 10,
+               "val/acc": 0.45 + e / 10, "lr": 0.01} for e in range(3)]
     return write_report(out, net=net, images=images, labels=labels, probs=probs, classes=["x", "y", "z"],
                         curves=curves, seed=seed, meta={"model": "tiny", "dataset": "noise"})
 
@@ -248,7 +249,7 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
     curves = _curves_from_history(MlflowClient(info["tracking_uri"]), info["run_id"])
     on_disk = json.loads((out / "plots" / "train_curves.json").read_text())
     keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
-    assert [{k: r[k] for k in keys} for r in curves] == [{k: r[k] for k in keys} for r in on_disk]
+    assert [{k: r[k] for k in keys} for r in map(file_row, curves)] == [{k: r[k] for k in keys} for r in on_disk]
 
     # Neither rebuild nor checkpoint: the exported graph alone, with the limitation stated.
     import pipeline.tasks.report as task

@@ -39,6 +39,7 @@ from pipeline.tasks.common import load_data
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.evaluate import evaluate, predict
 from pipeline.tasks.train import train
+from pipeline.training.metrics import read_curves
 from pipeline.training.module import Classifier
 from pipeline.validation import prepare
 
@@ -160,6 +161,10 @@ def test_train_evaluate_tracks_one_run_in_sqlite(digits_cfg, tmp_path: Path,
         assert _steps(client, run_id, key) == [0, 1], key
     history = client.get_metric_history(run_id, "val/acc")
     assert max(m.value for m in history) == pytest.approx(best["val/acc"])
+    # The curves file keeps the columns dvc.yaml plots (`val_acc`); read back, the code's `val/acc`.
+    curves_file = tmp_path / "out" / "plots" / "train_curves.json"
+    assert {"epoch", "train_loss", "val_acc", "lr"} <= set(json.loads(curves_file.read_text())[0])
+    assert sorted(r["val/acc"] for r in read_curves(curves_file)) == sorted(m.value for m in history)
 
     metrics = run.data.metrics
     _check_test_metrics(run, digits_cfg)

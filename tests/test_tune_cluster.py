@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 import sweeps
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.tune import tune
-from pipeline.tuning.mlflow_tree import LOGGED
+from pipeline.training.metrics import EPOCH_METRICS
 from pipeline.tuning.ray_init import TRIAL_ENV
 from pipeline.tuning.trial import trial_accelerator
 
@@ -100,7 +100,7 @@ def test_fractional_gpus_cap_concurrency_and_ids(gpu_ray, cfg_factory, tmp_path:
     output = capfd.readouterr()
     assert "database is locked" not in output.out + output.err
     for child in children:  # every epoch of every metric of every trial reached the store
-        for key in LOGGED:
+        for key in EPOCH_METRICS:
             assert sweeps.steps(client, child.info.run_id, key) == [0, 1], (key, child.data.tags["trial_id"])
 
     intervals = [(c.info.start_time, c.info.end_time) for c in children]

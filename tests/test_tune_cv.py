@@ -46,11 +46,11 @@ def test_a_cv_sweep_counts_folds(cfg_factory):
 
 def test_running_report_is_the_mean_of_the_folds_so_far():
     done = [{"fold": 0, "val/acc": 0.9, "val/loss": 0.3}, {"fold": 1, "val/acc": 0.8, "val/loss": 0.5}]
-    report = running_report(done, [{"epoch": 0, "val_acc": 0.8}], FOLDS)
+    report = running_report(done, [{"epoch": 0, "val/acc": 0.8}], FOLDS)
     assert report["val/acc"] == pytest.approx(0.85) and report["val/loss"] == pytest.approx(0.4)
     assert report["fold/val/acc"] == 0.8 and report["fold"] == 1 and report["folds_done"] == 2
-    assert report["cv/val_acc_std"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
-    assert json.loads(report["fold_history"]) == [{"epoch": 0, "val_acc": 0.8}]
+    assert report["cv/val/acc/std"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
+    assert json.loads(report["fold_history"]) == [{"epoch": 0, "val/acc": 0.8}]
 
 
 @pytest.mark.integration

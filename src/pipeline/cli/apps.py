@@ -86,12 +86,12 @@ def _cv(cfg: DictConfig) -> float:
     from pipeline.tasks.cv import cross_validate
 
     result = _run_adhoc(cfg, cross_validate)
-    for key in ("val_acc", "test_acc"):
+    for key in ("val/acc", "test/acc"):
         s = result[key]
         print(f"{key}: {s['mean']:.4f} ± {s['std']:.4f}  ({result['confidence']:.0%} CI {s['ci_low']:.4f}–"
               f"{s['ci_high']:.4f})  folds: {', '.join(f'{v:.4f}' for v in s['values'])}")
     print(f"outputs: {cfg.paths.out_dir}")
-    return result["val_acc"]["mean"]
+    return result["val/acc"]["mean"]
 
 
 def _compare(cfg: DictConfig) -> None:

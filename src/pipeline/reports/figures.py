@@ -47,7 +47,7 @@ def learning_curves_png(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes[:2], ("loss", "acc")):
         for split in ("train", "val"):
-            ax.plot(epochs, [r.get(f"{split}_{metric}") for r in rows], marker=".", label=split)
+            ax.plot(epochs, [r.get(f"{split}/{metric}") for r in rows], marker=".", label=split)
         ax.set(xlabel="epoch", title=metric)
         ax.legend()
         ax.grid(alpha=0.3)

@@ -76,7 +76,7 @@ def diagnose(rows: Sequence[dict]) -> list[str]:
     if not rows:
         return ["No epochs were recorded."]
     get = lambda key: [r.get(key) for r in rows]  # noqa: E731
-    ta, va, tl, vl = rows[-1].get("train_acc"), rows[-1].get("val_acc"), get("train_loss"), get("val_loss")
+    ta, va, tl, vl = rows[-1].get("train/acc"), rows[-1].get("val/acc"), get("train/loss"), get("val/loss")
     notes = []
     if ta is not None and va is not None:
         gap = ta - va
@@ -105,9 +105,9 @@ def _curves(rows: Sequence[dict], figs: _Figures) -> str:
     ep = [r["epoch"] for r in rows]
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 3.8))
     for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
-        ax_l.plot(ep, [r.get(f"{split}_loss") for r in rows], ".-", color=color, label=split)
-        ax_a.plot(ep, [r.get(f"{split}_acc") for r in rows], ".-", color=color, label=split)
-    ta, va = (np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in ("train_acc", "val_acc"))
+        ax_l.plot(ep, [r.get(f"{split}/loss") for r in rows], ".-", color=color, label=split)
+        ax_a.plot(ep, [r.get(f"{split}/acc") for r in rows], ".-", color=color, label=split)
+    ta, va = (np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in ("train/acc", "val/acc"))
     ax_a.fill_between(ep, ta, va, where=ta >= va, color="tab:red", alpha=0.25, interpolate=True,
                       label="gap: train above val")
     ax_a.fill_between(ep, ta, va, where=ta < va, color="tab:green", alpha=0.25, interpolate=True,
@@ -115,7 +115,7 @@ def _curves(rows: Sequence[dict], figs: _Figures) -> str:
     if len(rows) and not np.isnan(ta[-1] - va[-1]):
         ax_a.annotate(f"final gap {ta[-1] - va[-1]:+.1%}", xy=(ep[-1], (ta[-1] + va[-1]) / 2),
                       xytext=(-90, -30), textcoords="offset points", arrowprops={"arrowstyle": "->"})
-    vl = [r.get("val_loss") for r in rows]
+    vl = [r.get("val/loss") for r in rows]
     if rows and None not in vl:
         best = int(np.argmin(vl))
         ax_l.axvline(ep[best], color="grey", ls="--", lw=1, label=f"min val loss (epoch {ep[best]})")

@@ -71,7 +71,6 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     cfg = prepare(cfg)
     layout = Layout.from_cfg(cfg)
     alts = alternatives(OmegaConf.to_container(cfg.compare.grid))
-    metric = cfg.compare.metric.replace("/", "_")
     reports = layout.root_out / "reports"
     parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=f"compare-{cfg.name}-{cfg.data.name}",
                               tags={"dataset": cfg.data.name, "compare": "true"}) if cfg.tracking.enabled else None
@@ -84,10 +83,10 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
             start = time.perf_counter()
             result = cross_validate(alt_cfg, parent_run_id=parent.run_id if parent else None)
             elapsed = time.perf_counter() - start
-            scores[label] = result[metric]["values"]
+            scores[label] = result[cfg.compare.metric]["values"]
             fold_probs = [np.load(out / "cv" / f"fold_{i}" / "metrics" / "test_probs.npy") for i in range(result["folds"])]
             probs[label] = np.mean(fold_probs, axis=0).argmax(axis=1)
-            extra[label] = {"params": result["model_params"], "macs": result["model_macs"], "time_s": elapsed}
+            extra[label] = {"params": result["model/params"], "macs": result["model/macs"], "time_s": elapsed}
         raw = read_raw(layout.raw)
         labels = raw.labels[load_splits(layout.splits).test]
         stats = compare_alternatives(scores, probs, labels, alpha=cfg.compare.alpha,

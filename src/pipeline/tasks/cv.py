@@ -28,6 +28,7 @@ from pipeline.layout import Layout
 from pipeline.tasks.common import write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
+from pipeline.training.metrics import file_row
 from pipeline.validation import prepare
 
 # Metrics aggregated over folds (what each fold's train + evaluate return).
@@ -110,7 +111,8 @@ def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | No
 
 
 def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train one model per fold; writes `metrics/cv.json` (mean, std, 95% CI, per-fold values).
+    """Train one model per fold; writes `metrics/cv.json` (mean, std, 95% CI, per-fold values)
+    and returns what it holds, keyed `val/acc` as in the code (the file has `val_acc`).
 
     The CV run is an MLflow parent of the fold runs (and itself a child of `parent_run_id`,
     e.g. a comparison's run, when given).
@@ -136,9 +138,8 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
         summary = {key: summarize([r[key] for r in results], confidence=cfg.cv.confidence)
                    for key in CV_METRICS if all(key in r for r in results)}
         out = {"folds": len(folds), "confidence": cfg.cv.confidence,
-               "model_params": results[0]["model/params"], "model_macs": results[0]["model/macs"],
-               **{key.replace("/", "_"): stats for key, stats in summary.items()}}
-        write_json(layout.metrics / "cv.json", out)
+               "model/params": results[0]["model/params"], "model/macs": results[0]["model/macs"], **summary}
+        write_json(layout.metrics / "cv.json", file_row(out))
         if parent is not None:
             parent.log_metrics({f"cv/{key}/{stat}": value for key, stats in summary.items()
                                 for stat, value in stats.items() if stat in ("mean", "std", "ci_low", "ci_high")})

@@ -36,11 +36,9 @@ from pipeline.tasks.common import load_data
 from pipeline.tasks.evaluate import predict
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.provenance import tree_sha256
+from pipeline.training.metrics import EPOCH_METRICS, read_curves
 from pipeline.training.module import Classifier, build_network
 from pipeline.validation import model_args, prepare
-
-CURVES = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss": "val_loss", "val/acc": "val_acc",
-          "lr": "lr"}
 
 
 def report(cfg: DictConfig) -> Path:
@@ -49,8 +47,7 @@ def report(cfg: DictConfig) -> Path:
     layout = Layout.from_cfg(cfg)
     if not layout.best_ckpt.exists():
         raise DataError(f"No checkpoint at {layout.best_ckpt}: run the train stage first (`dvc repro train`).")
-    curves_file = layout.plots / "train_curves.json"
-    curves = json.loads(curves_file.read_text()) if curves_file.exists() else []
+    curves = read_curves(layout.plots / "train_curves.json")
     net = Classifier.load_from_checkpoint(layout.best_ckpt, map_location="cpu").net.eval()
     info = json.loads(layout.run_file.read_text()) if layout.run_file.exists() else None
     meta = {"run id": info["run_id"] if info else "(not tracked)", "weights": str(layout.best_ckpt)}
@@ -142,11 +139,11 @@ def _write(run_cfg: DictConfig, cfg: DictConfig, net: nn.Module, curves: list[di
 
 
 def _curves_from_history(client, run_id: str) -> list[dict]:
-    """train_curves.json's rows ({epoch, train_loss, ...}) from the run's per-epoch metrics."""
+    """train_curves.json's rows ({epoch, train/loss, ...}) from the run's per-epoch metrics."""
     rows: dict[int, dict] = {}
-    for key, column in CURVES.items():
+    for key in EPOCH_METRICS:
         for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
-            rows.setdefault(m.step, {"epoch": m.step})[column] = m.value
+            rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
     return [rows[s] for s in sorted(rows)]
 
 

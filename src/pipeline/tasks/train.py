@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import flatten, to_container
-from pipeline.data.batches import ArrayDataModule, channel_stats
+from pipeline.data.batches import ArrayDataModule
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
 from pipeline.models.transfer import freeze, load_state, transfer_weights
@@ -23,7 +23,9 @@ from pipeline.tasks.common import load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 from pipeline.tracking.recorded import RecordedRun
+from pipeline.training.builders import build_datamodule, build_module, build_trainer, input_stats
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
+from pipeline.training.metrics import file_row
 from pipeline.training.module import Classifier
 from pipeline.tuning.best import apply_best
 from pipeline.validation import model_args, prepare
@@ -56,45 +58,26 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     # With data.fold set (cross-validation), fold i validates and the other folds train;
     # the test split is never touched by either.
     train_idx, val_idx = splits.fold(cfg.data.fold) if cfg.data.fold is not None else (splits.train, splits.val)
-    dm = ArrayDataModule(raw.images, raw.labels, train_idx=train_idx, val_idx=val_idx, test_idx=splits.test,
-                         batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed)
-    channels = cfg.data.channels
-    mean, std = channel_stats(dm.subset("train")[0]) if cfg.data.normalize else ([0.0] * channels, [1.0] * channels)
-    args = model_args(cfg, num_classes=len(raw.classes))
-    arch = args.pop("name")
-    module = Classifier(arch=arch, arch_kwargs=args, mean=mean, std=std, resize=cfg.data.resize,
-                        optimizer=to_container(cfg.optimizer), scheduler=to_container(cfg.scheduler),
-                        regularizer=to_container(cfg.regularizer), init=to_container(cfg.init),
-                        augment_seed=cfg.seed)
+    dm = build_datamodule(raw.images, raw.labels, cfg.data, train_idx=train_idx, val_idx=val_idx,
+                          test_idx=splits.test, seed=cfg.seed)
+    module = configured_module(cfg, dm, num_classes=len(raw.classes))
     transfer_tags = _transfer(module, cfg.transfer) if cfg.transfer.source else {}
-    input_shape = (channels, cfg.data.image_size, cfg.data.image_size)
+    input_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     size = {"model/params": count_parameters(module.net), "model/macs": count_macs(module.net, input_shape)}
-
-    for stale in (layout.best_ckpt, layout.last_ckpt):
-        stale.unlink(missing_ok=True)  # else Lightning would write best-v1.ckpt beside it
-    layout.run_file.unlink(missing_ok=True)  # it names the run of the checkpoints just removed
-    layout.models.mkdir(parents=True, exist_ok=True)
     resolved = to_container(cfg)
-    (layout.models / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    # Which samples trained and validated this model: lets anyone audit for leakage.
-    np.savez(layout.models / "indices.npz", train=train_idx, val=val_idx)
+    _start_outputs(layout, resolved, train_idx, val_idx)
 
     run_tags = {**transfer_tags, **tuned_tags, **(run_tags or {})}
     run = _start_run(cfg, layout, raw.manifest, parent_run_id, run_tags, record) if cfg.tracking.enabled else None
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
-            run.log_params(flatten(resolved))
-            run.log_params({"model.arch": arch, **size})
-            run.log_metrics(size)
-            run.log_artifact(layout.models / "config.yaml")
-            if run.run_id is not None:  # a recorded run has no id until it is written
-                write_run_file(layout, run)
+            _log_start(run, layout, resolved, module.hparams["arch"], size)
         recorder = EpochRecorder(run)
         checkpoint = BestCheckpoint(dirpath=layout.models, filename="best", monitor=cfg.optimized_metric, mode="max",
                                      save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
         cbs: list[Callback] = [recorder, checkpoint, *callbacks]
         cbs += module.regularizers.callbacks(monitor=cfg.optimized_metric, mode="max")  # e.g. early stopping
-        trainer = _trainer(cfg, cbs, **(trainer_kwargs or {}))
+        trainer = build_trainer(cfg.trainer, cbs, root_dir=cfg.paths.out_dir, **(trainer_kwargs or {}))
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         elapsed = time.perf_counter() - start
@@ -110,6 +93,34 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
             if recorder.diverged:
                 run.set_tags({"diverged": "true"})
     return metrics
+
+
+def configured_module(cfg: DictConfig, dm: ArrayDataModule, *, num_classes: int) -> Classifier:
+    """The LightningModule `cfg` describes, standardising its input by `dm`'s training images."""
+    mean, std = input_stats(dm, cfg.data)
+    args = model_args(cfg, num_classes=num_classes)
+    arch = args.pop("name")
+    return build_module(arch, args, mean=mean, std=std, resize=cfg.data.resize, optimizer=cfg.optimizer,
+                        scheduler=cfg.scheduler, regularizer=cfg.regularizer, init=cfg.init, seed=cfg.seed)
+
+
+def _start_outputs(layout: Layout, resolved: dict, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
+    for stale in (layout.best_ckpt, layout.last_ckpt):
+        stale.unlink(missing_ok=True)  # else Lightning would write best-v1.ckpt beside it
+    layout.run_file.unlink(missing_ok=True)  # it names the run of the checkpoints just removed
+    layout.models.mkdir(parents=True, exist_ok=True)
+    (layout.models / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    # Which samples trained and validated this model: lets anyone audit for leakage.
+    np.savez(layout.models / "indices.npz", train=train_idx, val=val_idx)
+
+
+def _log_start(run: TrackedRun, layout: Layout, resolved: dict, arch: str, size: dict[str, int]) -> None:
+    run.log_params(flatten(resolved))
+    run.log_params({"model.arch": arch, **size})
+    run.log_metrics(size)
+    run.log_artifact(layout.models / "config.yaml")
+    if run.run_id is not None:  # a recorded run has no id until the driver writes it
+        write_run_file(layout, run)
 
 
 def _transfer(module: Classifier, transfer: DictConfig) -> dict[str, str]:
@@ -136,23 +147,11 @@ def _start_run(cfg: DictConfig, layout: Layout, manifest: dict, parent_run_id: s
     return TrackedRun.start(**target, run_name=run_name, tags=tags, parent_run_id=parent_run_id)
 
 
-def _trainer(cfg: DictConfig, callbacks: list[Callback], **overrides: Any) -> L.Trainer:
-    t = cfg.trainer
-    kwargs = {k: t[k] for k in ("gradient_clip_val", "limit_train_batches", "limit_val_batches") if t[k] is not None}
-    kwargs.update(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
-                  deterministic=t.deterministic, callbacks=callbacks, logger=False,
-                  enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
-                  num_sanity_val_steps=0, default_root_dir=cfg.paths.out_dir)
-    kwargs.update(overrides)
-    return L.Trainer(**kwargs)
-
-
 def _summary(rows: list[dict], monitor: str, size: dict, elapsed: float) -> dict[str, float]:
     """The best epoch's figures by the monitored metric (what the best checkpoint holds)."""
-    key = monitor.replace("/", "_")
-    scored = [r for r in rows if key in r]
-    best = max(scored, key=lambda r: r[key]) if scored else (rows[-1] if rows else {"epoch": -1})
-    out = {k.replace("_", "/", 1): v for k, v in best.items() if k.startswith(("train_", "val_"))}
+    scored = [r for r in rows if monitor in r]
+    best = max(scored, key=lambda r: r[monitor]) if scored else (rows[-1] if rows else {"epoch": -1})
+    out = {k: v for k, v in best.items() if k.startswith(("train/", "val/"))}
     out.update({"best_epoch": best["epoch"], "epochs": len(rows), "time/train_s": elapsed, **size})
     return out
 
@@ -166,7 +165,7 @@ def _write_outputs(layout: Layout, rows: list[dict], metrics: dict[str, float], 
         else:
             nested[head] = v
     write_json(layout.metrics / "train.json", nested)
-    write_json(layout.plots / "train_curves.json", rows)
+    write_json(layout.plots / "train_curves.json", [file_row(r) for r in rows])
     if figures:
         learning_curves_png(rows, layout.plots / "learning_curves.png")
 

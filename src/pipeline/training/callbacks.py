@@ -10,8 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from pipeline.tracking.mlflow_run import TrackedRun
-
-CURVE_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "lr")
+from pipeline.training.metrics import EPOCH_METRICS
 
 
 class EpochRecorder(Callback):
@@ -31,10 +30,9 @@ class EpochRecorder(Callback):
         # Validation has already run inside this epoch, so val/* are this epoch's values.
         # The curves plus every regularizer's loss term (train/loss_l2, train/loss_aux, ...).
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if k in CURVE_KEYS or k.startswith("train/loss_")}
+                   if k in EPOCH_METRICS or k.startswith("train/loss_")}
         metrics["time/epoch_s"] = time.perf_counter() - self._start
-        row = {"epoch": trainer.current_epoch, **{k.replace("/", "_"): v for k, v in metrics.items()}}
-        self.rows.append(row)
+        self.rows.append({"epoch": trainer.current_epoch, **metrics})
         if self.run is not None and trainer.is_global_zero:
             self.run.log_metrics(metrics, step=trainer.current_epoch)
         if not math.isfinite(metrics.get("train/loss", 0.0)):

@@ -23,7 +23,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from pipeline.tuning.trial import REPORTED, TrainFn
+from pipeline.training.metrics import EPOCH_METRICS, read_curves
+from pipeline.tuning.trial import TrainFn
 
 STATE_FILE = "folds.json"
 
@@ -31,17 +32,17 @@ STATE_FILE = "folds.json"
 def running_report(done: Sequence[Mapping[str, Any]], history: Sequence[Mapping[str, Any]],
                    folds: int) -> dict[str, Any]:
     """The report after the latest fold of `done` (each fold's best-epoch metrics, in fold
-    order): every metric of REPORTED as the mean over the folds so far, plus the latest
+    order): every metric of EPOCH_METRICS as the mean over the folds so far, plus the latest
     fold's own figures (`fold/...`), its per-epoch curve (JSON) and the spread so far."""
     last = done[-1]
     out: dict[str, Any] = {"fold": int(last["fold"]), "folds_done": len(done), "folds": folds}
-    for key in REPORTED:
+    for key in EPOCH_METRICS:
         values = [float(d[key]) for d in done if key in d]
         if len(values) == len(done):
             out[key] = statistics.fmean(values)
             out[f"fold/{key}"] = float(last[key])
     accs = [float(d["val/acc"]) for d in done if "val/acc" in d]
-    out["cv/val_acc_std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    out["cv/val/acc/std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
     out["fold/best_epoch"] = int(last.get("best_epoch", -1))
     out["fold/epochs"] = int(last.get("epochs", 0))
     out["fold_history"] = json.dumps(list(history))
@@ -49,7 +50,7 @@ def running_report(done: Sequence[Mapping[str, Any]], history: Sequence[Mapping[
 
 
 def _diverged(rows: Sequence[Mapping[str, Any]]) -> bool:
-    return any(not math.isfinite(float(r.get(k, 0.0))) for r in rows for k in ("train_loss", "val_loss"))
+    return any(not math.isfinite(float(r.get(k, 0.0))) for r in rows for k in ("train/loss", "val/loss"))
 
 
 def run_cv_trial(plain: dict[str, Any], train: TrainFn, *, callbacks: Sequence[Callback] = ()) -> None:
@@ -72,9 +73,8 @@ def run_cv_trial(plain: dict[str, Any], train: TrainFn, *, callbacks: Sequence[C
     for fold in range(len(done), folds):
         fold_cfg = fold_config(cfg, fold)
         metrics = train(fold_cfg, callbacks=callbacks, figures=False)
-        curve = Path(fold_cfg.paths.out_dir) / "plots" / "train_curves.json"
-        history = json.loads(curve.read_text()) if curve.exists() else []
-        done.append({"fold": fold, **{k: v for k, v in metrics.items() if k in REPORTED},
+        history = read_curves(Path(fold_cfg.paths.out_dir) / "plots" / "train_curves.json")
+        done.append({"fold": fold, **{k: v for k, v in metrics.items() if k in EPOCH_METRICS},
                      "best_epoch": metrics.get("best_epoch", -1), "epochs": metrics.get("epochs", 0)})
         report = {**running_report(done, history, folds), **placement}
         placement = {}  # once per (re)start, as TuneReporter does

@@ -29,7 +29,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from pipeline.tuning.trial import CKPT_FILE, META_FILE, REPORTED, TrainFn, rescale_lr
+from pipeline.training.metrics import EPOCH_METRICS
+from pipeline.tuning.trial import CKPT_FILE, META_FILE, TrainFn, rescale_lr
 
 ANSWER_TIMEOUT_S = 3600.0  # rank 0 waits this long for the trial to take an epoch's report
 POLL_S = 0.5
@@ -63,7 +64,7 @@ class WorkerReporter(Callback):
         # val/* are already the whole split's (the module all-reduces them); train/* cover each
         # rank's shard, all of one size, so their mean over ranks is the padded epoch's figure.
         metrics: dict[str, Any] = {}
-        for key in REPORTED:
+        for key in EPOCH_METRICS:
             if key in logged:
                 value = torch.as_tensor(float(logged[key]), dtype=torch.float64, device=strategy.root_device)
                 metrics[key] = float(strategy.reduce(value, reduce_op="mean"))

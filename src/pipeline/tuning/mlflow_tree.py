@@ -16,6 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.training.metrics import EPOCH_METRICS
 
 
 def map_path(experiment_path: str) -> str:
@@ -23,8 +24,6 @@ def map_path(experiment_path: str) -> str:
     uploads its driver-side copy of the folder over the storage one on every experiment
     snapshot, and a restored sweep's copy holds the map as it was when the sweep stopped."""
     return f"{experiment_path.rstrip('/')}.mlflow_runs.json"
-
-LOGGED = ("val/acc", "val/loss", "train/acc", "train/loss", "lr")
 
 
 def read_text(path: str) -> str | None:
@@ -102,7 +101,7 @@ class SweepRuns:
         run.log_params(params)
         for row in history:  # the fold's epochs, as a plain train run logs them
             step = int(row["epoch"])
-            run.log_metrics({k.replace("_", "/", 1): float(v) for k, v in row.items()
+            run.log_metrics({k: float(v) for k, v in row.items()
                              if k != "epoch" and isinstance(v, (int, float))}, step=step)
         run.log_metrics(best)
         run.finish("FINISHED")
@@ -164,7 +163,7 @@ class MlflowTreeCallback(Callback):
         if "gpu_ids" in result:  # the first report of each (re)start of the trial
             run.set_tags({"node": result.get("node_ip", ""), "hostname": result.get("hostname", ""),
                           "gpu_ids": result["gpu_ids"], "node_id": str(result.get("node_id", ""))})
-        metrics = {k: float(result[k]) for k in LOGGED if isinstance(result.get(k), (int, float))}
+        metrics = {k: float(result[k]) for k in EPOCH_METRICS if isinstance(result.get(k), (int, float))}
         if "time_this_iter_s" in result:
             metrics["time/epoch_s"] = float(result["time_this_iter_s"])
         if self.log_hyperparameters:  # PBT changes them during the trial: params cannot
@@ -173,8 +172,8 @@ class MlflowTreeCallback(Callback):
             config = result.get("config") or trial.config
             metrics.update({f"hp/{k}": float(v) for k, v in config.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        if self.step_key == "fold" and "cv/val_acc_std" in result:
-            metrics["cv/val_acc_std"] = float(result["cv/val_acc_std"])
+        if self.step_key == "fold" and "cv/val/acc/std" in result:
+            metrics["cv/val/acc/std"] = float(result["cv/val/acc/std"])
         step = int(result.get(self.step_key, result.get("training_iteration", 1) - 1))
         run.log_metrics(metrics, step=step)
         if self.step_key == "fold" and "fold_history" in result:

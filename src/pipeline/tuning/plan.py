@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import check_bool, check_choice, check_number, to_container
 from pipeline.errors import ConfigError
+from pipeline.training.metrics import LEARNING_CURVES
 from pipeline.tuning.space import (
     GROUPS,
     Dist,
@@ -25,7 +26,6 @@ from pipeline.validation import prepare
 
 SEARCH_ALGS = ("random", "grid", "optuna")
 TRIAL_SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")  # Ray Tune's, not the lr schedules
-METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _check_tune_block(cfg: DictConfig) -> None:
     check_number(cfg, "tune.num_samples", integer=True, low=1)
     check_choice(cfg, "tune.search_alg", SEARCH_ALGS)
     check_choice(cfg, "tune.scheduler", TRIAL_SCHEDULERS)
-    check_choice(cfg, "tune.metric", METRICS)
+    check_choice(cfg, "tune.metric", LEARNING_CURVES)
     check_choice(cfg, "tune.mode", ("max", "min"))
     check_number(cfg, "tune.max_epochs", integer=True, low=1)
     check_number(cfg, "tune.max_concurrent_trials", integer=True, low=1, optional=True)

@@ -14,10 +14,9 @@ from omegaconf import OmegaConf
 
 from pipeline.config import plain
 from pipeline.tracking.mlflow_run import tracking_target
+from pipeline.training.metrics import LEARNING_CURVES, file_key, file_row
 from pipeline.tuning.plan import Plan
 from pipeline.tuning.space import trial_config
-
-CURVE_KEYS = {"val/acc": "val_acc", "val/loss": "val_loss", "train/loss": "train_loss", "train/acc": "train_acc"}
 
 
 @dataclass
@@ -71,7 +70,7 @@ def _summarize(plan: Plan, trial: Any, rows: list[dict[str, Any]], run_ids: dict
     node = next((r["node_ip"] for r in rows if isinstance(r.get("node_ip"), str)), "")
     return {"trial_id": trial.trial_id, "status": trial.status, "config": dict(trial.config),
             "value": best[metric] if best else math.nan, "epoch": int(best[step_key]) if best else -1,
-            "val_loss": best.get("val/loss", math.nan) if best else math.nan, "epochs": epochs,
+            "val/loss": best.get("val/loss", math.nan) if best else math.nan, "epochs": epochs,
             "diverged": diverged, "stop_reason": reason, "failures": trial.num_failures, "node": node,
             "run_id": run_ids.get(trial.trial_id, ""), "path": trial.path}
 
@@ -93,7 +92,7 @@ def collect(plan: Plan, path: str) -> Outcome:
         for r in rows:
             # `step` is what dvc plots draws against: the epoch, or the fold with tune.cv.
             point = {"trial_id": trial.trial_id, "step": int(r[plan.step_key]), plan.step_key: int(r[plan.step_key])}
-            point.update({short: r[k] if _finite(r.get(k)) else None for k, short in CURVE_KEYS.items()})
+            point.update({k: r[k] if _finite(r.get(k)) else None for k in LEARNING_CURVES})
             outcome.curves.append(point)
     sign = 1 if plan.tune["mode"] == "max" else -1
     candidates = [t for t in outcome.trials if _finite(t["value"])]
@@ -101,7 +100,7 @@ def collect(plan: Plan, path: str) -> Outcome:
         # A mean over every fold beats one over the first few (a trial ASHA stopped).
         candidates = [t for t in candidates if t["epochs"] == plan.steps]
     if candidates:
-        best = max(candidates, key=lambda t: (sign * t["value"], -t["val_loss"]))
+        best = max(candidates, key=lambda t: (sign * t["value"], -t["val/loss"]))
         overrides = {**plan.fixed, **best["config"]}
         config = trial_config(plan.base, best["config"], plan.blocks)
         config["paths"]["out_dir"] = best["path"]
@@ -120,7 +119,7 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
     out = plan.results
     out.mkdir(parents=True, exist_ok=True)
     keys = list(plan.space)
-    metric = plan.tune["metric"].replace("/", "_")
+    metric = file_key(plan.tune["metric"])
     # With tune.cv a trial's score is the mean over its folds, and it counts folds, not epochs.
     columns = ([f"cv_{metric}", "last_fold", "folds"] if plan.tune.get("cv")
                else [f"best_{metric}", "best_epoch", "epochs"])
@@ -132,7 +131,7 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
             writer.writerow([t["trial_id"], t["status"], *(plain(t["config"].get(k, "")) for k in keys),
                              t["value"], t["epoch"], t["epochs"], int(t["diverged"]), t["stop_reason"],
                              t["failures"], t["node"], t["run_id"]])
-    (out / "curves.json").write_text(json.dumps(outcome.curves, indent=1) + "\n")
+    (out / "curves.json").write_text(json.dumps([file_row(c) for c in outcome.curves], indent=1) + "\n")
     curves_png(outcome, plan.tune["metric"], out / "curves.png", plan.step_key)
     best_file = out / "best.yaml"
     if outcome.best is not None and final:
@@ -149,11 +148,10 @@ def curves_png(outcome: Outcome, metric: str, path: Path, step_key: str = "epoch
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = CURVE_KEYS.get(metric, "val_acc")
     best = outcome.best["trial_id"] if outcome.best else None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for t in outcome.trials:
-        points = [(c["step"], c[key]) for c in outcome.curves if c["trial_id"] == t["trial_id"] and c[key] is not None]
+        points = [(c["step"], c[metric]) for c in outcome.curves if c["trial_id"] == t["trial_id"] and c[metric] is not None]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, lw=2.5 if t["trial_id"] == best else 1, alpha=1 if t["trial_id"] == best else 0.6,

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from pipeline.training.metrics import EPOCH_METRICS
 from pipeline.tuning.space import trial_config
 
 # `pipeline.tasks.train.train`: (cfg, *, callbacks, ckpt_path, trainer_kwargs, figures) -> metrics.
@@ -27,7 +28,6 @@ TrainFn = Callable[..., dict[str, float]]
 
 CKPT_FILE = "last.ckpt"
 META_FILE = "trial_meta.json"  # beside the checkpoint: the lr it was trained with
-REPORTED = ("val/acc", "val/loss", "train/acc", "train/loss", "lr")
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group rates torch schedulers keep
 
 
@@ -52,7 +52,7 @@ class TuneReporter(Callback):
         from ray import tune
 
         logged = trainer.callback_metrics
-        metrics: dict[str, Any] = {k: float(logged[k]) for k in REPORTED if k in logged}
+        metrics: dict[str, Any] = {k: float(logged[k]) for k in EPOCH_METRICS if k in logged}
         metrics["epoch"] = trainer.current_epoch
         diverged = not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train/loss", "val/loss"))
         metrics["diverged"] = int(diverged)

@@ -1,0 +1,62 @@
+"""The parts of one training run: the data module, the LightningModule and the Trainer.
+
+The train task builds them from its config, and the bench builds the very same ones without
+the task. Each builder takes the config sections it reads, never the whole config; the
+architecture's arguments come from `pipeline.validation.model_args`, a layer up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+
+from pipeline.config import to_container
+from pipeline.data.batches import ArrayDataModule, channel_stats
+from pipeline.training.module import Classifier
+
+
+def build_datamodule(images: np.ndarray, labels: np.ndarray, data: DictConfig, *, train_idx: np.ndarray,
+                     val_idx: np.ndarray, test_idx: np.ndarray | None = None, seed: int) -> ArrayDataModule:
+    """Batches of the given index sets, as large as `data` says; `seed` shuffles the training batches."""
+    return ArrayDataModule(images, labels, train_idx=train_idx, val_idx=val_idx, test_idx=test_idx,
+                           batch_size=data.batch_size, eval_batch_size=data.eval_batch_size, seed=seed)
+
+
+def input_stats(dm: ArrayDataModule, data: DictConfig) -> tuple[list[float], list[float]]:
+    """The per-channel (mean, std) the network standardises its input with: the training
+    images' own with `data.normalize` (never the validation or test images'), else (0, 1)."""
+    if data.normalize:
+        return channel_stats(dm.subset("train")[0])
+    return [0.0] * data.channels, [1.0] * data.channels
+
+
+def build_module(arch: str, arch_kwargs: dict[str, Any], *, mean: list[float], std: list[float],
+                 resize: int | None, optimizer: DictConfig, scheduler: DictConfig, regularizer: DictConfig,
+                 init: DictConfig, seed: int) -> Classifier:
+    """The registry network `arch` behind its preprocessing, trained as the sections say;
+    `seed` seeds the batch augmentation."""
+    return Classifier(arch=arch, arch_kwargs=arch_kwargs, mean=mean, std=std, resize=resize,
+                      optimizer=to_container(optimizer), scheduler=to_container(scheduler),
+                      regularizer=to_container(regularizer), init=to_container(init),
+                      augment_seed=seed)
+
+
+def build_trainer(trainer: DictConfig, callbacks: Sequence[Callback], *, root_dir: str | Path,
+                  **overrides: Any) -> L.Trainer:
+    """A Trainer as the `trainer` section says, logging nowhere (`EpochRecorder` writes the
+    curves and MLflow) and without sanity validation; `overrides` win (a Ray Train worker's
+    DDP strategy, the bench's step budget)."""
+    t = trainer
+    kwargs = {k: t[k] for k in ("gradient_clip_val", "limit_train_batches", "limit_val_batches") if t[k] is not None}
+    kwargs.update(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
+                  deterministic=t.deterministic, callbacks=list(callbacks), logger=False,
+                  enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
+                  num_sanity_val_steps=0, default_root_dir=str(root_dir))
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
