@@ -86,9 +86,15 @@ def test_transfer_from_torchvision_layout():
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
 
 
+def _as_ours(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state as our checkpoints hold it: behind Preprocess, in the LightningModule."""
+    preprocess = {"net.0.mean": torch.zeros(1, 1, 1, 1), "net.0.std": torch.ones(1, 1, 1, 1)}
+    return {**preprocess, **{f"net.1.{k}": v for k, v in model.state_dict().items()}}
+
+
 def test_load_state_from_file_and_errors(tmp_path):
     model = create_model("mlp", in_channels=1, num_classes=3, image_size=8)
-    torch.save({"state_dict": {f"net.1.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "a.ckpt")
+    torch.save({"state_dict": _as_ours(model)}, tmp_path / "a.ckpt")
     state = load_state(str(tmp_path / "a.ckpt"))
     assert set(state) == set(model.state_dict())
     with pytest.raises(ConfigError, match="no such file"):
@@ -110,8 +116,7 @@ class _Payload:
 def _payload_ckpt(path: Path, marker: Path) -> Path:
     """A checkpoint that looks like ours (a state_dict of our layout) plus the payload."""
     model = create_model("mlp", in_channels=1, num_classes=3, image_size=8)
-    torch.save({"state_dict": {f"net.1.{k}": v for k, v in model.state_dict().items()},
-                "hyper_parameters": _Payload(marker)}, path)
+    torch.save({"state_dict": _as_ours(model), "hyper_parameters": _Payload(marker)}, path)
     return path
 
 
@@ -150,6 +155,14 @@ def test_a_payload_given_to_the_cli_exits_2_naming_the_file(tmp_path):
     assert f"Refused to load {evil}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_plain_state_dict_loads_for_transfer(tmp_path):
+    model = create_model("mlp", in_channels=1, num_classes=3, image_size=8)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    state = load_state(str(tmp_path / "weights.pt"))
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_our_own_checkpoints_load_weights_only(cfg_factory):

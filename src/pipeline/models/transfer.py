@@ -25,8 +25,9 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.models.checkpoints import load_file, load_mlflow_model
 
-# Our LightningModule stores the network as `net = Sequential(Preprocess, model)`.
-_CKPT_PREFIX = "net.1."
+# Our LightningModule stores the network as `net = Sequential(Preprocess, model)`; a logged
+# model is that Sequential. (Preprocess's prefix, the model's prefix) in each.
+_WRAPPERS = (("net.0.", "net.1."), ("0.", "1."))
 
 
 def load_state(source: str) -> dict[str, torch.Tensor]:
@@ -48,10 +49,11 @@ def load_state(source: str) -> dict[str, torch.Tensor]:
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop our wrapper prefixes (`net.1.` from checkpoints, `1.` from logged models)."""
-    for prefix in (_CKPT_PREFIX, "1."):
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    """The registry model's tensors: our wrapper's prefix dropped where Preprocess's buffers
+    show the wrapper (a plain state dict of a Sequential model also has `1.` keys)."""
+    for preprocess, model in _WRAPPERS:
+        if {f"{preprocess}mean", f"{preprocess}std"} <= state.keys():
+            return {k[len(model):]: v for k, v in state.items() if k.startswith(model)}
     return dict(state)
 
 
