@@ -112,6 +112,21 @@ def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+def test_the_job_name_joins_the_users_overrides_wherever_they_are():
+    from pipeline.cli.apps import _with_job_name
+
+    assert _with_job_name("train", ["--cfg", "job", "model=lenet5"]) == \
+        ["--cfg", "job", "hydra.job.name=train", "model=lenet5"]
+    assert _with_job_name("cv", ["model=mlp", "-m", "--cfg", "job"]) == ["hydra.job.name=cv", "model=mlp", "-m", "--cfg", "job"]
+    assert _with_job_name("tune", ["--info", "searchpath"]) == ["--info", "searchpath", "hydra.job.name=tune"]
+
+
+def test_cli_prints_the_composed_config_with_flags_before_overrides(tmp_path):
+    result = _cli(tmp_path, "--cfg", "job", "model=lenet5")
+    assert result.returncode == 0, result.stderr
+    assert "name: lenet5" in result.stdout and "activation: tanh" in result.stdout
+
+
 def test_cli_unknown_option_lists_choices(tmp_path):
     result = _cli(tmp_path, "model=nosuch")
     assert result.returncode != 0

@@ -69,10 +69,11 @@ def test_sigint_exits_130_and_sigterm_143_after_cleaning_up() -> None:
         finally:
             cleaned.append(signum)
 
+    before = signal.getsignal(signal.SIGTERM)
     assert exits.run(lambda: signalled(signal.SIGINT)) == exits.INTERRUPTED == 130
     assert exits.run(lambda: signalled(signal.SIGTERM)) == exits.TERMINATED == 143
     assert cleaned == [signal.SIGINT, signal.SIGTERM]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored afterwards
+    assert signal.getsignal(signal.SIGTERM) is before  # restored afterwards
 
 
 def test_a_bug_is_not_turned_into_a_status() -> None:

@@ -1,18 +1,25 @@
-"""Weight initialisation schemes, transfer learning, and the `pipeline models` listing."""
+"""Weight initialisation schemes, transfer learning (checkpoints load weights-only), and the
+`pipeline models` listing."""
 
 from __future__ import annotations
 
 import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from pipeline.cli.main import main as cli_main
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.models import create_model, list_models
 from pipeline.models.init import INITS, init_weights
 from pipeline.models.transfer import freeze, load_state, param_groups, transfer_weights
+from pipeline.training.module import build_network, load_classifier
 
 
 def _linear(scheme: str, fan_in: int = 400, fan_out: int = 300) -> nn.Linear:
@@ -79,15 +86,123 @@ def test_transfer_from_torchvision_layout():
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
 
 
+def _as_ours(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state as our checkpoints hold it: behind Preprocess, in the LightningModule."""
+    preprocess = {"net.0.mean": torch.zeros(1, 1, 1, 1), "net.0.std": torch.ones(1, 1, 1, 1)}
+    return {**preprocess, **{f"net.1.{k}": v for k, v in model.state_dict().items()}}
+
+
 def test_load_state_from_file_and_errors(tmp_path):
     model = create_model("mlp", in_channels=1, num_classes=3, image_size=8)
-    torch.save({"state_dict": {f"net.1.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "a.ckpt")
+    torch.save({"state_dict": _as_ours(model)}, tmp_path / "a.ckpt")
     state = load_state(str(tmp_path / "a.ckpt"))
     assert set(state) == set(model.state_dict())
     with pytest.raises(ConfigError, match="no such file"):
         load_state(str(tmp_path / "missing.ckpt"))
     with pytest.raises(ConfigError, match="not a torchvision weights name"):
         load_state("torchvision:NoSuch_Weights.X")
+
+
+class _Payload:
+    """Pickles as a call of os.system: loading it unrestricted would run the shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.command = f"touch {shlex.quote(str(marker))}"
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _payload_ckpt(path: Path, marker: Path) -> Path:
+    """A checkpoint that looks like ours (a state_dict of our layout) plus the payload."""
+    model = create_model("mlp", in_channels=1, num_classes=3, image_size=8)
+    torch.save({"state_dict": _as_ours(model), "hyper_parameters": _Payload(marker)}, path)
+    return path
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    evil = _payload_ckpt(tmp_path / "evil.ckpt", tmp_path / "ran")
+    # The payload is real: an unrestricted load runs it.
+    torch.load(_payload_ckpt(tmp_path / "proof.ckpt", tmp_path / "proof"), weights_only=False)
+    assert (tmp_path / "proof").exists()
+
+    with pytest.raises(DataError, match=r"Refused to load .*evil\.ckpt: it holds \S*system, which loading would"):
+        load_state(str(evil))
+    with pytest.raises(DataError, match="Refused to load"):
+        load_classifier(evil)  # the way our own checkpoints are read back (evaluate, report)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_pickled_module_or_a_non_checkpoint_file_is_refused(tmp_path):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(DataError, match=r"holds torch\.nn\.modules\.linear\.Linear.*state_dict\(\)"):
+        load_state(str(tmp_path / "module.pt"))
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(DataError, match="notes.ckpt is not a PyTorch state dict or checkpoint"):
+        load_state(str(tmp_path / "notes.ckpt"))
+    (tmp_path / "empty.ckpt").touch()
+    with pytest.raises(DataError, match="empty.ckpt is not a PyTorch state dict or checkpoint"):
+        load_state(str(tmp_path / "empty.ckpt"))
+
+
+def test_a_payload_given_to_the_cli_exits_2_naming_the_file(tmp_path):
+    evil = _payload_ckpt(tmp_path / "evil.ckpt", tmp_path / "ran")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "model=mlp", f"transfer.source={evil}", "tracking.enabled=false",
+         f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert f"Refused to load {evil}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_plain_state_dict_loads_for_transfer(tmp_path):
+    model = create_model("mlp", in_channels=1, num_classes=3, image_size=8)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    state = load_state(str(tmp_path / "weights.pt"))
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_our_own_checkpoints_load_weights_only(cfg_factory):
+    """A checkpoint our train task writes (early stopping, a plateau schedule, Lookahead's
+    state) holds nothing beyond torch's weights-only allowlist, and loads for transfer and
+    for evaluation."""
+    from pipeline.layout import Layout
+    from pipeline.tasks.data import ensure_data
+    from pipeline.tasks.train import train
+
+    cfg = cfg_factory(["model=mlp", "optimizer=lookahead", "scheduler=plateau"], epochs=1, tracking=False)
+    ensure_data(cfg)
+    train(cfg, figures=False)
+    ckpt = Layout.from_cfg(cfg).best_ckpt
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt) == []
+    net = load_classifier(ckpt).net
+    state = load_state(str(ckpt))
+    assert state.keys() == net[1].state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in net[1].state_dict().items())
+
+
+def test_an_mlflow_model_saved_with_pickle_is_refused(tmp_path, monkeypatch):
+    import mlflow
+    import mlflow.pytorch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    net = build_network("mlp", {"in_channels": 1, "num_classes": 3, "image_size": 8}, mean=[0.5], std=[0.2])
+    example = torch.zeros(2, 1, 8, 8).numpy()
+    with mlflow.start_run() as run:
+        mlflow.pytorch.log_model(net, name="pickled", serialization_format="pickle", pip_requirements=["torch"])
+        mlflow.pytorch.log_model(net, name="exported", serialization_format="pt2", input_example=example,
+                                 pip_requirements=["torch"])
+    with pytest.raises(DataError, match=r"Refused to load runs:/.*/pickled: it is saved with pickle"):
+        load_state(f"runs:/{run.info.run_id}/pickled")
+    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION" not in os.environ  # the switch was scoped to the load
+    state = load_state(f"runs:/{run.info.run_id}/exported")
+    assert state.keys() == net[1].state_dict().keys()
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # an operator who trusts the server
+    assert load_state(f"runs:/{run.info.run_id}/pickled").keys() == net[1].state_dict().keys()
 
 
 def test_cli_models_lists_every_model(capsys):

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline.errors import ConfigError
 
 CONFIG_NAME = "config"
+PACKAGED_CONF = "pipeline.conf"  # conf/ inside the installed package
 PARAMS_FILE = "params.yaml"
 
 
@@ -29,11 +30,32 @@ def find_root(start: Path | None = None) -> Path:
 
 
 def config_dir(root: Path | None = None) -> Path:
-    """The `conf/` folder: the project's own if present, else the one next to the package source."""
-    for candidate in (find_root(root) / "conf", Path(__file__).resolve().parents[2] / "conf"):
-        if candidate.is_dir():
+    """The `conf/` folder to compose: a project's own (at or above `root`, default cwd, beside
+    its dvc.yaml), else the checkout's beside this source (`src/` layout), else the copy
+    installed with the package (`pipeline.conf`), so an installed `pipeline` works anywhere."""
+    for candidate in (find_root(root) / "conf", _checkout_conf(), _installed_conf()):
+        if candidate is not None and (candidate / f"{CONFIG_NAME}.yaml").is_file():
             return candidate
-    raise ConfigError("No conf/ folder found: run from the project folder (the one with dvc.yaml).")
+    raise ConfigError("No conf/ folder found: run from the project folder (the one with dvc.yaml), "
+                      "or install the package (pip install .), which ships its conf/.")
+
+
+def _checkout_conf() -> Path | None:
+    """`<repo>/conf` when this module runs from `<repo>/src/pipeline/` (a checkout, editable or
+    on PYTHONPATH): the checkout's own conf, even where another install's `pipeline.conf` is
+    importable."""
+    src = Path(__file__).resolve().parents[1]
+    return src.parent / "conf" if src.name == "src" else None
+
+
+def _installed_conf() -> Path | None:
+    """The `pipeline.conf` package a wheel installs (pyproject maps the top-level conf/ to
+    it): a folder of YAML files, which Hydra reads as it reads conf/."""
+    from importlib.util import find_spec
+
+    spec = find_spec(PACKAGED_CONF)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
 
 
 def compose(overrides: Sequence[str] = (), *, conf: Path | None = None) -> DictConfig:

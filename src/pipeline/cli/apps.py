@@ -130,6 +130,14 @@ def _with_run_id_key(argv: list[str]) -> list[str]:
     return out
 
 
+def _with_job_name(job: str, argv: list[str]) -> list[str]:
+    """`argv` plus `hydra.job.name=<job>` (else Hydra names every job after this file, "apps"),
+    placed beside the user's overrides: Hydra's parser takes its overrides as one run of
+    positional arguments, so one on either side of `--cfg job` would be refused."""
+    first = next((i for i, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv))
+    return [*argv[:first], f"hydra.job.name={job}", *argv[first:]]
+
+
 # job -> (its app, what it does: the `pipeline` tool's help)
 JOBS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
     "train": (_train, "train and evaluate one model"),
@@ -149,9 +157,7 @@ def launch(job: str, argv: list[str]) -> int:
     def body() -> None:
         try:
             app = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(JOBS[job][0])
-            # hydra.job.name: Hydra would name every job after this file ("apps").
-            sys.argv = [f"pipeline {job}", f"hydra.job.name={job}",
-                        *(_with_run_id_key(argv) if job == "report" else argv)]
+            sys.argv = [f"pipeline {job}", *_with_job_name(job, _with_run_id_key(argv) if job == "report" else argv)]
             app()
         except SystemExit as stop:  # Hydra's own exit: 1 is a bad override or option, a user error
             raise SystemExit(2 if stop.code == 1 else stop.code) from None

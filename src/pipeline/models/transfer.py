@@ -1,9 +1,11 @@
 """Transfer learning: start from pretrained weights, freeze layers, fine-tune gently.
 
 Sources (`transfer.source`):
-- a checkpoint file: a Lightning `.ckpt` of this pipeline, or a `.pt`/`.pth` state dict
-  or pickled module;
-- an MLflow model URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<id>`;
+- a checkpoint file: a Lightning `.ckpt` of this pipeline, or a `.pt`/`.pth` state dict.
+  Files load weights-only (`models.checkpoints`): a pickled module is refused, since
+  unpickling one could run any code (save its `state_dict()` instead);
+- an MLflow model URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<id>`
+  (a pickle-format model is refused there too);
 - torchvision weights by name: `torchvision:ResNet18_Weights.IMAGENET1K_V1` (downloaded
   once into torch's cache on a networked machine).
 Weights are matched by parameter name and shape; if the names differ (torchvision's
@@ -21,9 +23,11 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.models.checkpoints import load_file, load_mlflow_model
 
-# Our LightningModule stores the network as `net = Sequential(Preprocess, model)`.
-_CKPT_PREFIX = "net.1."
+# Our LightningModule stores the network as `net = Sequential(Preprocess, model)`; a logged
+# model is that Sequential. (Preprocess's prefix, the model's prefix) in each.
+_WRAPPERS = (("net.0.", "net.1."), ("0.", "1."))
 
 
 def load_state(source: str) -> dict[str, torch.Tensor]:
@@ -31,28 +35,25 @@ def load_state(source: str) -> dict[str, torch.Tensor]:
     if source.startswith("torchvision:"):
         return _torchvision_state(source.removeprefix("torchvision:"))
     if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        import mlflow.pytorch
-
-        return _strip(mlflow.pytorch.load_model(source, map_location="cpu").state_dict())
+        return _strip(load_mlflow_model(source).state_dict())
     path = Path(source).expanduser()
     if not path.exists():
         raise ConfigError(f"transfer.source={source!r}: no such file. Give a checkpoint path, an MLflow URI "
                           "(runs:/<id>/model) or torchvision:<WeightsName>.")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
+    obj = load_file(path)  # weights-only: a file from elsewhere cannot run code
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ConfigError(f"transfer.source={source!r} holds a {type(obj).__name__}, not a state dict or model.")
+        raise ConfigError(f"transfer.source={source!r} holds a {type(obj).__name__}, not a state dict.")
     return _strip(obj)
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop our wrapper prefixes (`net.1.` from checkpoints, `1.` from logged models)."""
-    for prefix in (_CKPT_PREFIX, "1."):
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    """The registry model's tensors: our wrapper's prefix dropped where Preprocess's buffers
+    show the wrapper (a plain state dict of a Sequential model also has `1.` keys)."""
+    for preprocess, model in _WRAPPERS:
+        if {f"{preprocess}mean", f"{preprocess}std"} <= state.keys():
+            return {k[len(model):]: v for k, v in state.items() if k.startswith(model)}
     return dict(state)
 
 

@@ -19,7 +19,7 @@ from pipeline.layout import Layout
 from pipeline.reports.figures import confusion_matrix_png
 from pipeline.tasks.common import load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
-from pipeline.training.module import Classifier
+from pipeline.training.module import load_classifier
 from pipeline.training.regularizers import Regularizers
 from pipeline.validation import prepare
 
@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None) -> dict[str, flo
     if not layout.best_ckpt.exists():
         raise DataError(f"No checkpoint at {layout.best_ckpt}: run the train stage first (`dvc repro train`).")
     raw, splits = load_data(cfg, layout)
-    module = Classifier.load_from_checkpoint(layout.best_ckpt, map_location="cpu")
+    module = load_classifier(layout.best_ckpt)
     images, labels = raw.images[splits.test], raw.labels[splits.test]
     probs = predict(module.net, images, batch_size=cfg.data.eval_batch_size, regularizer=cfg.regularizer)
     overall, per_class, cm = scores(probs, labels, raw.classes)

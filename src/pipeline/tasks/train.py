@@ -79,7 +79,9 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
         cbs += module.regularizers.callbacks(monitor=cfg.optimized_metric, mode="max")  # e.g. early stopping
         trainer = build_trainer(cfg.trainer, cbs, root_dir=cfg.paths.out_dir, **(trainer_kwargs or {}))
         start = time.perf_counter()
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        # A resumed trial's checkpoint may sit on shared storage (tune.storage_path): read it
+        # weights-only like every checkpoint (pipeline.models.checkpoints).
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         elapsed = time.perf_counter() - start
 
         metrics = _summary(recorder.rows, cfg.optimized_metric, size, elapsed)

@@ -6,6 +6,7 @@ checkpoint, so `Classifier.load_from_checkpoint` rebuilds it without the config.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,7 @@ from torch import nn
 
 from pipeline.data.batches import IGNORE_INDEX
 from pipeline.models import create_model
+from pipeline.models.checkpoints import refusals_explained
 from pipeline.models.init import init_weights
 from pipeline.models.transfer import param_groups
 from pipeline.training.optim import build_optimizer
@@ -191,3 +193,10 @@ class Classifier(L.LightningModule):
                                        steps_per_epoch=steps_per_epoch, **sched_cfg)
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
 
+
+
+def load_classifier(path: Path | str) -> Classifier:
+    """The Classifier saved in checkpoint `path`, on the CPU, unpickled weights-only (see
+    `pipeline.models.checkpoints`): a checkpoint replaced by someone else cannot run code."""
+    with refusals_explained(path):
+        return Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
