@@ -21,17 +21,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 
 INTERRUPTED = 130  # 128 + SIGINT
 BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (`pipeline models | head`)
 TERMINATED = 143   # 128 + SIGTERM
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that `finally` blocks and context managers run
-    on the way out (an MLflow run marks itself KILLED). A BaseException, as KeyboardInterrupt
-    is, so that no `except Exception` on the way swallows it."""
 
 
 def raise_terminated(signum: int, frame: Any) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from pipeline.errors import STOPPED
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tuning.plan import Plan
 from pipeline.tuning.space import trial_config
@@ -218,4 +219,4 @@ def abort_tree(plan: Plan, path: str, error: BaseException) -> None:
     runs.end_open_children("KILLED")
     if runs.parent is not None:
         runs.parent.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
-        runs.parent.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        runs.parent.finish("KILLED" if isinstance(error, STOPPED) else "FAILED")
