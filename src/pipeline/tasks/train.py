@@ -23,6 +23,7 @@ from pipeline.tasks.common import load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
+from pipeline.training.fit import fit
 from pipeline.training.module import Classifier
 from pipeline.tuning.best import apply_best
 from pipeline.validation import model_args, prepare
@@ -93,7 +94,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
                                      min_delta=es.min_delta, check_finite=True))
         trainer = _trainer(cfg, cbs, **(trainer_kwargs or {}))
         start = time.perf_counter()
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        # Not trainer.fit: a stop signal must raise, never return as if training had ended.
+        fit(trainer, module, datamodule=dm, ckpt_path=ckpt_path)
         elapsed = time.perf_counter() - start
 
         metrics = _summary(recorder.rows, cfg.optimized_metric, size, elapsed)

@@ -1,0 +1,134 @@
+"""A stopped run must not look finished: SIGINT exits 130 and SIGTERM 143, the MLflow run ends
+KILLED, and nothing that marks completion is written (for train: metrics/train.json, and no
+evaluation after it; under DVC: no `train` entry in dvc.lock).
+
+First the three ways Lightning would hide a signal from its caller (in this process, fast),
+then real signals to a real `python -m pipeline train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from pipeline.errors import Terminated
+from pipeline.layout import Layout
+from pipeline.tasks.data import ensure_data
+from pipeline.tasks.train import train
+from pipeline.validation import prepare
+
+BIN = Path(sys.executable).parent
+# Long enough that a run is still training when the signal comes (it stops at once).
+LONG = ["model=mlp", "trainer.max_epochs=1000", "regularizer.early_stopping.enabled=false",
+        "trainer.enable_progress_bar=false", "tune.use_best=false"]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def _query(db: Path, sql: str) -> list[tuple]:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute(sql).fetchall()
+    except sqlite3.Error:  # not created yet, or being written
+        return []
+
+
+def _epochs_logged(db: Path) -> int:
+    rows = _query(db, "SELECT COUNT(*) FROM metrics WHERE key = 'val/acc'")
+    return rows[0][0] if rows else 0
+
+
+def _run_statuses(db: Path) -> list[str]:
+    return [status for (status,) in _query(db, "SELECT status FROM runs")]
+
+
+def _wait_for_an_epoch(db: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while _epochs_logged(db) < 1:
+        assert proc.poll() is None, f"exited {proc.returncode} before an epoch:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------- in this process
+
+class SignalAt(Callback):
+    """Sends `signum` to this process at the end of epoch 1, or when training ends."""
+
+    def __init__(self, signum: int, hook: str) -> None:
+        self.signum, self.hook = signum, hook
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.hook == "epoch" and trainer.current_epoch == 1:
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.hook == "end":
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the cases below: creating one costs seconds of schema migrations."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signum, hook, raised", [
+    (signal.SIGINT, "epoch", KeyboardInterrupt),  # Lightning: sys.exit(1)
+    (signal.SIGTERM, "epoch", Terminated),        # Lightning: SIGTERMException, a SystemExit of status 0
+    (signal.SIGTERM, "end", Terminated),          # Lightning: fit returns as if training had ended
+])
+def test_train_raises_the_signal_lightning_caught(cfg_factory, store: str, signum, hook, raised):
+    cfg = cfg_factory(["model=mlp", f"tracking.tracking_uri={store}"], epochs=5)
+    ensure_data(cfg)
+    sigint = signal.getsignal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as for a library caller: Lightning's alone
+    try:
+        with pytest.raises(raised):
+            train(cfg, callbacks=[SignalAt(signum, hook)])
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after catching one
+    layout = Layout.from_cfg(prepare(cfg))
+    assert not (layout.metrics / "train.json").exists()
+    run_id = json.loads(layout.run_file.read_text())["run_id"]
+    assert _query(Path(store.removeprefix("sqlite:///")),
+                  f"SELECT status FROM runs WHERE run_uuid = '{run_id}'") == [("KILLED",)]
+
+
+# ---------------------------------------------------------------------------- real processes
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGTERM, 143, "terminated"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status: int, said: str):
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *LONG], cwd=tmp_path, env=_env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_an_epoch(tmp_path / "mlflow.db", proc, log)
+            proc.send_signal(signum)
+            assert proc.wait(timeout=60) == status, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    assert said in log.read_text()
+    assert _run_statuses(tmp_path / "mlflow.db") == ["KILLED"]
+    [run_dir] = (tmp_path / "outputs").glob("*/*")
+    assert (run_dir / "models" / "last.ckpt").exists()  # progress, kept: not a mark of completion
+    assert not list(run_dir.rglob("train.json")) and not list(run_dir.rglob("test.json"))
+    assert "val/acc=" not in log.read_text()  # no summary printed either
