@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import Callback
 
+from pipeline.cli import exits
 from pipeline.errors import Terminated
 from pipeline.layout import Layout
 from pipeline.tasks.data import ensure_data
@@ -64,6 +65,21 @@ def _wait_for_an_epoch(db: Path, proc: subprocess.Popen, log: Path, timeout: flo
 
 
 # ---------------------------------------------------------------------------- in this process
+
+def test_a_second_sigterm_does_not_cut_the_cleanup_short():
+    cleaned = []
+
+    def body() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises long before this ends
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. the scheduler again
+            time.sleep(0.1)
+            cleaned.append("done")
+
+    assert exits.run(body) == exits.TERMINATED and cleaned == ["done"]
+
 
 class SignalAt(Callback):
     """Sends `signum` to this process at the end of epoch 1, or when training ends."""

@@ -9,7 +9,8 @@
 
 Every way in (the Hydra apps, the DVC stage runner, the `pipeline` tool) runs its body
 through `run`, so `dvc repro`, SLURM, Kubernetes and shell scripts never read success after
-a failure.
+a failure. Below, Lightning, which catches signals itself, hands them on as these
+exceptions in `pipeline.training.fit`.
 """
 
 from __future__ import annotations
@@ -28,14 +29,24 @@ BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (`pipeline models | hea
 TERMINATED = 143   # 128 + SIGTERM
 
 
-def raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(f"terminated by signal {signum}")
+def terminate_once() -> Callable[[int, Any], None]:
+    """A SIGTERM handler that raises `Terminated` the first time only. Later SIGTERMs (a
+    scheduler repeating itself) must not cut short the cleanup on the way out, e.g. an MLflow
+    run being marked KILLED; SIGKILL still ends a process at once."""
+    fired = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired.is_set():
+            fired.set()
+            raise Terminated(f"terminated by signal {signum}")
+
+    return handler
 
 
 def run(body: Callable[[], object]) -> int:
     """Run `body()` and return its exit status; a user error prints its message only."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, terminate_once()) if main_thread else None
     try:
         body()
     except PipelineError as err:
@@ -44,8 +55,8 @@ def run(body: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
-    except Terminated:
-        print("terminated", file=sys.stderr)
+    except Terminated as err:
+        print(str(err) or "terminated", file=sys.stderr)
         return TERMINATED
     except BrokenPipeError:
         # Python would print a traceback, then fail again flushing stdout at exit.
