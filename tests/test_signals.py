@@ -3,7 +3,7 @@ KILLED, and nothing that marks completion is written (for train: metrics/train.j
 evaluation after it; under DVC: no `train` entry in dvc.lock).
 
 First the three ways Lightning would hide a signal from its caller (in this process, fast),
-then real signals to a real `python -m pipeline train`.
+then real signals to real processes: `python -m pipeline train` and a sweep.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
+import sweeps
 from pipeline.cli import exits
 from pipeline.errors import Terminated
 from pipeline.layout import Layout
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.train import train
+from pipeline.tuning.stopping import sigterm_interrupts_ray
 from pipeline.validation import prepare
 
 BIN = Path(sys.executable).parent
@@ -66,7 +69,17 @@ def _wait_for_an_epoch(db: Path, proc: subprocess.Popen, log: Path, timeout: flo
 
 # ---------------------------------------------------------------------------- in this process
 
-def test_a_second_sigterm_does_not_cut_the_cleanup_short():
+def _in_a_ray_block(body) -> int:
+    """`body` where a driver waits on Ray, under the CLI's exit statuses."""
+    def wrapped() -> None:
+        with sigterm_interrupts_ray():
+            body()
+
+    return exits.run(wrapped)
+
+
+@pytest.mark.parametrize("run", [exits.run, _in_a_ray_block], ids=["cli", "ray-block"])
+def test_a_second_sigterm_does_not_cut_the_cleanup_short(run):
     cleaned = []
 
     def body() -> None:
@@ -78,7 +91,7 @@ def test_a_second_sigterm_does_not_cut_the_cleanup_short():
             time.sleep(0.1)
             cleaned.append("done")
 
-    assert exits.run(body) == exits.TERMINATED and cleaned == ["done"]
+    assert run(body) == exits.TERMINATED and cleaned == ["done"]
 
 
 class SignalAt(Callback):
@@ -148,3 +161,32 @@ def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status
     assert (run_dir / "models" / "last.ckpt").exists()  # progress, kept: not a mark of completion
     assert not list(run_dir.rglob("train.json")) and not list(run_dir.rglob("test.json"))
     assert "val/acc=" not in log.read_text()  # no summary printed either
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sweep_terminated_ends_as_interrupted(cfg_factory, tmp_path: Path):
+    """SIGTERM to the driver of a sweep stops it as Ctrl+C does (saved to resume), but exits 143."""
+    from ray.tune import Tuner
+
+    cfg = cfg_factory(["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.num_samples=4",
+                       "tune.scheduler=fifo", "tune.max_epochs=500"])
+    ensure_data(cfg)
+    params = tmp_path / "sweep.yaml"
+    OmegaConf.save(cfg, params)
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "stage", "tune", str(params)], cwd=tmp_path,
+                                env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_an_epoch(tmp_path / "mlflow.db", proc, log)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    assert "continue it with tune.resume=true" in log.read_text()
+    _, parent, children = sweeps.tree(tmp_path)
+    assert parent.info.status == "KILLED" and parent.data.tags.get("interrupted") == "true"
+    assert children and all(c.info.status == "KILLED" for c in children)
+    assert not (tmp_path / "out/results/tune/best.yaml").exists()
+    assert Tuner.can_restore(parent.data.tags["ray_experiment"])

@@ -9,8 +9,9 @@
 
 Every way in (the Hydra apps, the DVC stage runner, the `pipeline` tool) runs its body
 through `run`, so `dvc repro`, SLURM, Kubernetes and shell scripts never read success after
-a failure. Below, Lightning, which catches signals itself, hands them on as these
-exceptions in `pipeline.training.fit`.
+a failure. Below, the libraries that catch signals themselves hand them on as these
+exceptions: Lightning in `pipeline.training.fit`, Ray and Ray Tune in
+`pipeline.tuning.stopping`.
 """
 
 from __future__ import annotations

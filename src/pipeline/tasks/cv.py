@@ -23,6 +23,7 @@ from pipeline.validation import prepare
 
 # Metrics aggregated over folds (what each fold's train + evaluate return).
 CV_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro")
+CANCEL_TIMEOUT_S = 30  # for cancelled folds to end their MLflow runs
 
 
 def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None) -> dict[str, float]:
@@ -40,13 +41,27 @@ def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | No
                   cpus_per_fold: int) -> list[dict]:
     import ray
 
+    from pipeline.tuning.stopping import keeps_sigterm_handler, sigterm_interrupts_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=max(cpus_per_fold, 1) * min(len(folds), 2), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        with keeps_sigterm_handler():
+            ray.init(num_cpus=max(cpus_per_fold, 1) * min(len(folds), 2), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
     try:
         task = ray.remote(num_cpus=cpus_per_fold)(run_fold)
-        return ray.get([task.remote(cfg, fold, parent_run_id) for fold in folds])
+        refs = [task.remote(cfg, fold, parent_run_id) for fold in folds]
+        try:
+            with sigterm_interrupts_ray():
+                return ray.get(refs)
+        except BaseException:
+            # A stop signal, or one fold failed: ray.shutdown would kill the other folds' workers
+            # and leave their MLflow runs RUNNING. Cancelling raises KeyboardInterrupt in each
+            # running fold instead, so its run ends KILLED.
+            for ref in refs:
+                ray.cancel(ref)
+            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_TIMEOUT_S)
+            raise
     finally:
         if started:
             ray.shutdown()

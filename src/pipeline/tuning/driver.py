@@ -16,11 +16,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.config import flatten
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, Terminated
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tracking.provenance import git_commit
 from pipeline.tuning.plan import Plan, plan_sweep
 from pipeline.tuning.results import abort_tree, collect, finish_parent, write_outputs
+from pipeline.tuning.stopping import keeps_sigterm_handler, sigterm_stops_sweep
 from pipeline.tuning.trial import TrainFn
 
 # Trial actors are reused (`reuse_actors`): the next trial waits for the stopped trial's
@@ -54,13 +55,14 @@ def init_ray(tune: dict[str, Any]) -> bool:
         return False
     for key, value in TRIAL_ENV.items():
         os.environ.setdefault(key, value)
-    if tune.get("address"):
-        # Workers on other nodes do not inherit this process's environment.
-        ray.init(address=tune["address"], runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=True)
-    else:
-        # A local Ray's workers inherit it from the raylet this call starts. A runtime_env here
-        # would cost every sweep about 1.5 s more before its first trial actor starts.
-        ray.init(num_cpus=tune.get("num_cpus"), include_dashboard=False)
+    with keeps_sigterm_handler():
+        if tune.get("address"):
+            # Workers on other nodes do not inherit this process's environment.
+            ray.init(address=tune["address"], runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=True)
+        else:
+            # A local Ray's workers inherit it from the raylet this call starts. A runtime_env
+            # here would cost every sweep about 1.5 s more before its first trial actor starts.
+            ray.init(num_cpus=tune.get("num_cpus"), include_dashboard=False)
     return True
 
 
@@ -218,23 +220,31 @@ def run_sweep(cfg: DictConfig, *, train: TrainFn, trial_callbacks: Sequence[Any]
         tuner, path = build_tuner(plan, train, trial_callbacks)
         start = time.perf_counter()
         try:
-            tuner.fit()  # results are read back from the experiment folder, as on resume
+            with sigterm_stops_sweep() as terminated:
+                tuner.fit()  # results are read back from the experiment folder, as on resume
+            elapsed = time.perf_counter() - start
+            outcome = collect(plan, path)
+            # Trials left PENDING or RUNNING mean a stop signal, unless the time budget ran out.
+            budget = plan.tune.get("time_budget_s")
+            out_of_time = budget is not None and elapsed >= budget
+            interrupted = [t for t in outcome.trials if t["status"] not in ("TERMINATED", "ERROR") and not out_of_time]
+            # SIGTERM ends the sweep unfinished even if it came after the last trial: its exit
+            # status (143) should not depend on when the signal arrived.
+            stopped = bool(interrupted) or terminated.is_set()
+            write_outputs(plan, outcome, final=not stopped)
+            if plan.cfg.tracking.enabled:
+                finish_parent(plan, outcome, path, interrupted=stopped, elapsed=elapsed)
         except BaseException as err:
+            # Also after the loop: a crash or signal while writing must not leave the tree RUNNING.
             if plan.cfg.tracking.enabled:
                 abort_tree(plan, path, err)
             raise
-        elapsed = time.perf_counter() - start
-        outcome = collect(plan, path)
-        # Trials left PENDING or RUNNING mean a stop signal, unless the time budget ran out.
-        budget = plan.tune.get("time_budget_s")
-        out_of_time = budget is not None and elapsed >= budget
-        interrupted = [t for t in outcome.trials if t["status"] not in ("TERMINATED", "ERROR") and not out_of_time]
-        write_outputs(plan, outcome, final=not interrupted)
-        if plan.cfg.tracking.enabled:
-            finish_parent(plan, outcome, path, interrupted=bool(interrupted), elapsed=elapsed)
     finally:
         if started:
             ray.shutdown()
+    if terminated.is_set():
+        raise Terminated(f"terminated: the sweep stopped ({len(interrupted)} of {len(outcome.trials)} trials "
+                         f"unfinished); continue it with tune.resume=true (experiment {path}).")
     if interrupted:
         raise SweepInterrupted(f"the sweep stopped with {len(interrupted)} trial(s) unfinished; continue it with "
                                f"tune.resume=true (experiment {path}).")
