@@ -3,11 +3,12 @@ KILLED, and nothing that marks completion is written (for train: metrics/train.j
 evaluation after it; under DVC: no `train` entry in dvc.lock).
 
 First the three ways Lightning would hide a signal from its caller (in this process, fast),
-then real signals to real processes: `python -m pipeline train` and a sweep.
+then real signals to real processes: `python -m pipeline train`, a sweep, and `dvc repro`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,11 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 import sweeps
 from pipeline.cli import exits
+from pipeline.config import compose
 from pipeline.errors import Terminated
 from pipeline.layout import Layout
 from pipeline.tasks.data import ensure_data
@@ -30,6 +33,7 @@ from pipeline.tasks.train import train
 from pipeline.tuning.stopping import sigterm_interrupts_ray
 from pipeline.validation import prepare
 
+REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Long enough that a run is still training when the signal comes (it stops at once).
 LONG = ["model=mlp", "trainer.max_epochs=1000", "regularizer.early_stopping.enabled=false",
@@ -37,7 +41,9 @@ LONG = ["model=mlp", "trainer.max_epochs=1000", "regularizer.early_stopping.enab
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
     env.pop("VIRTUAL_ENV", None)
     return env
 
@@ -87,7 +93,7 @@ def test_a_second_sigterm_does_not_cut_the_cleanup_short(run):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises long before this ends
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # e.g. the scheduler again
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler again, or the DVC watch
             time.sleep(0.1)
             cleaned.append("done")
 
@@ -190,3 +196,68 @@ def test_sweep_terminated_ends_as_interrupted(cfg_factory, tmp_path: Path):
     assert children and all(c.info.status == "KILLED" for c in children)
     assert not (tmp_path / "out/results/tune/best.yaml").exists()
     assert Tuner.can_restore(parent.data.tags["ray_experiment"])
+
+
+# ---------------------------------------------------------------------------- dvc repro
+
+def _dvc_project(dest: Path) -> Path:
+    """A git repository with the real fetch, split and train stages and a params.yaml composed
+    for a long MLP run. Their code deps are left out (this test is about signals, not about
+    which files a stage reads), and so is train's dependency on the tune stage, which would
+    run a sweep first."""
+    for rel in (".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes((REPO / rel).read_bytes())
+    subprocess.run(["cp", "-r", str(REPO / "conf"), str(dest / "conf")], check=True)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    kept = {name: stages[name] for name in ("fetch", "split", "train")}
+    for stage in kept.values():
+        stage["deps"] = [d for d in stage["deps"] if d.startswith("data/")]
+    (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": kept}, sort_keys=False))
+    OmegaConf.save(compose(LONG, conf=dest / "conf"), dest / "params.yaml", resolve=True)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(cmd, cwd=dest, env=_env(), check=True, capture_output=True)
+    return dest
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dvc_repro_terminated_during_train_records_nothing(tmp_path: Path):
+    import psutil
+
+    project = _dvc_project(tmp_path / "project")
+    log = tmp_path / "repro.log"
+    with log.open("w") as out:
+        dvc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=_env(), stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_an_epoch(project / "mlflow.db", dvc, log)
+            stage = psutil.Process(dvc.pid).children(recursive=True)
+            # SIGTERM to DVC alone, as `kill` or `timeout` send it: DVC dies without passing it on.
+            dvc.send_signal(signal.SIGTERM)
+            assert dvc.wait(timeout=60) != 0
+            gone, alive = psutil.wait_procs(stage, timeout=30)
+            assert not alive, f"the train stage outlived DVC: {alive}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # DVC's group: the stage, if it outlived DVC
+                os.killpg(dvc.pid, signal.SIGKILL)
+    assert "Running stage 'train'" in log.read_text()
+    assert _run_statuses(project / "mlflow.db") == ["KILLED"]
+    assert not (project / "metrics" / "train.json").exists()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert "train" not in lock and {"fetch", "split"} <= set(lock)
+
+    # Nothing left behind blocks DVC: status reads, and repro runs the train stage again.
+    def dvc_ok(*args: str) -> str:
+        done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    assert "train" in dvc_ok("status")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["trainer"]["max_epochs"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_ok("repro")
+    assert "train" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert sorted(_run_statuses(project / "mlflow.db")) == ["FINISHED", "KILLED"]

@@ -32,8 +32,8 @@ TERMINATED = 143   # 128 + SIGTERM
 
 def terminate_once() -> Callable[[int, Any], None]:
     """A SIGTERM handler that raises `Terminated` the first time only. Later SIGTERMs (a
-    scheduler repeating itself) must not cut short the cleanup on the way out, e.g. an MLflow
-    run being marked KILLED; SIGKILL still ends a process at once."""
+    scheduler repeating itself, the DVC watch in `stages`) must not cut short the cleanup on
+    the way out, e.g. an MLflow run being marked KILLED; SIGKILL still ends a process at once."""
     fired = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
