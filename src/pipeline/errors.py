@@ -1,4 +1,5 @@
-"""Errors a user can act on. Each message names the problem and the fix."""
+"""Errors a user can act on (each message names the problem and the fix), and the stop signal
+that is no error at all. At the bottom of the layers, so that any of them can raise these."""
 
 
 class PipelineError(Exception):
@@ -13,3 +14,14 @@ class ConfigError(PipelineError):
 
 class DataError(PipelineError):
     """A dataset is missing, corrupt, truncated or does not match its manifest."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler, `kill`, `timeout`), raised in the main thread so that `finally`
+    blocks and context managers run on the way out. A BaseException, as KeyboardInterrupt is,
+    so that no `except Exception` on the way swallows it. `pipeline.cli.exits` raises it from
+    its signal handler; training and tuning raise it where a library caught the signal first."""
+
+
+# What a stop signal raises: a run ended by one is KILLED (stopped on purpose), not FAILED.
+STOPPED = (KeyboardInterrupt, Terminated)

@@ -9,7 +9,9 @@
 
 Every way in (the Hydra apps, the DVC stage runner, the `pipeline` tool) runs its body
 through `run`, so `dvc repro`, SLURM, Kubernetes and shell scripts never read success after
-a failure.
+a failure. Below, the libraries that catch signals themselves hand them on as these
+exceptions: Lightning in `pipeline.training.fit`, Ray and Ray Tune in
+`pipeline.tuning.stopping`.
 """
 
 from __future__ import annotations
@@ -21,27 +23,31 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 
 INTERRUPTED = 130  # 128 + SIGINT
 BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (`pipeline models | head`)
 TERMINATED = 143   # 128 + SIGTERM
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that `finally` blocks and context managers run
-    on the way out (an MLflow run marks itself KILLED). A BaseException, as KeyboardInterrupt
-    is, so that no `except Exception` on the way swallows it."""
+def terminate_once() -> Callable[[int, Any], None]:
+    """A SIGTERM handler that raises `Terminated` the first time only. Later SIGTERMs (a
+    scheduler repeating itself, the DVC watch in `stages`) must not cut short the cleanup on
+    the way out, e.g. an MLflow run being marked KILLED; SIGKILL still ends a process at once."""
+    fired = threading.Event()
 
+    def handler(signum: int, frame: Any) -> None:
+        if not fired.is_set():
+            fired.set()
+            raise Terminated(f"terminated by signal {signum}")
 
-def raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(f"terminated by signal {signum}")
+    return handler
 
 
 def run(body: Callable[[], object]) -> int:
     """Run `body()` and return its exit status; a user error prints its message only."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, terminate_once()) if main_thread else None
     try:
         body()
     except PipelineError as err:
@@ -50,8 +56,8 @@ def run(body: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
-    except Terminated:
-        print("terminated", file=sys.stderr)
+    except Terminated as err:
+        print(str(err) or "terminated", file=sys.stderr)
         return TERMINATED
     except BrokenPipeError:
         # Python would print a traceback, then fail again flushing stdout at exit.

@@ -33,6 +33,7 @@ from pipeline.validation import prepare
 
 # Metrics aggregated over folds (what each fold's train + evaluate return).
 CV_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro")
+CANCEL_TIMEOUT_S = 30  # for cancelled folds to wind down before Ray shuts down
 
 
 def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None,
@@ -88,18 +89,29 @@ def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | No
     import ray
 
     from pipeline.tuning.ray_init import init_ray
+    from pipeline.tuning.stopping import sigterm_interrupts_ray
 
     per_fold = int(cfg["cv"]["cpus_per_fold"])
     # A local Ray: every fold at once if the machine has the CPUs (and at least one fold's).
     started = init_ray(cfg["tune"], num_cpus=max(per_fold, min(len(folds) * per_fold, os.cpu_count() or 1)))
     outcomes: list[FoldOutcome] = []
+    pending: list[Any] = []
     try:
         task = ray.remote(num_cpus=per_fold)(_fold_task)
         pending = [task.remote(cfg, fold, parent_run_id, per_fold) for fold in folds]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            outcomes.append(ray.get(done[0]))
-            _write_fold_run(cfg, outcomes[-1])
+        with sigterm_interrupts_ray():
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                outcomes.append(ray.get(done[0]))
+                _write_fold_run(cfg, outcomes[-1])
+    except BaseException:
+        # A stop signal: ray.shutdown would kill the running folds mid-step. Cancelling raises
+        # KeyboardInterrupt in each, which ends it cleanly; folds not finished write no run
+        # (they only recorded theirs), and the CV parent run ends KILLED.
+        for ref in pending:
+            ray.cancel(ref)
+        ray.wait(pending, num_returns=len(pending), timeout=CANCEL_TIMEOUT_S)
+        raise
     finally:
         if started:
             ray.shutdown()

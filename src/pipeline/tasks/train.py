@@ -25,6 +25,7 @@ from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.training.builders import build_datamodule, build_module, build_trainer, input_stats
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
+from pipeline.training.fit import fit
 from pipeline.training.metrics import file_row
 from pipeline.training.module import Classifier
 from pipeline.tuning.best import apply_best
@@ -79,9 +80,10 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
         cbs += module.regularizers.callbacks(monitor=cfg.optimized_metric, mode="max")  # e.g. early stopping
         trainer = build_trainer(cfg.trainer, cbs, root_dir=cfg.paths.out_dir, **(trainer_kwargs or {}))
         start = time.perf_counter()
+        # Not trainer.fit: a stop signal must raise, never return as if training had ended.
         # A resumed trial's checkpoint may sit on shared storage (tune.storage_path): read it
         # weights-only like every checkpoint (pipeline.models.checkpoints).
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        fit(trainer, module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         elapsed = time.perf_counter() - start
 
         metrics = _summary(recorder.rows, cfg.optimized_metric, size, elapsed)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ConfigError
+from pipeline.errors import STOPPED, ConfigError
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -69,7 +69,8 @@ def get_experiment_id(client: MlflowClient, name: str, artifact_location: str | 
 
 class TrackedRun:
     """A handle on one MLflow run with batched logging; use as a context manager so any
-    exception ends the run FAILED (KeyboardInterrupt: KILLED) instead of leaving it RUNNING."""
+    exception ends the run FAILED (a stop signal, SIGINT or SIGTERM: KILLED) instead of
+    leaving it RUNNING."""
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
@@ -144,6 +145,6 @@ class TrackedRun:
             self.finish("FINISHED")
         else:
             self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
-            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+            self.finish("KILLED" if issubclass(exc_type, STOPPED) else "FAILED")
 
 

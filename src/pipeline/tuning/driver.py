@@ -15,12 +15,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.config import flatten
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, Terminated
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tracking.provenance import git_commit
 from pipeline.tuning.plan import Plan, plan_sweep
 from pipeline.tuning.ray_init import init_ray
 from pipeline.tuning.results import abort_tree, collect, finish_parent, write_outputs
+from pipeline.tuning.stopping import sigterm_stops_sweep
 from pipeline.tuning.trial import TrainFn
 
 
@@ -184,23 +185,31 @@ def run_sweep(cfg: DictConfig, *, train: TrainFn, trial_callbacks: Sequence[Any]
         tuner, path = build_tuner(plan, train, trial_callbacks)
         start = time.perf_counter()
         try:
-            tuner.fit()  # results are read back from the experiment folder, as on resume
+            with sigterm_stops_sweep() as terminated:
+                tuner.fit()  # results are read back from the experiment folder, as on resume
+            elapsed = time.perf_counter() - start
+            outcome = collect(plan, path)
+            # Trials left PENDING or RUNNING mean a stop signal, unless the time budget ran out.
+            budget = plan.tune.get("time_budget_s")
+            out_of_time = budget is not None and elapsed >= budget
+            interrupted = [t for t in outcome.trials if t["status"] not in ("TERMINATED", "ERROR") and not out_of_time]
+            # SIGTERM ends the sweep unfinished even if it came after the last trial: its exit
+            # status (143) should not depend on when the signal arrived.
+            stopped = bool(interrupted) or terminated.is_set()
+            write_outputs(plan, outcome, final=not stopped)
+            if plan.cfg.tracking.enabled:
+                finish_parent(plan, outcome, path, interrupted=stopped, elapsed=elapsed)
         except BaseException as err:
+            # Also after the loop: a crash or signal while writing must not leave the tree RUNNING.
             if plan.cfg.tracking.enabled:
                 abort_tree(plan, path, err)
             raise
-        elapsed = time.perf_counter() - start
-        outcome = collect(plan, path)
-        # Trials left PENDING or RUNNING mean a stop signal, unless the time budget ran out.
-        budget = plan.tune.get("time_budget_s")
-        out_of_time = budget is not None and elapsed >= budget
-        interrupted = [t for t in outcome.trials if t["status"] not in ("TERMINATED", "ERROR") and not out_of_time]
-        write_outputs(plan, outcome, final=not interrupted)
-        if plan.cfg.tracking.enabled:
-            finish_parent(plan, outcome, path, interrupted=bool(interrupted), elapsed=elapsed)
     finally:
         if started:
             ray.shutdown()
+    if terminated.is_set():
+        raise Terminated(f"terminated: the sweep stopped ({len(interrupted)} of {len(outcome.trials)} trials "
+                         f"unfinished); continue it with tune.resume=true (experiment {path}).")
     if interrupted:
         raise SweepInterrupted(f"the sweep stopped with {len(interrupted)} trial(s) unfinished; continue it with "
                                f"tune.resume=true (experiment {path}).")

@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.tuning.stopping import keeps_sigterm_handler
+
 # Trial actors are reused (`reuse_actors`): the next trial waits for the stopped trial's
 # thread to unwind through Lightning, which can take longer than Tune's 2 s on a busy box.
 TRIAL_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "60", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -43,7 +45,8 @@ def init_ray(tune: Mapping[str, Any], *, num_cpus: int | None = None) -> bool:
         os.environ.setdefault(key, value)
     if tune.get("address"):
         # Workers on other nodes do not inherit this process's environment.
-        ray.init(address=tune["address"], runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=True)
+        with keeps_sigterm_handler():
+            ray.init(address=tune["address"], runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=True)
         return True
     if os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
         print(f"note: tune.address is null, so this starts its own Ray and ignores RAY_ADDRESS="
@@ -52,5 +55,6 @@ def init_ray(tune: Mapping[str, Any], *, num_cpus: int | None = None) -> bool:
     # whose CPUs, lifetime and jobs belong to someone else. A local Ray's workers inherit
     # TRIAL_ENV from the raylet this call starts; a runtime_env here would cost every sweep
     # about 1.5 s more before its first trial actor starts.
-    ray.init(address="local", num_cpus=tune.get("num_cpus") or num_cpus, include_dashboard=False)
+    with keeps_sigterm_handler():  # ray.init installs a SIGTERM handler of its own
+        ray.init(address="local", num_cpus=tune.get("num_cpus") or num_cpus, include_dashboard=False)
     return True

@@ -13,6 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pipeline.config import plain
+from pipeline.errors import STOPPED
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.training.metrics import LEARNING_CURVES, file_key, file_row
 from pipeline.tuning.plan import Plan
@@ -208,4 +209,4 @@ def abort_tree(plan: Plan, path: str, error: BaseException) -> None:
     runs.end_open_children("KILLED")
     if runs.parent is not None:
         runs.parent.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
-        runs.parent.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        runs.parent.finish("KILLED" if isinstance(error, STOPPED) else "FAILED")

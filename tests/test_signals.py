@@ -1,0 +1,263 @@
+"""A stopped run must not look finished: SIGINT exits 130 and SIGTERM 143, the MLflow run ends
+KILLED, and nothing that marks completion is written (for train: metrics/train.json, and no
+evaluation after it; under DVC: no `train` entry in dvc.lock).
+
+First the three ways Lightning would hide a signal from its caller (in this process, fast),
+then real signals to real processes: `python -m pipeline train`, a sweep, and `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+
+import sweeps
+from pipeline.cli import exits
+from pipeline.config import compose
+from pipeline.errors import Terminated
+from pipeline.layout import Layout
+from pipeline.tasks.data import ensure_data
+from pipeline.tasks.train import train
+from pipeline.tuning.stopping import sigterm_interrupts_ray
+from pipeline.validation import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Long enough that a run is still training when the signal comes (it stops at once).
+LONG = ["model=mlp", "trainer.max_epochs=1000", "regularizer.early_stopping.enabled=false",
+        "trainer.enable_progress_bar=false", "tune.use_best=false"]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def _query(db: Path, sql: str) -> list[tuple]:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute(sql).fetchall()
+    except sqlite3.Error:  # not created yet, or being written
+        return []
+
+
+def _epochs_logged(db: Path) -> int:
+    rows = _query(db, "SELECT COUNT(*) FROM metrics WHERE key = 'val/acc'")
+    return rows[0][0] if rows else 0
+
+
+def _run_statuses(db: Path) -> list[str]:
+    return [status for (status,) in _query(db, "SELECT status FROM runs")]
+
+
+def _wait_for_an_epoch(db: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while _epochs_logged(db) < 1:
+        assert proc.poll() is None, f"exited {proc.returncode} before an epoch:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------- in this process
+
+def _in_a_ray_block(body) -> int:
+    """`body` where a driver waits on Ray, under the CLI's exit statuses."""
+    def wrapped() -> None:
+        with sigterm_interrupts_ray():
+            body()
+
+    return exits.run(wrapped)
+
+
+@pytest.mark.parametrize("run", [exits.run, _in_a_ray_block], ids=["cli", "ray-block"])
+def test_a_second_sigterm_does_not_cut_the_cleanup_short(run):
+    cleaned = []
+
+    def body() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises long before this ends
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler again, or the DVC watch
+            time.sleep(0.1)
+            cleaned.append("done")
+
+    assert run(body) == exits.TERMINATED and cleaned == ["done"]
+
+
+class SignalAt(Callback):
+    """Sends `signum` to this process at the end of epoch 1, or when training ends."""
+
+    def __init__(self, signum: int, hook: str) -> None:
+        self.signum, self.hook = signum, hook
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.hook == "epoch" and trainer.current_epoch == 1:
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.hook == "end":
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the cases below: creating one costs seconds of schema migrations."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signum, hook, raised", [
+    (signal.SIGINT, "epoch", KeyboardInterrupt),  # Lightning: sys.exit(1)
+    (signal.SIGTERM, "epoch", Terminated),        # Lightning: SIGTERMException, a SystemExit of status 0
+    (signal.SIGTERM, "end", Terminated),          # Lightning: fit returns as if training had ended
+])
+def test_train_raises_the_signal_lightning_caught(cfg_factory, store: str, signum, hook, raised):
+    cfg = cfg_factory(["model=mlp", f"tracking.tracking_uri={store}"], epochs=5)
+    ensure_data(cfg)
+    sigint = signal.getsignal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as for a library caller: Lightning's alone
+    try:
+        with pytest.raises(raised):
+            train(cfg, callbacks=[SignalAt(signum, hook)])
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after catching one
+    layout = Layout.from_cfg(prepare(cfg))
+    assert not (layout.metrics / "train.json").exists()
+    run_id = json.loads(layout.run_file.read_text())["run_id"]
+    assert _query(Path(store.removeprefix("sqlite:///")),
+                  f"SELECT status FROM runs WHERE run_uuid = '{run_id}'") == [("KILLED",)]
+
+
+# ---------------------------------------------------------------------------- real processes
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGTERM, 143, "terminated"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status: int, said: str):
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *LONG], cwd=tmp_path, env=_env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_an_epoch(tmp_path / "mlflow.db", proc, log)
+            proc.send_signal(signum)
+            assert proc.wait(timeout=60) == status, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    assert said in log.read_text()
+    assert _run_statuses(tmp_path / "mlflow.db") == ["KILLED"]
+    [run_dir] = (tmp_path / "outputs").glob("*/*")
+    assert (run_dir / "models" / "last.ckpt").exists()  # progress, kept: not a mark of completion
+    assert not list(run_dir.rglob("train.json")) and not list(run_dir.rglob("test.json"))
+    assert "val/acc=" not in log.read_text()  # no summary printed either
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sweep_terminated_ends_as_interrupted(cfg_factory, tmp_path: Path):
+    """SIGTERM to the driver of a sweep stops it as Ctrl+C does (saved to resume), but exits 143."""
+    from ray.tune import Tuner
+
+    cfg = cfg_factory(["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.num_samples=4",
+                       "tune.scheduler=fifo", "tune.max_epochs=500"])
+    ensure_data(cfg)
+    params = tmp_path / "sweep.yaml"
+    OmegaConf.save(cfg, params)
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", "tune", str(params)], cwd=tmp_path,
+                                env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_an_epoch(tmp_path / "mlflow.db", proc, log)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    assert "continue it with tune.resume=true" in log.read_text()
+    _, parent, children = sweeps.tree(tmp_path)
+    assert parent.info.status == "KILLED" and parent.data.tags.get("interrupted") == "true"
+    assert children and all(c.info.status == "KILLED" for c in children)
+    assert not (tmp_path / "out/results/tune/best.yaml").exists()
+    assert Tuner.can_restore(parent.data.tags["ray_experiment"])
+
+
+# ---------------------------------------------------------------------------- dvc repro
+
+def _dvc_project(dest: Path) -> Path:
+    """A git repository with the real fetch, split and train stages and a params.yaml composed
+    for a long MLP run. Their code deps are left out (this test is about signals, not about
+    which files a stage reads), and so is train's dependency on the tune stage, which would
+    run a sweep first."""
+    for rel in (".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes((REPO / rel).read_bytes())
+    subprocess.run(["cp", "-r", str(REPO / "conf"), str(dest / "conf")], check=True)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    kept = {name: stages[name] for name in ("fetch", "split", "train")}
+    for stage in kept.values():
+        stage["deps"] = [d for d in stage["deps"] if d.startswith("data/")]
+    (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": kept}, sort_keys=False))
+    OmegaConf.save(compose(LONG, conf=dest / "conf"), dest / "params.yaml", resolve=True)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(cmd, cwd=dest, env=_env(), check=True, capture_output=True)
+    return dest
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dvc_repro_terminated_during_train_records_nothing(tmp_path: Path):
+    import psutil
+
+    project = _dvc_project(tmp_path / "project")
+    log = tmp_path / "repro.log"
+    with log.open("w") as out:
+        dvc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=_env(), stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_an_epoch(project / "mlflow.db", dvc, log)
+            stage = psutil.Process(dvc.pid).children(recursive=True)
+            # SIGTERM to DVC alone, as `kill` or `timeout` send it: DVC dies without passing it on.
+            dvc.send_signal(signal.SIGTERM)
+            assert dvc.wait(timeout=60) != 0
+            gone, alive = psutil.wait_procs(stage, timeout=30)
+            assert not alive, f"the train stage outlived DVC: {alive}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # DVC's group: the stage, if it outlived DVC
+                os.killpg(dvc.pid, signal.SIGKILL)
+    assert "Running stage 'train'" in log.read_text()
+    assert _run_statuses(project / "mlflow.db") == ["KILLED"]
+    assert not (project / "metrics" / "train.json").exists()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert "train" not in lock and {"fetch", "split"} <= set(lock)
+
+    # Nothing left behind blocks DVC: status reads, and repro runs the train stage again.
+    def dvc_ok(*args: str) -> str:
+        done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    assert "train" in dvc_ok("status")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["trainer"]["max_epochs"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_ok("repro")
+    assert "train" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert sorted(_run_statuses(project / "mlflow.db")) == ["FINISHED", "KILLED"]
