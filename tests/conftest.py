@@ -4,12 +4,6 @@ and a real `mlflow server` on 127.0.0.1."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +11,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
+import servers
 from pipeline.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,63 +71,10 @@ def digits_cfg(cfg_factory) -> DictConfig:
 
 # ---------------------------------------------------------------------------- a real MLflow server
 
-SERVER_START_TIMEOUT_S = 120  # a cold `mlflow server` import + DB migration on a busy 2-CPU box
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and proxied local artifacts.
-
-    The default security middleware of MLflow 3 accepts Host 127.0.0.1/localhost, so no
-    `--allowed-hosts` is needed for a local client. `--workers 1` and no job runner keep it
-    to two processes.
-    """
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and proxied local artifacts
+    (`servers.mlflow_server`): {url, artifacts, root}."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    artifacts = root / "server-artifacts"
-    executable = Path(sys.executable).parent / "mlflow"
-    assert executable.exists(), f"no mlflow script beside {sys.executable}"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("wb")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    # MLflow >= 3.5 also starts a job runner with ~7 Huey worker processes (GenAI scorers,
-    # trace archival); on 2 CPUs they starve training for tens of seconds. Tracking needs none.
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    proc = subprocess.Popen(
-        [str(executable), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(artifacts)],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n"
-                            f"{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT_S} s:\n"
-                            f"{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield {"url": url, "artifacts": artifacts, "root": root}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+    with servers.mlflow_server(root, f"sqlite:///{root / 'server.db'}") as server:
+        yield {"url": server.url, "artifacts": server.artifacts, "root": root}

@@ -70,7 +70,12 @@ def test_sigint_exits_130_and_sigterm_143_after_cleaning_up() -> None:
             cleaned.append(signum)
 
     before = signal.getsignal(signal.SIGTERM)
-    assert exits.run(lambda: signalled(signal.SIGINT)) == exits.INTERRUPTED == 130
+    # Python's own SIGINT handler, whatever an earlier test left (Ray Tune installs its own).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert exits.run(lambda: signalled(signal.SIGINT)) == exits.INTERRUPTED == 130
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     assert exits.run(lambda: signalled(signal.SIGTERM)) == exits.TERMINATED == 143
     assert cleaned == [signal.SIGINT, signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is before  # restored afterwards

@@ -36,11 +36,13 @@ def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any]) -> Any:
 
     from pipeline.errors import PipelineError
     from pipeline.tasks.data import ensure_data
+    from pipeline.tracking.server import check_tracking
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     with open_dict(cfg):
         cfg.paths.out_dir = str(out_dir)
     try:
+        check_tracking(cfg.tracking, cfg.paths.root)  # before the data, which may be a download
         ensure_data(cfg)
         return task(cfg)
     except PipelineError as err:

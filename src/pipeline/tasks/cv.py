@@ -28,6 +28,7 @@ from pipeline.layout import Layout
 from pipeline.tasks.common import write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
+from pipeline.tracking.server import check_tracking
 from pipeline.training.metrics import file_row
 from pipeline.validation import prepare
 
@@ -130,6 +131,7 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
     e.g. a comparison's run, when given).
     """
     cfg = prepare(cfg)
+    check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     folds = list(range(cfg.data.split.folds))
     plain = to_container(cfg)

@@ -19,6 +19,7 @@ from pipeline.layout import Layout
 from pipeline.reports.figures import confusion_matrix_png
 from pipeline.tasks.common import load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tracking.server import check_tracking
 from pipeline.training.module import load_classifier
 from pipeline.training.regularizers import Regularizers
 from pipeline.validation import prepare
@@ -59,6 +60,8 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None) -> dict[str, flo
     the run `models/run.json` names.
     """
     cfg = prepare(cfg)
+    if run is None:
+        check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     if not layout.best_ckpt.exists():
         raise DataError(f"No checkpoint at {layout.best_ckpt}: run the train stage first (`dvc repro train`).")

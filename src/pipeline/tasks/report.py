@@ -36,6 +36,7 @@ from pipeline.tasks.common import load_data
 from pipeline.tasks.evaluate import predict
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.provenance import tree_sha256
+from pipeline.tracking.server import check_server, check_tracking
 from pipeline.training.metrics import EPOCH_METRICS, read_curves
 from pipeline.training.module import build_network, load_classifier
 from pipeline.validation import model_args, prepare
@@ -44,6 +45,7 @@ from pipeline.validation import model_args, prepare
 def report(cfg: DictConfig) -> Path:
     """Report on `<out>/models/best.ckpt`; returns the path of `report.html`."""
     cfg = prepare(cfg)
+    check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     if not layout.best_ckpt.exists():
         raise DataError(f"No checkpoint at {layout.best_ckpt}: run the train stage first (`dvc repro train`).")
@@ -75,6 +77,7 @@ def report_for_run(run_id: str, cfg: DictConfig) -> Path:
 
     cfg = prepare(cfg)
     tracking_uri = tracking_target(cfg.tracking, cfg.paths.root)["tracking_uri"]
+    check_server(tracking_uri, cfg.tracking.experiment_name)  # read even with tracking off
     client = MlflowClient(tracking_uri)
     try:
         run = client.get_run(run_id)

@@ -23,6 +23,7 @@ from pipeline.tasks.common import load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 from pipeline.tracking.recorded import RecordedRun
+from pipeline.tracking.server import check_tracking
 from pipeline.training.builders import build_datamodule, build_module, build_trainer, input_stats
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
 from pipeline.training.fit import fit
@@ -51,6 +52,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     """
     cfg, tuned_tags = apply_best(cfg)
     cfg = prepare(cfg)
+    if record is None:  # a recorded run (a parallel fold) never talks to the server
+        check_tracking(cfg.tracking, cfg.paths.root)
     quiet()
     layout = Layout.from_cfg(cfg)
     raw, splits = load_data(cfg, layout)

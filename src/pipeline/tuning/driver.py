@@ -18,6 +18,7 @@ from pipeline.config import flatten
 from pipeline.errors import ConfigError, PipelineError, Terminated
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tracking.provenance import git_commit
+from pipeline.tracking.server import check_tracking
 from pipeline.tuning.plan import Plan, plan_sweep
 from pipeline.tuning.ray_init import init_ray
 from pipeline.tuning.results import abort_tree, collect, finish_parent, write_outputs
@@ -177,6 +178,7 @@ def run_sweep(cfg: DictConfig, *, train: TrainFn, trial_callbacks: Sequence[Any]
     for every trial's Trainer (picklable).
     """
     plan = plan_sweep(cfg)
+    check_tracking(plan.cfg.tracking, plan.cfg.paths.root)  # before Ray starts
     started = init_ray(plan.tune)
     import ray
 

@@ -17,6 +17,25 @@ from pipeline.tuning.stopping import keeps_sigterm_handler
 TRIAL_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "60", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+# MLflow's client credentials. Trials and parallel folds never talk to MLflow (the driver is
+# the only writer), but under Ray Client (`ray://`) Tune runs the driver's trial loop, and
+# so its MLflow callback, as a task on the head node, which does not inherit this process's
+# environment. A job's env_vars can be read by whoever can reach the cluster (its dashboard,
+# its GCS), so they go only where needed; Ray's token authentication guards both.
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def job_env(address: str) -> dict[str, str]:
+    """The environment variables a job on the cluster at `address` gets: TRIAL_ENV, plus
+    the MLflow credentials set here when Tune's loop runs on the cluster (`ray://`)."""
+    env = dict(TRIAL_ENV)
+    if address == "auto":  # ray.init resolves it through RAY_ADDRESS
+        address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith("ray://"):
+        env.update({key: os.environ[key] for key in MLFLOW_CREDENTIALS if os.environ.get(key)})
+    return env
+
+
 DRIVER_ENV = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/TensorBoard files; the JSON logger is added explicitly
     # The classic reporter: at verbose=1 just the trial status table, every few seconds (the
@@ -46,7 +65,8 @@ def init_ray(tune: Mapping[str, Any], *, num_cpus: int | None = None) -> bool:
     if tune.get("address"):
         # Workers on other nodes do not inherit this process's environment.
         with keeps_sigterm_handler():
-            ray.init(address=tune["address"], runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=True)
+            ray.init(address=tune["address"], runtime_env={"env_vars": job_env(tune["address"])},
+                     log_to_driver=True)
         return True
     if os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
         print(f"note: tune.address is null, so this starts its own Ray and ignores RAY_ADDRESS="
