@@ -1,11 +1,15 @@
 """Helpers shared by the sweep tests: override builders, readers of a sweep's outputs
-(`trials.csv`, `best.yaml`) and of its MLflow run tree, and a callback injecting a crash."""
+(`trials.csv`, `best.yaml`) and of its MLflow run tree, a callback injecting a crash, and
+data that vanishes once the driver has read it."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 from lightning.pytorch.callbacks import Callback
@@ -83,3 +87,25 @@ class Crash(Callback):
             except FileExistsError:
                 return
         raise RuntimeError(f"injected crash at epoch {self.epoch}")
+
+
+@contextlib.contextmanager
+def data_gone_once_loaded(task: ModuleType, data_dir: Path) -> Iterator[list[Path]]:
+    """Within the block, `data_dir` moves away as soon as the driver of `task` (the tune or
+    cv task's module) has read it with `load_data`, so the trials or folds it then starts
+    cannot read it by any path; it comes back at the end. Yields the list of loads."""
+    real, hidden, loads = task.load_data, data_dir.with_name(data_dir.name + "-gone"), []
+
+    def load_then_hide(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data_dir.rename(hidden)
+        loads.append(data_dir)
+        return data
+
+    task.load_data = load_then_hide
+    try:
+        yield loads
+    finally:
+        task.load_data = real
+        if hidden.exists():
+            hidden.rename(data_dir)
