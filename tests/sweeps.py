@@ -1,12 +1,13 @@
 """Helpers shared by the sweep tests: override builders, readers of a sweep's outputs
-(`trials.csv`, `best.yaml`) and of its MLflow run tree, a callback injecting a crash, and
-data that vanishes once the driver has read it."""
+(`trials.csv`, `best.yaml`) and of its MLflow run tree, callbacks injecting a crash or
+holding trials until two run at once, and data that vanishes once the driver has read it."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -87,6 +88,24 @@ class Crash(Callback):
             except FileExistsError:
                 return
         raise RuntimeError(f"injected crash at epoch {self.epoch}")
+
+
+class WaitForTwoTrials(Callback):
+    """Holds each trial at its start until two trials have started (or a minute has passed).
+
+    With reused actors, short trials could otherwise all finish on the first actor up before
+    the second one has imported torch: then no trial would need the second node."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from ray import tune
+
+        (Path(self.folder) / tune.get_context().get_trial_id()).touch()
+        deadline = time.monotonic() + 60
+        while len(list(Path(self.folder).iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager
