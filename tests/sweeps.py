@@ -1,11 +1,16 @@
 """Helpers shared by the sweep tests: override builders, readers of a sweep's outputs
-(`trials.csv`, `best.yaml`) and of its MLflow run tree, and a callback injecting a crash."""
+(`trials.csv`, `best.yaml`) and of its MLflow run tree, callbacks injecting a crash or
+holding trials until two run at once, and data that vanishes once the driver has read it."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 from lightning.pytorch.callbacks import Callback
@@ -83,3 +88,43 @@ class Crash(Callback):
             except FileExistsError:
                 return
         raise RuntimeError(f"injected crash at epoch {self.epoch}")
+
+
+class WaitForTwoTrials(Callback):
+    """Holds each trial at its start until two trials have started (or a minute has passed).
+
+    With reused actors, short trials could otherwise all finish on the first actor up before
+    the second one has imported torch: then no trial would need the second node."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from ray import tune
+
+        (Path(self.folder) / tune.get_context().get_trial_id()).touch()
+        deadline = time.monotonic() + 60
+        while len(list(Path(self.folder).iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def data_gone_once_loaded(task: ModuleType, data_dir: Path) -> Iterator[list[Path]]:
+    """Within the block, `data_dir` moves away as soon as the driver of `task` (the tune or
+    cv task's module) has read it with `load_data`, so the trials or folds it then starts
+    cannot read it by any path; it comes back at the end. Yields the list of loads."""
+    real, hidden, loads = task.load_data, data_dir.with_name(data_dir.name + "-gone"), []
+
+    def load_then_hide(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data_dir.rename(hidden)
+        loads.append(data_dir)
+        return data
+
+    task.load_data = load_then_hide
+    try:
+        yield loads
+    finally:
+        task.load_data = real
+        if hidden.exists():
+            hidden.rename(data_dir)

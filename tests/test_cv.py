@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import pytest
 from mlflow import MlflowClient
 from omegaconf import open_dict
 
+import sweeps
 from pipeline.data.splits import load_splits
+from pipeline.tasks import cv as cv_task
 from pipeline.tasks.cv import cross_validate
 from pipeline.tasks.data import ensure_data
 from pipeline.training.metrics import file_row
@@ -153,7 +156,9 @@ def _tree(client: MlflowClient, experiment: str) -> list[dict]:
 
 def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_factory, tmp_path: Path):
     """Parallel folds (Ray workers that cannot even import mlflow) leave the same results and
-    the same MLflow tree as sequential ones: the driver writes every fold's run."""
+    the same MLflow tree as sequential ones: the driver writes every fold's run. They also
+    run without the data folders, gone once the driver has read them (it hands the folds the
+    data through Ray's object store), and still match the sequential folds, which read them."""
     base = cfg_factory([f"data.split.folds={FOLDS}", "model=mlp", "trainer.max_epochs=2"])
     ensure_data(base)
     results, trees = {}, {}
@@ -162,7 +167,10 @@ def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_fact
         with open_dict(cfg):
             cfg.cv.parallel = parallel
             cfg.tracking.experiment_name = f"cv-parallel-{parallel}"
-        results[parallel] = cross_validate(cfg)
+        hidden = sweeps.data_gone_once_loaded(cv_task, tmp_path / "data") if parallel else contextlib.nullcontext([])
+        with hidden as loads:
+            results[parallel] = cross_validate(cfg)
+        assert len(loads) == parallel  # read once, by the driver
         trees[parallel] = _tree(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), cfg.tracking.experiment_name)
     assert results[True]["val/acc"]["values"] == results[False]["val/acc"]["values"]
     assert results[True]["test/acc"]["values"] == results[False]["test/acc"]["values"]

@@ -86,7 +86,8 @@ def _test_set(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Test images, labels and the best checkpoint's probabilities (as `evaluate` computes them)."""
     cfg = prepare(cfg)
     layout = Layout.from_cfg(cfg)
-    raw, splits = load_data(cfg, layout)
+    data = load_data(cfg, layout)
+    raw, splits = data.raw, data.splits
     images, labels = raw.images[splits.test], raw.labels[splits.test]
     module = Classifier.load_from_checkpoint(layout.best_ckpt, map_location="cpu")
     return images, labels, predict(module.net, images)

@@ -148,34 +148,16 @@ def _cluster_cfg(cfg_factory, cluster, tmp_path: Path, overrides: list[str]):
                         "tune.max_concurrent_trials=2", *overrides])
 
 
-class WaitForTwoTrials(Callback):
-    """Holds each trial at its start until two trials have started (or a minute has passed).
-
-    With reused actors, short trials could otherwise all finish on the first actor up before
-    the second one has imported torch: then no trial would need the second node."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        from ray import tune
-
-        (Path(self.folder) / tune.get_context().get_trial_id()).touch()
-        deadline = time.monotonic() + 60
-        while len(list(Path(self.folder).iterdir())) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
 def test_trials_spread_over_worker_nodes(cluster, cfg_factory, tmp_path: Path):
     import ray
     from ray import cloudpickle
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    cloudpickle.register_pickle_by_value(sweeps)  # the workers cannot import tests/
     cfg = _cluster_cfg(cfg_factory, cluster, tmp_path, ["tune.num_samples=6", "tune.max_epochs=2"])
     ensure_data(cfg)
     started = tmp_path / "started"
     started.mkdir()
-    tune(cfg, trial_callbacks=[WaitForTwoTrials(str(started))])
+    tune(cfg, trial_callbacks=[sweeps.WaitForTwoTrials(str(started))])
     assert not ray.is_initialized()  # tune joined the cluster itself, and left it
 
     trials = sweeps.trials(tmp_path)

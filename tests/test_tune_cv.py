@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 import sweeps
 from pipeline.data.splits import load_splits
 from pipeline.errors import ConfigError
+from pipeline.tasks import tune as tune_task
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.tune import tune
 from pipeline.tuning.cv_trial import running_report
@@ -63,8 +64,11 @@ def test_cv_sweep_reports_running_means_and_nests_folds(cfg_factory, tmp_path: P
                        "~tune.space", '+tune.space={optimizer.lr: "grid[0.001, 0.01]"}'])
     ensure_data(cfg)
     marker = tmp_path / "crashed"
-    # The first epoch of fold 1 crashes, once per sweep.
-    best = tune(cfg, trial_callbacks=[sweeps.Crash(0, marker=str(marker), folder="fold_1")])
+    # The first epoch of fold 1 crashes, once per sweep. Every fold trains on the data the
+    # driver read, from Ray's object store.
+    with sweeps.data_gone_once_loaded(tune_task, tmp_path / "data") as loads:
+        best = tune(cfg, trial_callbacks=[sweeps.Crash(0, marker=str(marker), folder="fold_1")])
+    assert len(loads) == 1
 
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
         trials = {t["trial_id"]: t for t in csv.DictReader(f)}

@@ -20,6 +20,7 @@ from pipeline.data.batches import to_tensors
 from pipeline.data.store import read_raw
 from pipeline.errors import PipelineError
 from pipeline.layout import Layout
+from pipeline.tasks import tune as tune_task
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.tune import tune
 from pipeline.training.module import Classifier
@@ -34,7 +35,10 @@ DDP = ["model=mlp", "tune.num_cpus=2", "tune.workers=2", "tune.resources.cpu=1",
 def test_ddp_trial_trains_on_two_workers(local_ray, cfg_factory, tmp_path: Path):
     cfg = cfg_factory([*DDP, "tune.max_epochs=2"])
     ensure_data(cfg)
-    best = tune(cfg)
+    # Every rank trains on the data the driver read, from Ray's object store.
+    with sweeps.data_gone_once_loaded(tune_task, tmp_path / "data") as loads:
+        best = tune(cfg)
+    assert len(loads) == 1
 
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
         trials = list(csv.DictReader(f))

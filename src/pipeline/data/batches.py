@@ -78,9 +78,15 @@ class TensorBatches:
 
 
 def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """NHWC uint8 numpy -> contiguous NCHW uint8 tensor, and int64 labels."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
-    return x, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    """NHWC uint8 numpy -> contiguous NCHW uint8 tensor, and int64 labels (both copies when
+    the arrays are read-only, as those read zero-copy from Ray's object store are: torch
+    tensors are writable)."""
+    x = torch.from_numpy(_writable(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    return x, torch.from_numpy(_writable(np.asarray(labels, dtype=np.int64)))
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    return array if array.flags.writeable else array.copy()
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -104,7 +110,7 @@ class ArrayDataModule(L.LightningDataModule):
         self._train: TensorBatches | None = None
 
     def subset(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(np.asarray(self.parts[part], dtype=np.int64))
+        idx = torch.from_numpy(_writable(np.asarray(self.parts[part], dtype=np.int64)))
         return self.x[idx], self.y[idx]
 
     def _rank(self) -> tuple[int, int]:

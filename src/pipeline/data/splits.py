@@ -137,11 +137,7 @@ def load_splits(split_dir: Path, *, expect: dict | None = None) -> Splits:
         raise DataError(f"No split found at {split_dir}: run `dvc repro split` (or `pipeline split`) first.")
     params = json.loads(summary_path.read_text())["params"]
     if expect:
-        diff = {k: (params.get(k), v) for k, v in expect.items() if params.get(k) != v}
-        if diff:
-            detail = ", ".join(f"{k}: split has {a}, config asks {b}" for k, (a, b) in diff.items())
-            raise DataError(f"The split in {split_dir} does not match the config ({detail}); "
-                            "run `dvc repro split` (or `pipeline split`) to remake it.")
+        check_params(params, expect, split_dir)
     try:
         arrays = {n: np.load(split_dir / f"{n}.npy") for n in ("train", "val", "test")}
         with np.load(split_dir / "folds.npz") as z:
@@ -150,3 +146,12 @@ def load_splits(split_dir: Path, *, expect: dict | None = None) -> Splits:
         raise DataError(f"Split files in {split_dir} are missing or corrupt ({err}); "
                         "run `dvc repro split` to remake them.") from err
     return Splits(arrays["train"], arrays["val"], arrays["test"], folds, params)
+
+
+def check_params(params: dict, expect: dict, split_dir: Path) -> None:
+    """DataError unless the split (of `split_dir`) was made with the `expect`ed parameters."""
+    diff = {k: (params.get(k), v) for k, v in expect.items() if params.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: split has {a}, config asks {b}" for k, (a, b) in diff.items())
+        raise DataError(f"The split in {split_dir} does not match the config ({detail}); "
+                        "run `dvc repro split` (or `pipeline split`) to remake it.")

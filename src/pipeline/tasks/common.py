@@ -1,31 +1,63 @@
-"""Pieces shared by the train and evaluate tasks."""
+"""Pieces shared by the tasks: the data a run trains on, and the files naming its MLflow run."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.data.splits import Splits, load_splits
+from pipeline.data.splits import Splits, check_params, load_splits
 from pipeline.data.store import RawDataset, read_raw
 from pipeline.errors import DataError
 from pipeline.layout import Layout
 from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 
 
-def load_data(cfg: DictConfig, layout: Layout) -> tuple[RawDataset, Splits]:
-    """The verified raw arrays and the split made with the configured parameters."""
-    raw = read_raw(layout.raw)
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous
+class TrainingData:
+    """What a run reads from the project's data folders: the raw arrays, the split, and the
+    MLflow tags saying where both (and the code) came from.
+
+    A sweep or a parallel cross-validation loads it once in the driver and hands it to its
+    trials, folds and DDP ranks through Ray's object store (one copy per node), so those
+    never open the project's folders: a cluster's nodes need not share them.
+    """
+
+    raw: RawDataset
+    splits: Splits
+    tags: dict[str, str]  # split_sha256, dvc_split_md5, git_commit, git_dirty
+
+
+def load_data(cfg: DictConfig, layout: Layout, data: TrainingData | None = None) -> TrainingData:
+    """The verified raw arrays and the split made with the configured parameters, read from
+    `layout`'s folders; or `data`, as a driver read them there. Either way checked against `cfg`."""
+    if data is None:
+        data = TrainingData(read_raw(layout.raw), load_splits(layout.splits), provenance_tags(layout))
+    raw = data.raw
+    if raw.manifest.get("dataset") != cfg.data.name:
+        raise DataError(f"The data holds dataset {raw.manifest.get('dataset')!r} but the config asks "
+                        f"data.name={cfg.data.name}.")
     expected = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
     if tuple(raw.images.shape[1:]) != expected:
         raise DataError(f"{layout.raw} holds images of shape {tuple(raw.images.shape[1:])} (H, W, C) but the config "
                         f"declares {expected} (data.image_size, data.channels); fix the config or re-run fetch.")
     if cfg.data.num_classes is not None and len(raw.classes) != cfg.data.num_classes:
         raise DataError(f"{layout.raw} has {len(raw.classes)} classes but data.num_classes={cfg.data.num_classes}.")
-    splits = load_splits(layout.splits, expect=dict(cfg.data.split))
-    return raw, splits
+    check_params(data.splits.params, dict(cfg.data.split), layout.splits)
+    return data
+
+
+def provenance_tags(layout: Layout) -> dict[str, str]:
+    """The split's content hash, the md5 DVC recorded for it (if any) and the git commit."""
+    tags = {"split_sha256": tree_sha256(layout.splits), **git_commit(layout.root)}
+    dvc_hash = dvc_out_hash(layout.root, "split", layout.splits)
+    if dvc_hash:
+        tags["dvc_split_md5"] = dvc_hash
+    return tags
 
 
 def write_json(path: Path, data: Any) -> Path:

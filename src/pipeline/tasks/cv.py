@@ -4,7 +4,8 @@ intervals, tracked as an MLflow parent run with one child run per fold.
 Fold i trains on the other k-1 folds and validates on fold i (`data.fold`); the test split
 is never seen during training. Folds run one after another, or in parallel as Ray tasks
 (`cv.parallel`, on the Ray `tune.address` names, as sweeps do), with identical results for
-the same seed: each fold is seeded and deterministic on its own.
+the same seed: each fold is seeded and deterministic on its own. Parallel folds get the data
+from the driver through Ray's object store, so they need no access to the data folders.
 
 One writer per MLflow store, as in sweeps: sequential folds write their runs themselves, one
 after another; a parallel fold records its run (`RecordedRun`) and the driver writes it when
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.analysis.stats import summarize
 from pipeline.config import flatten, fold_config, to_container
 from pipeline.layout import Layout
-from pipeline.tasks.common import write_json, write_run_file
+from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
@@ -38,15 +39,16 @@ CANCEL_TIMEOUT_S = 30  # for cancelled folds to wind down before Ray shuts down
 
 
 def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None,
-             record: RecordedRun | None = None) -> dict[str, float]:
+             record: RecordedRun | None = None, data: TrainingData | None = None) -> dict[str, float]:
     """Train and evaluate one fold (a plain dict config, so a Ray task can take it); with
-    `record`, its MLflow run is recorded there instead of written."""
+    `record`, its MLflow run is recorded there instead of written; with `data`, nothing is
+    read from the data folders."""
     from pipeline.tasks.evaluate import evaluate
     from pipeline.tasks.train import train
 
     fold_cfg = fold_config(OmegaConf.create(cfg), fold)
-    metrics = train(fold_cfg, parent_run_id=parent_run_id, run_tags={"fold": str(fold)}, record=record)
-    metrics.update(evaluate(fold_cfg, run=record))
+    metrics = train(fold_cfg, parent_run_id=parent_run_id, run_tags={"fold": str(fold)}, record=record, data=data)
+    metrics.update(evaluate(fold_cfg, run=record, data=data))
     return {"fold": fold, **metrics}
 
 
@@ -62,14 +64,16 @@ class FoldOutcome:
     trace: str = ""  # the error's traceback, which pickling drops
 
 
-def _fold_task(cfg: dict[str, Any], fold: int, parent_run_id: str | None, threads: int) -> FoldOutcome:
-    """One fold on a Ray worker, which never opens the MLflow store (see the module docstring)."""
+def _fold_task(cfg: dict[str, Any], fold: int, parent_run_id: str | None, threads: int,
+               data: TrainingData) -> FoldOutcome:
+    """One fold on a Ray worker, which never opens the MLflow store (see the module docstring)
+    nor the data folders (`data` comes from the object store)."""
     import torch
 
     torch.set_num_threads(threads)
     outcome = FoldOutcome(fold, socket.gethostname(), RecordedRun() if cfg["tracking"]["enabled"] else None)
     try:
-        outcome.result = run_fold(cfg, fold, parent_run_id, outcome.record)
+        outcome.result = run_fold(cfg, fold, parent_run_id, outcome.record, data)
     except Exception as err:  # returned, so the driver still writes the failed fold's run
         outcome.error, outcome.trace = err, traceback.format_exc()
     return outcome
@@ -85,8 +89,9 @@ def _write_fold_run(cfg: dict[str, Any], outcome: FoldOutcome) -> None:
         write_run_file(layout, run)
 
 
-def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | None) -> list[dict]:
-    """The folds as Ray tasks; each fold's run is written here as the fold returns."""
+def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | None,
+                  data: TrainingData) -> list[dict]:
+    """The folds as Ray tasks on `data`; each fold's run is written here as the fold returns."""
     import ray
 
     from pipeline.tuning.ray_init import init_ray
@@ -99,7 +104,8 @@ def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | No
     pending: list[Any] = []
     try:
         task = ray.remote(num_cpus=per_fold)(_fold_task)
-        pending = [task.remote(cfg, fold, parent_run_id, per_fold) for fold in folds]
+        shared = ray.put(data)  # one copy per node, which every fold there reads zero-copy
+        pending = [task.remote(cfg, fold, parent_run_id, per_fold, shared) for fold in folds]
         with sigterm_interrupts_ray():
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -145,7 +151,7 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
             parent.log_params(flatten(plain))
         parent_id = parent.run_id if parent is not None else None
         if cfg.cv.parallel:
-            results = _run_parallel(plain, folds, parent_id)
+            results = _run_parallel(plain, folds, parent_id, load_data(cfg, layout))
         else:
             results = [run_fold(plain, fold, parent_id) for fold in folds]
         results.sort(key=lambda r: r["fold"])

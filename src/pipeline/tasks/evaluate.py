@@ -17,7 +17,7 @@ from pipeline.data.batches import TensorBatches, to_tensors
 from pipeline.errors import DataError
 from pipeline.layout import Layout
 from pipeline.reports.figures import confusion_matrix_png
-from pipeline.tasks.common import load_data, write_json
+from pipeline.tasks.common import TrainingData, load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.tracking.server import check_tracking
 from pipeline.training.module import load_classifier
@@ -53,11 +53,12 @@ def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[d
     return overall, per_class, confusion_matrix(labels, pred, labels=ids)
 
 
-def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None) -> dict[str, float]:
+def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
+             data: TrainingData | None = None) -> dict[str, float]:
     """Score `models/best.ckpt` on the test split; writes `metrics/test.json` and plots.
 
     Logs into `run` when given (a parallel cross-validation fold's recorded run), else into
-    the run `models/run.json` names.
+    the run `models/run.json` names. `data` is what the train task's `data` is.
     """
     cfg = prepare(cfg)
     if run is None:
@@ -65,7 +66,8 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None) -> dict[str, flo
     layout = Layout.from_cfg(cfg)
     if not layout.best_ckpt.exists():
         raise DataError(f"No checkpoint at {layout.best_ckpt}: run the train stage first (`dvc repro train`).")
-    raw, splits = load_data(cfg, layout)
+    data = load_data(cfg, layout, data)
+    raw, splits = data.raw, data.splits
     module = load_classifier(layout.best_ckpt)
     images, labels = raw.images[splits.test], raw.labels[splits.test]
     probs = predict(module.net, images, batch_size=cfg.data.eval_batch_size, regularizer=cfg.regularizer)

@@ -121,7 +121,8 @@ def merge_run_config(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
 
 def _write(run_cfg: DictConfig, cfg: DictConfig, net: nn.Module, curves: list[dict], out: Path, meta: dict,
            notes: list[str], *, eager: bool) -> Path:
-    raw, splits = load_data(run_cfg, Layout.from_cfg(run_cfg))
+    data = load_data(run_cfg, Layout.from_cfg(run_cfg))
+    raw, splits = data.raw, data.splits
     images, labels = raw.images[splits.test], raw.labels[splits.test]
     if eager:
         probs = predict(net, images, batch_size=run_cfg.data.eval_batch_size, regularizer=run_cfg.regularizer)

@@ -19,9 +19,8 @@ from pipeline.models import count_macs, count_parameters
 from pipeline.models.transfer import freeze, load_state, transfer_weights
 from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
-from pipeline.tasks.common import load_data, write_json, write_run_file
+from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
-from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
 from pipeline.training.builders import build_datamodule, build_module, build_trainer, input_stats
@@ -36,7 +35,7 @@ from pipeline.validation import model_args, prepare
 def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
           run_tags: dict[str, str] | None = None, ckpt_path: str | None = None,
           trainer_kwargs: dict[str, Any] | None = None, figures: bool = True,
-          record: RecordedRun | None = None) -> dict[str, float]:
+          record: RecordedRun | None = None, data: TrainingData | None = None) -> dict[str, float]:
     """Train one model as configured; returns the best epoch's metrics (keys like `val/acc`).
 
     Writes `models/{best,last}.ckpt`, `models/run.json`, `metrics/train.json` and the
@@ -48,6 +47,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     trial, and the sweep draws all trials' curves in one figure anyway).
     With `record`, the run's MLflow calls go there instead of the store (a parallel
     cross-validation fold: the CV driver writes them; `models/run.json` is then its to write).
+    `data` is what `load_data` read for a driver (a sweep's, a parallel CV's): the run then
+    reads nothing from the data folders, which need not exist where it runs.
     With `tune.use_best`, the best sweep trial's overrides (`results/tune/best.yaml`) apply first.
     """
     cfg, tuned_tags = apply_best(cfg)
@@ -56,7 +57,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
         check_tracking(cfg.tracking, cfg.paths.root)
     quiet()
     layout = Layout.from_cfg(cfg)
-    raw, splits = load_data(cfg, layout)
+    data = load_data(cfg, layout, data)
+    raw, splits = data.raw, data.splits
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # With data.fold set (cross-validation), fold i validates and the other folds train;
@@ -72,7 +74,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     _start_outputs(layout, resolved, train_idx, val_idx)
 
     run_tags = {**transfer_tags, **tuned_tags, **(run_tags or {})}
-    run = _start_run(cfg, layout, raw.manifest, parent_run_id, run_tags, record) if cfg.tracking.enabled else None
+    run = _start_run(cfg, data.tags, parent_run_id, run_tags, record) if cfg.tracking.enabled else None
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
             _log_start(run, layout, resolved, module.hparams["arch"], size)
@@ -140,14 +142,11 @@ def _transfer(module: Classifier, transfer: DictConfig) -> dict[str, str]:
             "transfer_frozen": str(len(frozen))}
 
 
-def _start_run(cfg: DictConfig, layout: Layout, manifest: dict, parent_run_id: str | None,
+def _start_run(cfg: DictConfig, data_tags: dict[str, str], parent_run_id: str | None,
                extra_tags: dict[str, str] | None, record: RecordedRun | None = None) -> TrackedRun:
     target = tracking_target(cfg.tracking, cfg.paths.root)
-    tags = {"dataset": cfg.data.name, "model": cfg.model.name, "config_name": cfg.name,
-            "split_sha256": tree_sha256(layout.splits), **git_commit(layout.root), **(extra_tags or {})}
-    dvc_hash = dvc_out_hash(layout.root, "split", layout.splits)
-    if dvc_hash:
-        tags["dvc_split_md5"] = dvc_hash
+    tags = {"dataset": cfg.data.name, "model": cfg.model.name, "config_name": cfg.name, **data_tags,
+            **(extra_tags or {})}
     run_name = cfg.tracking.run_name or f"{cfg.name}-{cfg.model.name}-{cfg.data.name}"
     if record is not None:
         return record.begin(run_name=run_name, tags=tags, parent_run_id=parent_run_id)

@@ -9,6 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pipeline.layout import Layout
+from pipeline.tasks.common import TrainingData, load_data
 from pipeline.tasks.train import train
 from pipeline.tuning.driver import run_sweep
 
@@ -16,5 +18,10 @@ from pipeline.tuning.driver import run_sweep
 def tune(cfg: DictConfig, *, trial_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run the configured sweep; returns the best trial's summary (`best.yaml` without the
     config). `trial_callbacks` are extra Lightning callbacks for every trial (picklable)."""
-    # The tuning library sits below the tasks: it is handed the function each trial trains with.
-    return run_sweep(cfg, train=train, trial_callbacks=trial_callbacks)
+    # The tuning library sits below the tasks: it is handed the function each trial trains
+    # with, and the one that reads the data they all train on.
+    return run_sweep(cfg, train=train, load=_load, trial_callbacks=trial_callbacks)
+
+
+def _load(cfg: DictConfig) -> TrainingData:
+    return load_data(cfg, Layout.from_cfg(cfg))

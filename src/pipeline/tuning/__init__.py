@@ -5,9 +5,11 @@
 - `trial`: the trainable (one run of the train task it is given per trial, reporting each epoch)
 - `mlflow_tree`: the driver-side callback writing the parent and child runs
 - `results`: best trial, `results/tune/{best.yaml,trials.csv,curves.json}`
-- `ray_init`: a private local Ray, or the cluster `tune.address` names (sweeps and parallel CV)
-- `driver`: `run_sweep(cfg, train=...)`, what the tune task (`pipeline.tasks.tune`) calls
+- `ray_init`: a private local Ray, or the cluster `tune.address` names (sweeps and parallel CV);
+  `Shared`, the driver's data handed to trials through Ray's object store
+- `driver`: `run_sweep(cfg, train=..., load=...)`, what the tune task (`pipeline.tasks.tune`) calls
 - `best`: applying `best.yaml` in the train task (no Ray import)
 
-The tasks sit above this package: it imports none of them, and is handed the train task.
+The tasks sit above this package: it imports none of them, and is handed the train task and
+the function that reads the data its trials train on.
 """

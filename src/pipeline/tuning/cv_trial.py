@@ -53,8 +53,10 @@ def _diverged(rows: Sequence[Mapping[str, Any]]) -> bool:
     return any(not math.isfinite(float(r.get(k, 0.0))) for r in rows for k in ("train/loss", "val/loss"))
 
 
-def run_cv_trial(plain: dict[str, Any], train: TrainFn, *, callbacks: Sequence[Callback] = ()) -> None:
-    """Train `plain` (a trial's resolved config) with `train` on every fold; report after each one."""
+def run_cv_trial(plain: dict[str, Any], train: TrainFn, *, callbacks: Sequence[Callback] = (),
+                 data: Any = None) -> None:
+    """Train `plain` (a trial's resolved config) with `train` on every fold (on `data`, train's
+    `data=`, if given); report after each one."""
     import ray
     from omegaconf import OmegaConf
     from ray import tune
@@ -72,7 +74,7 @@ def run_cv_trial(plain: dict[str, Any], train: TrainFn, *, callbacks: Sequence[C
                  "node_id": ray.get_runtime_context().get_node_id()}
     for fold in range(len(done), folds):
         fold_cfg = fold_config(cfg, fold)
-        metrics = train(fold_cfg, callbacks=callbacks, figures=False)
+        metrics = train(fold_cfg, callbacks=callbacks, figures=False, data=data)
         history = read_curves(Path(fold_cfg.paths.out_dir) / "plots" / "train_curves.json")
         done.append({"fold": fold, **{k: v for k, v in metrics.items() if k in EPOCH_METRICS},
                      "best_epoch": metrics.get("best_epoch", -1), "epochs": metrics.get("epochs", 0)})

@@ -11,9 +11,10 @@ relays each epoch back to Tune:
     rank 0 waits for the trial's answer  <------------------------------------ "go" / "stop"
     and broadcasts it, so all ranks stop together (ASHA, PBT, divergence).
 
-Every worker calls the train task with the same config (tracking off) and
-`trainer_kwargs` for the DDP strategy; `ArrayDataModule` shards batches by rank itself,
-padded so that every rank runs as many batches (DDP's collectives wait for all of them).
+Every worker calls the train task with the same config (tracking off), the sweep's data
+(from Ray's object store: `ray_init.Shared`) and `trainer_kwargs` for the DDP strategy;
+`ArrayDataModule` shards batches by rank itself, padded so that every rank runs as many
+batches (DDP's collectives wait for all of them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from pipeline.training.metrics import EPOCH_METRICS
+from pipeline.tuning.ray_init import Shared
 from pipeline.tuning.trial import CKPT_FILE, META_FILE, TrainFn, rescale_lr
 
 ANSWER_TIMEOUT_S = 3600.0  # rank 0 waits this long for the trial to take an epoch's report
@@ -110,13 +112,14 @@ def _worker(config: dict[str, Any]) -> None:
     kwargs = {"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()], "devices": "auto",
               "accelerator": config["accelerator"]}
     callbacks = [reporter, *config["callbacks"]]
+    data = config["data"].get() if config["data"] is not None else None
     checkpoint = config["checkpoint"]
     if checkpoint is None:
-        train_task(cfg, callbacks=callbacks, trainer_kwargs=kwargs, figures=False)
+        train_task(cfg, callbacks=callbacks, trainer_kwargs=kwargs, figures=False, data=data)
         return
     with checkpoint.as_directory() as folder:
         train_task(cfg, callbacks=callbacks, trainer_kwargs=kwargs, ckpt_path=str(Path(folder) / CKPT_FILE),
-                   figures=False)
+                   figures=False, data=data)
 
 
 def _relay_callback(queue: Any) -> Any:
@@ -133,9 +136,10 @@ def _relay_callback(queue: Any) -> Any:
 
 def run_ddp(plain: dict[str, Any], train_task: TrainFn, *, workers: int, cpu: float, gpu: float,
             storage: str | None, lr: float, lr_scale: float, checkpoint: Any,
-            callbacks: Sequence[Callback]) -> None:
+            callbacks: Sequence[Callback], data: Shared | None = None) -> None:
     """Fit a TorchTrainer of `workers` ranks for this Tune trial and report its epochs to Tune
-    as a single-worker trial would (rank 0's checkpoint; metrics averaged over ranks)."""
+    as a single-worker trial would (rank 0's checkpoint; metrics averaged over ranks). Every
+    rank trains on `data` (train's `data=`) if given."""
     from ray import train, tune
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
@@ -148,7 +152,7 @@ def run_ddp(plain: dict[str, Any], train_task: TrainFn, *, workers: int, cpu: fl
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"plain": plain, "train": train_task, "cpus": cpu, "lr": lr, "lr_scale": lr_scale,
-                           "checkpoint": checkpoint, "callbacks": list(callbacks), "answers": answers,
+                           "checkpoint": checkpoint, "callbacks": list(callbacks), "answers": answers, "data": data,
                            "accelerator": "gpu" if use_gpu else "cpu"},
         scaling_config=train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -8,11 +8,11 @@ full config, which the train stage applies), `trials.csv` and `curves.json`.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import flatten
 from pipeline.errors import ConfigError, PipelineError, Terminated
@@ -20,7 +20,7 @@ from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tracking.provenance import git_commit
 from pipeline.tracking.server import check_tracking
 from pipeline.tuning.plan import Plan, plan_sweep
-from pipeline.tuning.ray_init import init_ray
+from pipeline.tuning.ray_init import Shared, init_ray
 from pipeline.tuning.results import abort_tree, collect, finish_parent, write_outputs
 from pipeline.tuning.stopping import sigterm_stops_sweep
 from pipeline.tuning.trial import TrainFn
@@ -123,8 +123,10 @@ def _mlflow_callback(plan: Plan, path: str) -> Any:
                               log_hyperparameters=plan.tune["scheduler"] == "pbt")
 
 
-def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = ()) -> tuple[Any, str]:
-    """The Tuner (new or restored) and its experiment path; each trial trains with `train`."""
+def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
+                data: Shared | None = None) -> tuple[Any, str]:
+    """The Tuner (new or restored) and its experiment path; each trial trains with `train`,
+    on `data` (train's `data=`) if given."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -140,7 +142,8 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = ())
         resources = {"cpu": 0, "gpu": 0, "memory": 1}  # Ray refuses an all-zero bundle
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, train=train, base=plan.base, blocks=plan.blocks, callbacks=list(trial_callbacks),
-                             experiment=path.removeprefix("file://") if plan.storage_is_local else None, ddp=ddp),
+                             experiment=path.removeprefix("file://") if plan.storage_is_local else None, ddp=ddp,
+                             data=data),
         resources)
     if restore:
         print(f"Resuming the sweep in {path}")
@@ -171,20 +174,26 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = ())
                       run_config=run_config), path
 
 
-def run_sweep(cfg: DictConfig, *, train: TrainFn, trial_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run_sweep(cfg: DictConfig, *, train: TrainFn, load: Callable[[DictConfig], Any] | None = None,
+              trial_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run the configured sweep, each trial fitting with `train` (the train task, passed in
     by `pipeline.tasks.tune`: this library sits below the tasks); returns the best trial's
-    summary (`best.yaml` without the config). `trial_callbacks` are extra Lightning callbacks
-    for every trial's Trainer (picklable).
+    summary (`best.yaml` without the config). `load(config)` reads the data every trial
+    trains on (train's `data=`): once, here, and the trials get it through Ray's object
+    store, so they read nothing from the data folders. `trial_callbacks` are extra Lightning
+    callbacks for every trial's Trainer (picklable).
     """
     plan = plan_sweep(cfg)
     check_tracking(plan.cfg.tracking, plan.cfg.paths.root)  # before Ray starts
+    # Before Ray starts, so a missing or stale split fails in seconds; from the trials'
+    # shared config (`tune.fixed` applied), which each trial checks it against again.
+    data = load(OmegaConf.create(plan.base)) if load is not None else None
     started = init_ray(plan.tune)
     import ray
 
     try:
         check_storage(plan)
-        tuner, path = build_tuner(plan, train, trial_callbacks)
+        tuner, path = build_tuner(plan, train, trial_callbacks, Shared(data) if data is not None else None)
         start = time.perf_counter()
         try:
             with sigterm_stops_sweep() as terminated:

@@ -1,4 +1,5 @@
-"""Connecting a process to Ray: a private local instance, or a cluster named by address.
+"""Connecting a process to Ray: a private local instance, or a cluster named by address;
+and handing a driver's objects to the processes it starts there (`Shared`).
 
 Sweeps (`driver.run_sweep`) and parallel cross-validation folds (`pipeline.tasks.cv`) both
 start Ray here, so `tune.address` means the same for both.
@@ -78,3 +79,24 @@ def init_ray(tune: Mapping[str, Any], *, num_cpus: int | None = None) -> bool:
     with keeps_sigterm_handler():  # ray.init installs a SIGTERM handler of its own
         ray.init(address="local", num_cpus=tune.get("num_cpus") or num_cpus, include_dashboard=False)
     return True
+
+
+class Shared:
+    """An object put in Ray's object store once and passed on by reference.
+
+    Pickling a `Shared` (into every trial's arguments, on to a trial's DDP ranks) carries
+    only the reference; `get()` reads the object from the node's store, zero-copy for numpy
+    arrays (which then are read-only). So each node holds one copy however many processes
+    use it, and the driver's files need not be reachable from any of them. The driver keeps
+    the object alive as long as it holds this.
+    """
+
+    def __init__(self, value: Any) -> None:
+        import ray
+
+        self.ref = ray.put(value)
+
+    def get(self) -> Any:
+        import ray
+
+        return ray.get(self.ref)

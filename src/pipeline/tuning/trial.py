@@ -20,9 +20,10 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from pipeline.training.metrics import EPOCH_METRICS
+from pipeline.tuning.ray_init import Shared
 from pipeline.tuning.space import trial_config
 
-# `pipeline.tasks.train.train`: (cfg, *, callbacks, ckpt_path, trainer_kwargs, figures) -> metrics.
+# `pipeline.tasks.train.train`: (cfg, *, callbacks, ckpt_path, trainer_kwargs, figures, data) -> metrics.
 # Passed in rather than imported, since the tasks sit above this library.
 TrainFn = Callable[..., dict[str, float]]
 
@@ -108,13 +109,14 @@ def _trial_dir(experiment: str | None) -> Path:
 
 def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any], blocks: Mapping[str, Any],
               experiment: str | None = None, callbacks: Sequence[Callback] = (),
-              ddp: Mapping[str, Any] | None = None) -> None:
+              ddp: Mapping[str, Any] | None = None, data: Shared | None = None) -> None:
     """The Tune function trainable, fitting with `train`. `config` holds the sampled `{dotted key: value}`; `base`
     is the sweep's resolved config (absolute paths, tracking off, trainer.max_epochs set);
     `experiment` the experiment folder when storage is a file system path. With `tune.cv`
     the trial trains every fold (`pipeline.tuning.cv_trial`). With `ddp`
     (`workers`, `cpu`, `gpu`, `storage`: `tune.workers > 1`) the trial holds no resources and
-    trains with a Ray Train TorchTrainer of `workers` DDP ranks (`pipeline.tuning.ddp`)."""
+    trains with a Ray Train TorchTrainer of `workers` DDP ranks (`pipeline.tuning.ddp`).
+    `data` holds what every trial trains on (train's `data=`), read by the driver."""
     import torch
     from omegaconf import OmegaConf
     from ray import tune
@@ -130,8 +132,9 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
     plain = trial_config(base, config, blocks)
     plain["paths"]["out_dir"] = str(_trial_dir(experiment))
     if ddp:
-        _run_ddp_trial(plain, train, ddp, callbacks)
+        _run_ddp_trial(plain, train, ddp, callbacks, data)  # each rank gets the data itself
         return
+    loaded = data.get() if data is not None else None
     if plain["trainer"].get("accelerator", "auto") == "auto":
         import ray
 
@@ -140,7 +143,7 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
     if plain["tune"].get("cv"):
         from pipeline.tuning.cv_trial import run_cv_trial
 
-        run_cv_trial(plain, train, callbacks=callbacks)
+        run_cv_trial(plain, train, callbacks=callbacks, data=loaded)
         return
     cfg = OmegaConf.create(plain)
     # (Lookahead keeps its rate in optimizer.base.lr.)
@@ -148,13 +151,14 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        train(cfg, callbacks=[TuneReporter(lr=lr), *callbacks], figures=False)
+        train(cfg, callbacks=[TuneReporter(lr=lr), *callbacks], figures=False, data=loaded)
         return
     with checkpoint.as_directory() as folder:
         meta_file = Path(folder) / META_FILE
         old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
         reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0)
-        train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE), figures=False)
+        train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE), figures=False,
+              data=loaded)
 
 
 def _lr(plain: Mapping[str, Any]) -> float:
@@ -164,7 +168,7 @@ def _lr(plain: Mapping[str, Any]) -> float:
 
 
 def _run_ddp_trial(plain: dict[str, Any], train: TrainFn, ddp: Mapping[str, Any],
-                   callbacks: Sequence[Callback]) -> None:
+                   callbacks: Sequence[Callback], data: Shared | None) -> None:
     from ray import tune
 
     from pipeline.tuning.ddp import run_ddp
@@ -178,4 +182,5 @@ def _run_ddp_trial(plain: dict[str, Any], train: TrainFn, ddp: Mapping[str, Any]
             old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
         lr_scale = lr / old_lr if old_lr and lr else 1.0
     run_ddp(plain, train, workers=int(ddp["workers"]), cpu=float(ddp["cpu"]), gpu=float(ddp["gpu"]),
-            storage=ddp.get("storage"), lr=lr, lr_scale=lr_scale, checkpoint=checkpoint, callbacks=callbacks)
+            storage=ddp.get("storage"), lr=lr, lr_scale=lr_scale, checkpoint=checkpoint, callbacks=callbacks,
+            data=data)
