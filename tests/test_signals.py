@@ -32,20 +32,12 @@ from pipeline.tasks.data import ensure_data
 from pipeline.tasks.train import train
 from pipeline.tuning.stopping import sigterm_interrupts_ray
 from pipeline.validation import prepare
+from procs import BIN, project_env
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 # Long enough that a run is still training when the signal comes (it stops at once).
 LONG = ["model=mlp", "trainer.max_epochs=1000", "regularizer.early_stopping.enabled=false",
         "trainer.enable_progress_bar=false", "tune.use_best=false"]
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
-    env.pop("VIRTUAL_ENV", None)
-    return env
 
 
 def _query(db: Path, sql: str) -> list[tuple]:
@@ -156,7 +148,7 @@ def test_train_raises_the_signal_lightning_caught(cfg_factory, store: str, signu
 def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status: int, said: str):
     log = tmp_path / "train.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *LONG], cwd=tmp_path, env=_env(),
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *LONG], cwd=tmp_path, env=project_env(),
                                 stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait_for_an_epoch(tmp_path / "mlflow.db", proc, log)
@@ -186,7 +178,7 @@ def test_sweep_terminated_ends_as_interrupted(cfg_factory, tmp_path: Path):
     log = tmp_path / "stage.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", "tune", str(params)], cwd=tmp_path,
-                                env=_env(), stdout=out, stderr=subprocess.STDOUT)
+                                env=project_env(), stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait_for_an_epoch(tmp_path / "mlflow.db", proc, log)
             proc.send_signal(signal.SIGTERM)
@@ -219,7 +211,7 @@ def _dvc_project(dest: Path) -> Path:
     (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": kept}, sort_keys=False))
     OmegaConf.save(compose(LONG, conf=dest / "conf"), dest / "params.yaml", resolve=True)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
-        subprocess.run(cmd, cwd=dest, env=_env(), check=True, capture_output=True)
+        subprocess.run(cmd, cwd=dest, env=project_env(), check=True, capture_output=True)
     return dest
 
 
@@ -231,7 +223,7 @@ def test_dvc_repro_terminated_during_train_records_nothing(tmp_path: Path):
     project = _dvc_project(tmp_path / "project")
     log = tmp_path / "repro.log"
     with log.open("w") as out:
-        dvc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=_env(), stdout=out,
+        dvc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=project_env(), stdout=out,
                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for_an_epoch(project / "mlflow.db", dvc, log)
@@ -252,7 +244,7 @@ def test_dvc_repro_terminated_during_train_records_nothing(tmp_path: Path):
 
     # Nothing left behind blocks DVC: status reads, and repro runs the train stage again.
     def dvc_ok(*args: str) -> str:
-        done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=_env(), capture_output=True,
+        done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=project_env(), capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout + done.stderr
