@@ -122,7 +122,7 @@ def test_sweep_and_parallel_cv_write_everything_to_the_team_server(local_ray, te
     parent, folds, cv_runs = _tree(client, "team-cv")
     assert sorted(f.data.tags["fold"] for f in folds) == ["0", "1"]
     assert parent.info.status == "FINISHED" and "cv.json" in _stored(team, client, parent)
-    assert parent.data.metrics["cv/val/acc/mean"] == pytest.approx(cv["val_acc"]["mean"])
+    assert parent.data.metrics["cv/val/acc/mean"] == pytest.approx(cv["val/acc"]["mean"])
     for fold in folds:
         assert fold.info.status == "FINISHED" and fold.data.params["data.fold"] == fold.data.tags["fold"]
         assert sorted(m.step for m in client.get_metric_history(fold.info.run_id, "val/acc")) == [0, 1]

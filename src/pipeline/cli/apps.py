@@ -34,6 +34,7 @@ def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any]) -> Any:
     refused for a user error leaves no folder behind."""
     from hydra.core.hydra_config import HydraConfig
 
+    from pipeline.config import resolve_paths
     from pipeline.errors import PipelineError
     from pipeline.tasks.data import ensure_data
     from pipeline.tracking.server import check_tracking
@@ -42,7 +43,8 @@ def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any]) -> Any:
     with open_dict(cfg):
         cfg.paths.out_dir = str(out_dir)
     try:
-        check_tracking(cfg.tracking, cfg.paths.root)  # before the data, which may be a download
+        # Before the data, which may be a download; paths.root may still be null (found from here).
+        check_tracking(cfg.tracking, resolve_paths(cfg).paths.root)
         ensure_data(cfg)
         return task(cfg)
     except PipelineError as err:
