@@ -66,18 +66,28 @@ def max_overlap(intervals: list[tuple[int, int]]) -> int:
 
 
 class Crash(Callback):
-    """Raises RuntimeError at the end of training epoch `epoch`, as a node or process failure
-    would; only in a trainer whose folder ends with `folder`, if given (a cv fold).
+    """Raises RuntimeError at the end (or, `at="start"`, the start) of training epoch `epoch`,
+    as a node or process failure would; only in a trainer whose folder ends with `folder`, if
+    given (a cv fold).
 
     With `marker`, once per sweep: whichever trial first creates that file (atomically)
     crashes, and its retry runs on. Ray workers cannot import tests/, so a sweep test passes
     this class by value: `cloudpickle.register_pickle_by_value(sweeps)`.
     """
 
-    def __init__(self, epoch: int, *, marker: str | None = None, folder: str | None = None) -> None:
-        self.epoch, self.marker, self.folder = epoch, marker, folder
+    def __init__(self, epoch: int, *, marker: str | None = None, folder: str | None = None,
+                 at: str = "end") -> None:
+        self.epoch, self.marker, self.folder, self.at = epoch, marker, folder, at
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.at == "start":
+            self._crash(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.at == "end":
+            self._crash(trainer)
+
+    def _crash(self, trainer) -> None:
         if trainer.current_epoch != self.epoch:
             return
         if self.folder is not None and not trainer.default_root_dir.endswith(self.folder):

@@ -118,14 +118,16 @@ def test_ddp_trial_on_uneven_shards_finishes_and_reports_global_val_metrics(loca
 @pytest.mark.integration
 @pytest.mark.slow
 def test_ddp_trial_that_crashes_resumes_from_its_checkpoint(local_ray, cfg_factory, tmp_path: Path):
-    """One rank raises after epoch 1 was reported: Ray Train ends the group, Tune retries the
+    """One rank raises once epoch 1 was reported: Ray Train ends the group, Tune retries the
     trial (tune.max_failures=1) from the epoch-1 checkpoint, and both ranks finish epoch 2."""
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sweeps)  # the workers cannot import tests/
     cfg = cfg_factory([*DDP, "tune.max_epochs=3", "tune.max_failures=1"])
     ensure_data(cfg)
-    tune(cfg, trial_callbacks=[sweeps.Crash(1, marker=str(tmp_path / "crashed"))])
+    # At the start of epoch 2: epoch 1's report has then surely reached Tune with its
+    # checkpoint (rank 0 waits for the trial's answer), whatever the load on the machine.
+    tune(cfg, trial_callbacks=[sweeps.Crash(2, marker=str(tmp_path / "crashed"), at="start")])
 
     assert (tmp_path / "crashed").exists()
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
