@@ -117,7 +117,7 @@ def test_ddp_trial_on_uneven_shards_finishes_and_reports_global_val_metrics(loca
 
 @pytest.mark.integration
 @pytest.mark.slow
-# Passes alone, fails in the whole suite since trials get their data through Ray (the retried
+# Passes alone, fails after its module's other DDP sweeps since trials get their data through Ray (the retried
 # trial reports 2 epochs of 3): under investigation, see the session 9 note. Not strict, so it
 # still runs and a pass shows; the assertions are unchanged.
 @pytest.mark.xfail(strict=False, reason="retried DDP trial reports one epoch short in the full suite")
