@@ -81,6 +81,10 @@ def test_every_experiment_composes_and_validates(experiment):
         ("+model.bogus=3", r"bogus"),
         ("model.activation=swishy", r"swishy"),
         ("optimizer=sgd optimizer.momentum=1.5", r"optimizer\.momentum=1\.5"),
+        # Keys no regularizer registry entry owns.
+        ("+regularizer.dropuot=0.3", r"regularizer\.dropuot is not a key of regularizer; .*Did you mean 'dropout'"),
+        ("+regularizer.elastic.alhpa=1", r"regularizer\.elastic\.alhpa is not a key of regularizer\.elastic"),
+        ("regularizer.elastic=0.1", r"regularizer\.elastic must be a block with keys alpha, l1_ratio"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, message):

@@ -60,17 +60,6 @@ def test_a_duplicate_key_or_a_missing_check_is_an_error(scratch_registry):
         register_regularizer("unchecked", default=0.0)(type("Unchecked", (Regularizer,), {}))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+regularizer.dropuot=0.3", r"regularizer\.dropuot is not a key of regularizer; .*Did you mean 'dropout'"),
-    ("+regularizer.elastic.alhpa=1", r"regularizer\.elastic\.alhpa is not a key of regularizer\.elastic"),
-    ("regularizer.elastic=0.1", r"regularizer\.elastic must be a block with keys alpha, l1_ratio"),
-])
-def test_keys_no_entry_owns_fail_naming_them(override, message):
-    cfg = compose(override.split(), conf=CONF)
-    with pytest.raises(ConfigError, match=message):
-        prepare(cfg)
-
-
 def test_hooks_run_only_for_active_entries():
     off = Regularizers({})
     assert not any(off.acts(hook) for hook in ("loss_terms", "transform_batch", "model_kwargs"))
