@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from pipeline.cli import exits
 from pipeline.errors import ConfigError
@@ -34,18 +36,55 @@ def task_module(stage: str) -> str:
     return STAGES[stage].partition(":")[0]
 
 
+_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"})
+
+
+def _parent_of(pid: int) -> int | None:
+    """`pid`'s parent, or None once `pid` is gone (Linux /proc; `ps` elsewhere)."""
+    if Path("/proc/self").exists():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            return int(stat.rpartition(")")[2].split()[1])  # after the name, which may hold spaces
+        except (OSError, ValueError, IndexError):
+            return None
+    out = subprocess.run(["ps", "-o", "ppid=", "-p", str(pid)], capture_output=True, text=True).stdout
+    return int(out) if out.strip() else None
+
+
+def _name_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        out = subprocess.run(["ps", "-o", "comm=", "-p", str(pid)], capture_output=True, text=True).stdout
+        return Path(out.strip()).name
+
+
+def _links_to_dvc() -> list[tuple[int, int]]:
+    """The (process, parent) links from this process up to DVC, through the shell DVC runs the
+    command with: bash execs a `-c` command, but dash (`/bin/sh` when `$SHELL` is unset, as on
+    CI machines) stays as our parent and waits, so our parent outlives DVC."""
+    links = [(os.getpid(), os.getppid())]
+    while _name_of(links[-1][1]) in _SHELLS:
+        shell = links[-1][1]
+        grandparent = _parent_of(shell)
+        if not grandparent or grandparent == 1:
+            break
+        links.append((shell, grandparent))
+    return links
+
+
 def _end_with_dvc(poll_s: float = 1.0) -> None:
     """Under `dvc repro` (DVC sets DVC_STAGE), terminate this stage once DVC is gone. DVC dies
     on SIGTERM (`kill`, `timeout`) without passing it on; a stage left running would go on to
     write outputs that look complete but that no dvc.lock records, and end its MLflow run
-    FINISHED. (DVC runs the command through `$SHELL -c`, which bash and dash replace by the
-    command itself, so the parent is DVC.)"""
+    FINISHED. DVC is gone when any link between it and us breaks (a process orphaned is
+    re-parented)."""
     if "DVC_STAGE" not in os.environ:
         return
-    parent = os.getppid()
+    links = _links_to_dvc()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while all(_parent_of(pid) == parent for pid, parent in links):
             time.sleep(poll_s)
         os.kill(os.getpid(), signal.SIGTERM)  # the main thread's handler raises Terminated
 
