@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # pip's "no index page" warnings from local mirrors are noise, not news.
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test install lint params deps bench clean
+.PHONY: run test install lint params deps bench faults clean
 
 # The stamp is newer than pyproject.toml once installed, so a second `make` installs nothing.
 $(VENV)/.installed: pyproject.toml
@@ -40,6 +40,10 @@ deps: install
 
 bench: install
 	$(BIN)/python bench/overhead.py
+
+# The reliability suite: every fault scenario (tests marked `fault`), tabulated in reports/faults.md.
+faults: install
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf outputs multirun lightning_logs .pytest_cache

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 import servers
+from faults import Observed
 from pipeline.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,12 @@ def local_ray():
     init_ray({"num_cpus": 2})
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def observe(record_property) -> Observed:
+    """A fault scenario's record of what it saw and lost (tests/faults.py)."""
+    return Observed(record_property)
 
 
 @pytest.fixture
