@@ -199,15 +199,12 @@ def run_sweep(cfg: DictConfig, *, train: TrainFn, load: Callable[[DictConfig], A
             with sigterm_stops_sweep() as terminated:
                 grid = tuner.fit()  # results are read back from the experiment folder, as on resume
             elapsed = time.perf_counter() - start
-            outcome = collect(plan, path)
-            # Trials left PENDING or RUNNING mean a stop signal, unless the time budget ran out.
-            # A PAUSED one too, unless Tune counts every trial ended: HyperBand pauses trials at
-            # its milestones, and the saved state can lag behind one that its bracket then ended.
+            outcome = collect(plan, path, all_ended=grid.num_terminated + grid.num_errors == len(grid))
+            # Trials left PENDING, RUNNING or PAUSED mean a stop signal, unless the time budget ran out.
             budget = plan.tune.get("time_budget_s")
             out_of_time = budget is not None and elapsed >= budget
-            all_ended = grid.num_terminated + grid.num_errors == len(grid)
-            interrupted = [t for t in outcome.trials if not out_of_time and (
-                t["status"] in ("PENDING", "RUNNING") or (t["status"] == "PAUSED" and not all_ended))]
+            interrupted = [t for t in outcome.trials
+                           if not out_of_time and t["status"] in ("PENDING", "RUNNING", "PAUSED")]
             # SIGTERM ends the sweep unfinished even if it came after the last trial: its exit
             # status (143) should not depend on when the signal arrived.
             stopped = bool(interrupted) or terminated.is_set()

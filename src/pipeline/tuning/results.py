@@ -43,7 +43,7 @@ def _rows(df: Any, key: str = "epoch") -> list[dict[str, Any]]:
     return [by_step[e] for e in sorted(by_step)]
 
 
-def _summarize(plan: Plan, trial: Any, rows: list[dict[str, Any]], run_ids: dict[str, str]) -> dict[str, Any]:
+def _summarize(plan: Plan, trial: Any, status: str, rows: list[dict[str, Any]], run_ids: dict[str, str]) -> dict[str, Any]:
     metric, sign = plan.tune["metric"], 1 if plan.tune["mode"] == "max" else -1
     diverged = any(r.get("diverged") == 1 for r in rows) or bool(trial.last_result.get("diverged"))
     scored = [r for r in rows if _finite(r.get(metric))] if not diverged else []
@@ -59,25 +59,30 @@ def _summarize(plan: Plan, trial: Any, rows: list[dict[str, Any]], run_ids: dict
     if diverged:
         reason = "diverged"
     elif not rows:
-        reason = "error" if trial.status == "ERROR" else "no_result"  # e.g. tune.time_budget_s ran out
-    elif trial.status == "ERROR":
+        reason = "error" if status == "ERROR" else "no_result"  # e.g. tune.time_budget_s ran out
+    elif status == "ERROR":
         reason = "error"
     elif max(epochs, trial.last_result.get("training_iteration", 0)) >= plan.steps:
         reason = "all_folds" if plan.tune.get("cv") else "max_epochs"
-    elif trial.status != "TERMINATED":
+    elif status != "TERMINATED":
         reason = "unfinished"
     else:
         reason = "scheduler" if rows and rows[-1].get("done") else "early_stopping"
     node = next((r["node_ip"] for r in rows if isinstance(r.get("node_ip"), str)), "")
-    return {"trial_id": trial.trial_id, "status": trial.status, "config": dict(trial.config),
+    return {"trial_id": trial.trial_id, "status": status, "config": dict(trial.config),
             "value": best[metric] if best else math.nan, "epoch": int(best[step_key]) if best else -1,
             "val/loss": best.get("val/loss", math.nan) if best else math.nan, "epochs": epochs,
             "diverged": diverged, "stop_reason": reason, "failures": trial.num_failures, "node": node,
             "run_id": run_ids.get(trial.trial_id, ""), "path": trial.path}
 
 
-def collect(plan: Plan, path: str) -> Outcome:
-    """Every trial's summary and curve from the experiment's saved state and result.json files."""
+def collect(plan: Plan, path: str, *, all_ended: bool = False) -> Outcome:
+    """Every trial's summary and curve from the experiment's saved state and result.json files.
+
+    `all_ended`: Tune's own trials (in memory, after `fit`) all ended. The saved state can
+    then still hold a trial PAUSED: a scheduler (HyperBand) that stops a paused trial whose
+    actor is gone ends it without marking it for the next state save (Ray 2.60,
+    `TuneController._schedule_trial_stop`), so the trial is TERMINATED, not unfinished."""
     from ray.tune import ExperimentAnalysis
 
     from pipeline.tuning.mlflow_tree import map_path, read_text
@@ -89,7 +94,8 @@ def collect(plan: Plan, path: str) -> Outcome:
     frames = analysis.trial_dataframes
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         rows = _rows(frames.get(trial.trial_id), plan.step_key)
-        outcome.trials.append(_summarize(plan, trial, rows, ids["children"]))
+        status = "TERMINATED" if all_ended and trial.status == "PAUSED" else trial.status
+        outcome.trials.append(_summarize(plan, trial, status, rows, ids["children"]))
         for r in rows:
             # `step` is what dvc plots draws against: the epoch, or the fold with tune.cv.
             point = {"trial_id": trial.trial_id, "step": int(r[plan.step_key]), plan.step_key: int(r[plan.step_key])}
