@@ -70,6 +70,30 @@ def test_cluster_without_shared_storage_is_refused(cfg_factory, monkeypatch):
         check_storage(plan)
 
 
+def test_runs_a_killed_driver_had_not_recorded_are_taken_in(tmp_path: Path):
+    """A driver SIGKILLed between creating a run and writing it to the sweep's run map: the
+    resumed sweep reopens that run instead of starting a second one (the tree stays one)."""
+    from pipeline.tracking.mlflow_run import TrackedRun
+    from pipeline.tuning.mlflow_tree import SweepRuns, map_path
+
+    target = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": sweeps.EXPERIMENT,
+              "artifact_location": None}
+    experiment = str(tmp_path / "ray" / "sweep-1")
+    other = TrackedRun.start(**target, run_name="another sweep", tags={"ray_experiment": experiment + "0"})
+    parent = TrackedRun.start(**target, run_name="parent", tags={"ray_experiment": experiment})
+    child = TrackedRun.start(**target, run_name="t0", tags={"trial_id": "t0"}, parent_run_id=parent.run_id)
+    assert not Path(map_path(experiment)).exists()  # killed before it recorded either
+
+    runs = SweepRuns(target, map_path(experiment))
+    assert runs.adopt(experiment) == ["t0"]
+    assert runs.open_parent("parent", {}, {}).run_id == parent.run_id != other.run_id
+    run, new = runs.open_child("t0", "t0", {}, {})
+    assert run.run_id == child.run_id and not new
+    again = SweepRuns(target, map_path(experiment))  # what the adoption recorded stays recorded
+    assert again.ids["parent"] == parent.run_id and again.ids["children"] == {"t0": child.run_id}
+    assert again.adopt(experiment) == [] and not list(Path(map_path(experiment)).parent.glob("*.partial"))
+
+
 # ---------------------------------------------------------------------------- sweeps
 
 @pytest.mark.integration
