@@ -168,22 +168,32 @@ def test_diverging_trial_is_marked_and_never_best(local_ray, cfg_factory, tmp_pa
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_crashed_trial_is_retried_from_its_checkpoint(local_ray, cfg_factory, tmp_path: Path):
+@pytest.mark.parametrize("how", [
+    pytest.param("raise", marks=pytest.mark.fault(
+        "3. Sweep: trial crashed", fault="a trial raises at the end of epoch 1 (tune.max_failures=1)",
+        expected="retried from its epoch-1 checkpoint; one FINISHED run per trial, every epoch logged once")),
+    pytest.param("sigkill", marks=pytest.mark.fault(
+        "3. Sweep: trial worker killed", fault="SIGKILL to a trial's Ray worker at the end of epoch 1 "
+                                              "(tune.max_failures=1)",
+        expected="retried from its epoch-1 checkpoint; one FINISHED run per trial, every epoch logged once")),
+])
+def test_crashed_trial_is_retried_from_its_checkpoint(local_ray, cfg_factory, tmp_path: Path, how: str, observe):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sweeps)  # the workers cannot import tests/
     cfg = cfg_factory([*MLP, "tune.num_samples=1", "tune.max_epochs=3", "tune.scheduler=fifo", "tune.max_failures=1",
                        *sweeps.space(**{"optimizer.lr": "grid[0.001, 0.003]"})])
     ensure_data(cfg)
-    tune(cfg, trial_callbacks=[sweeps.Crash(1, marker=str(tmp_path / "crashed"))])
+    tune(cfg, trial_callbacks=[sweeps.Crash(1, marker=str(tmp_path / "crashed"), how=how)])
 
     trials = sweeps.trials(tmp_path)
+    client, parent, children = sweeps.tree(tmp_path)
+    sweeps.observe_retries(observe, client, trials, children, epochs=3)
     assert {t["status"] for t in trials} == {"TERMINATED"} and len(trials) == 2
     assert sorted(int(t["failures"]) for t in trials) == [0, 1]
     assert all(int(t["epochs"]) == 3 for t in trials)
     crashed = next(t for t in trials if t["failures"] == "1")
 
-    client, parent, children = sweeps.tree(tmp_path)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     child = next(c for c in children if c.data.tags["trial_id"] == crashed["trial_id"])
     assert child.data.tags["restarts"] == "1"
