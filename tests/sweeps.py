@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ from types import ModuleType
 import yaml
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
+
+from pipeline.training.metrics import EPOCH_METRICS
 
 EXPERIMENT = "cnn-pipeline"
 
@@ -55,6 +58,27 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
+def observe_retries(observe, client: MlflowClient, trials: list[dict], children: list,
+                    epochs: int) -> dict[str, int]:
+    """The fault record of a sweep whose trials failed and were retried: what it lost is
+    measured in its MLflow tree (runs not FINISHED, epochs never logged) and outputs; an
+    epoch logged twice was trained again: its trial did not resume from its last checkpoint."""
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    retried = [t for t in trials if int(t["failures"]) >= 1]
+    missing, again = 0, {}
+    for trial_id, child in by_trial.items():
+        for key in EPOCH_METRICS:
+            logged = steps(client, child.info.run_id, key)
+            missing += len(set(range(epochs)) - set(logged))
+            again[trial_id] = max(again.get(trial_id, 0), len(logged) - len(set(logged)))
+    observe.saw(f"{len(retried)} of {len(trials)} trials retried (failures: "
+                f"{', '.join(t['failures'] for t in trials)}); {sum(again.values())} epochs trained twice; "
+                f"runs {', '.join(sorted(c.info.status for c in children))}")
+    return observe.lost(runs=len(trials) - sum(c.info.status == "FINISHED" for c in children),
+                        metrics=missing, checkpoints=sum(n > 0 for n in again.values()),
+                        outputs=sum(t["status"] != "TERMINATED" for t in trials))
+
+
 def max_overlap(intervals: list[tuple[int, int]]) -> int:
     """The most intervals open at one time (an end at t comes before a start at t)."""
     events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
@@ -68,7 +92,7 @@ def max_overlap(intervals: list[tuple[int, int]]) -> int:
 class Crash(Callback):
     """Raises RuntimeError at the end (or, `at="start"`, the start) of training epoch `epoch`,
     as a node or process failure would; only in a trainer whose folder ends with `folder`, if
-    given (a cv fold).
+    given (a cv fold). `how="sigkill"` kills the trial's process instead, as the OOM killer would.
 
     With `marker`, once per sweep: whichever trial first creates that file (atomically)
     crashes, and its retry runs on. Ray workers cannot import tests/, so a sweep test passes
@@ -76,8 +100,8 @@ class Crash(Callback):
     """
 
     def __init__(self, epoch: int, *, marker: str | None = None, folder: str | None = None,
-                 at: str = "end") -> None:
-        self.epoch, self.marker, self.folder, self.at = epoch, marker, folder, at
+                 at: str = "end", how: str = "raise") -> None:
+        self.epoch, self.marker, self.folder, self.at, self.how = epoch, marker, folder, at, how
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.at == "start":
@@ -97,6 +121,8 @@ class Crash(Callback):
                 os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
             except FileExistsError:
                 return
+        if self.how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected crash at epoch {self.epoch}")
 
 

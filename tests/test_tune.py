@@ -70,6 +70,30 @@ def test_cluster_without_shared_storage_is_refused(cfg_factory, monkeypatch):
         check_storage(plan)
 
 
+def test_runs_a_killed_driver_had_not_recorded_are_taken_in(tmp_path: Path):
+    """A driver SIGKILLed between creating a run and writing it to the sweep's run map: the
+    resumed sweep reopens that run instead of starting a second one (the tree stays one)."""
+    from pipeline.tracking.mlflow_run import TrackedRun
+    from pipeline.tuning.mlflow_tree import SweepRuns, map_path
+
+    target = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": sweeps.EXPERIMENT,
+              "artifact_location": None}
+    experiment = str(tmp_path / "ray" / "sweep-1")
+    other = TrackedRun.start(**target, run_name="another sweep", tags={"ray_experiment": experiment + "0"})
+    parent = TrackedRun.start(**target, run_name="parent", tags={"ray_experiment": experiment})
+    child = TrackedRun.start(**target, run_name="t0", tags={"trial_id": "t0"}, parent_run_id=parent.run_id)
+    assert not Path(map_path(experiment)).exists()  # killed before it recorded either
+
+    runs = SweepRuns(target, map_path(experiment))
+    assert runs.adopt(experiment) == ["t0"]
+    assert runs.open_parent("parent", {}, {}).run_id == parent.run_id != other.run_id
+    run, new = runs.open_child("t0", "t0", {}, {})
+    assert run.run_id == child.run_id and not new
+    again = SweepRuns(target, map_path(experiment))  # what the adoption recorded stays recorded
+    assert again.ids["parent"] == parent.run_id and again.ids["children"] == {"t0": child.run_id}
+    assert again.adopt(experiment) == [] and not list(Path(map_path(experiment)).parent.glob("*.partial"))
+
+
 # ---------------------------------------------------------------------------- sweeps
 
 @pytest.mark.integration
@@ -144,22 +168,32 @@ def test_diverging_trial_is_marked_and_never_best(local_ray, cfg_factory, tmp_pa
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_crashed_trial_is_retried_from_its_checkpoint(local_ray, cfg_factory, tmp_path: Path):
+@pytest.mark.parametrize("how", [
+    pytest.param("raise", marks=pytest.mark.fault(
+        "3. Sweep: trial crashed", fault="a trial raises at the end of epoch 1 (tune.max_failures=1)",
+        expected="retried from its epoch-1 checkpoint; one FINISHED run per trial, every epoch logged once")),
+    pytest.param("sigkill", marks=pytest.mark.fault(
+        "3. Sweep: trial worker killed", fault="SIGKILL to a trial's Ray worker at the end of epoch 1 "
+                                              "(tune.max_failures=1)",
+        expected="retried from its epoch-1 checkpoint; one FINISHED run per trial, every epoch logged once")),
+])
+def test_crashed_trial_is_retried_from_its_checkpoint(local_ray, cfg_factory, tmp_path: Path, how: str, observe):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sweeps)  # the workers cannot import tests/
     cfg = cfg_factory([*MLP, "tune.num_samples=1", "tune.max_epochs=3", "tune.scheduler=fifo", "tune.max_failures=1",
                        *sweeps.space(**{"optimizer.lr": "grid[0.001, 0.003]"})])
     ensure_data(cfg)
-    tune(cfg, trial_callbacks=[sweeps.Crash(1, marker=str(tmp_path / "crashed"))])
+    tune(cfg, trial_callbacks=[sweeps.Crash(1, marker=str(tmp_path / "crashed"), how=how)])
 
     trials = sweeps.trials(tmp_path)
+    client, parent, children = sweeps.tree(tmp_path)
+    sweeps.observe_retries(observe, client, trials, children, epochs=3)
     assert {t["status"] for t in trials} == {"TERMINATED"} and len(trials) == 2
     assert sorted(int(t["failures"]) for t in trials) == [0, 1]
     assert all(int(t["epochs"]) == 3 for t in trials)
     crashed = next(t for t in trials if t["failures"] == "1")
 
-    client, parent, children = sweeps.tree(tmp_path)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     child = next(c for c in children if c.data.tags["trial_id"] == crashed["trial_id"])
     assert child.data.tags["restarts"] == "1"

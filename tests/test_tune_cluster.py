@@ -178,7 +178,11 @@ def _reported_epochs(db: Path) -> int:
         return 0
 
 
-def test_sweep_survives_losing_a_worker_node(cluster, cfg_factory, tmp_path: Path):
+@pytest.mark.fault("3. Sweep: node lost", fault="a worker node of a 2-worker Ray cluster removed after the first "
+                   "epoch is logged (tune.max_failures=2)",
+                   expected="its trial retried on the survivor from its checkpoint; every trial TERMINATED with "
+                            "all epochs, one FINISHED run each")
+def test_sweep_survives_losing_a_worker_node(cluster, cfg_factory, tmp_path: Path, observe):
     cfg = _cluster_cfg(cfg_factory, cluster, tmp_path,
                        ["tune.num_samples=6", "tune.max_epochs=3", "tune.max_failures=2"])
     ensure_data(cfg)
@@ -197,11 +201,13 @@ def test_sweep_survives_losing_a_worker_node(cluster, cfg_factory, tmp_path: Pat
     tune(cfg)
     thread.join(timeout=30)
     assert removed, "the worker node was never removed"
+    observe.saw("1 of 2 worker nodes removed mid-sweep")
 
     trials = sweeps.trials(tmp_path)
+    client, _, children = sweeps.tree(tmp_path)
+    sweeps.observe_retries(observe, client, trials, children, epochs=3)
     assert len(trials) == 6 and {t["status"] for t in trials} == {"TERMINATED"}, trials
     assert all(int(t["epochs"]) == 3 for t in trials)
-    _, _, children = sweeps.tree(tmp_path)
     assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
     survivor = next(n.node_id for n in cluster.worker_nodes)
     # Trials that started after the loss ran on the surviving node.

@@ -4,12 +4,15 @@ with `tune.cv` one grandchild run per fold of each trial.
 Everything is written from the Ray driver (a `ray.tune.Callback` runs there), so a SQLite
 store only ever sees one writer; trials run with tracking off. The trial -> run id map is
 saved beside the Ray experiment, so a resumed sweep (`tune.resume=true`) reopens the same
-parent and children instead of duplicating them, and ends any child left RUNNING.
+parent and children instead of duplicating them, and ends any child left RUNNING. Each run
+is recorded there as soon as it is created, and a resumed sweep also takes in runs of its
+tree that a driver killed in between (SIGKILL) had not recorded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ from ray.tune import Callback
 
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.training.metrics import EPOCH_METRICS
+
+log = logging.getLogger(__name__)
 
 
 def map_path(experiment_path: str) -> str:
@@ -38,12 +43,16 @@ def read_text(path: str) -> str | None:
 
 
 def write_text(path: str, text: str) -> None:
+    """Whole or not at all: written beside `path`, then moved over it. A driver killed while
+    writing the run map must not leave it empty: the resumed sweep would start a second tree."""
     import pyarrow.fs
 
     fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
     fs.create_dir(str(Path(fs_path).parent), recursive=True)
-    with fs.open_output_stream(fs_path) as f:
+    partial = f"{fs_path}.partial"
+    with fs.open_output_stream(partial) as f:
         f.write(text.encode())
+    fs.move(partial, fs_path)  # a rename on a file system; object stores replace objects whole anyway
 
 
 class SweepRuns:
@@ -72,9 +81,9 @@ class SweepRuns:
         if self.ids["parent"]:
             return TrackedRun.resume(tracking_uri=self.target["tracking_uri"], run_id=self.ids["parent"])
         run = TrackedRun.start(**self.target, run_name=name, tags=tags)
-        run.log_params(params)
         self.ids["parent"] = run.run_id
-        self._save()
+        self._save()  # at once: a run not in the map would be started again by a resumed sweep
+        run.log_params(params)
         return run
 
     def open_child(self, trial_id: str, name: str, params: dict[str, Any],
@@ -84,10 +93,43 @@ class SweepRuns:
         if run_id:
             return TrackedRun.resume(tracking_uri=self.target["tracking_uri"], run_id=run_id), False
         run = TrackedRun.start(**self.target, run_name=name, tags=tags, parent_run_id=self.ids["parent"])
-        run.log_params(params)
         self.ids["children"][trial_id] = run.run_id
         self._save()
+        run.log_params(params)
         return run, True
+
+    def adopt(self, experiment: str) -> list[str]:
+        """Take into the map the runs of the sweep in Ray folder `experiment` (the parent's
+        `ray_experiment` tag) that a driver killed between creating and recording them left
+        out, so that the resumed sweep reopens them instead of starting duplicates. Returns
+        the trial ids of the children taken in."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.target["tracking_uri"])
+        found = client.get_experiment_by_name(self.target["experiment"])
+        if found is None or "'" in experiment:  # no store yet; or a path MLflow's filter cannot quote
+            return []
+        ids, before = [found.experiment_id], json.dumps(self.ids)
+        if not self.ids["parent"]:
+            parents = [r for r in client.search_runs(ids, f"tags.ray_experiment = '{experiment}'", max_results=10)
+                       if "mlflow.parentRunId" not in r.data.tags]
+            if not parents:
+                return []
+            self.ids["parent"] = min(parents, key=lambda r: r.info.start_time).info.run_id
+        adopted = []
+        children = client.search_runs(ids, f"tags.`mlflow.parentRunId` = '{self.ids['parent']}'",
+                                      max_results=50_000, order_by=["attributes.start_time ASC"])
+        for run in children:
+            trial_id = run.data.tags.get("trial_id")
+            if trial_id and trial_id not in self.ids["children"]:
+                self.ids["children"][trial_id] = run.info.run_id
+                adopted.append(trial_id)
+        if json.dumps(self.ids) != before:
+            self._save()
+        if adopted:
+            log.warning("Took in the MLflow runs of trials %s, which the sweep's earlier driver had started "
+                        "but not recorded when it died.", ", ".join(adopted))
+        return adopted
 
     def log_fold(self, trial_id: str, fold: int, name: str, params: dict[str, Any], tags: dict[str, str],
                  history: list[dict[str, Any]], best: dict[str, float]) -> str | None:
@@ -145,13 +187,21 @@ class MlflowTreeCallback(Callback):
 
     def setup(self, **info: Any) -> None:
         self.runs = SweepRuns(self.target, self.map_path)
+        if self.parent_tags.get("ray_experiment"):  # (a new sweep's folder has no runs yet)
+            self.runs.adopt(self.parent_tags["ray_experiment"])
         self.runs.open_parent(self.parent_name, self.parent_params, self.parent_tags)
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _open(self, trial: Any) -> TrackedRun:
         params = {**{f"fixed.{k}": v for k, v in self.fixed.items()}, **trial.config}
         tags = {"trial_id": trial.trial_id, "trial_name": str(trial), "sweep": self.parent_tags.get("sweep", "")}
-        run, new = self.runs.open_child(trial.trial_id, f"{self.parent_name}-{trial.trial_id}", params, tags)
-        if not new and trial.num_failures:
+        run, _ = self.runs.open_child(trial.trial_id, f"{self.parent_name}-{trial.trial_id}", params, tags)
+        return run
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self._open(trial)
+        # Also on a new run: a trial whose actor failed before it started (its node lost while
+        # it was being placed) comes here first on its retry.
+        if trial.num_failures:
             run.set_tags({"restarts": str(trial.num_failures)})
         self.state[trial.trial_id] = {"diverged": False, "stopped": False, "epochs": 0}
 
@@ -210,9 +260,7 @@ class MlflowTreeCallback(Callback):
         run.finish("FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run = self.runs.child(trial.trial_id)
-        if run is None:
-            return
+        run = self.runs.child(trial.trial_id) or self._open(trial)  # one that never started too
         error = trial.get_error() or "trial errored"
         run.set_tags({"error": str(error)[-5000:], "restarts": str(trial.num_failures)})
         run.finish("FAILED")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,10 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
     if outcome.best is not None and final:
         header = ("# The best trial of the last sweep (pipeline tune / the DVC tune stage). The train\n"
                   "# stage applies `overrides` (group keys take their block from `config`) when tune.use_best.\n")
-        best_file.write_text(header + yaml.safe_dump(plain(outcome.best), sort_keys=False))
+        # Whole or not at all (a driver killed while writing): the train stage reads it.
+        partial = best_file.with_name(f".{best_file.name}.partial")
+        partial.write_text(header + yaml.safe_dump(plain(outcome.best), sort_keys=False))
+        os.replace(partial, best_file)
     else:
         best_file.unlink(missing_ok=True)
 
