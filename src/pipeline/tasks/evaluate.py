@@ -15,6 +15,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.data.batches import TensorBatches, to_tensors
 from pipeline.errors import DataError
+from pipeline.files import write_with
 from pipeline.layout import Layout
 from pipeline.reports.figures import confusion_matrix_png
 from pipeline.tasks.common import TrainingData, load_data, write_json
@@ -76,8 +77,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
     write_json(layout.metrics / "test.json", {"test": overall})
     # Per-sample test probabilities: what paired tests between designs (McNemar) compare.
     # (Not in models/: that folder is the train stage's output and must not change here.)
-    layout.predictions.parent.mkdir(parents=True, exist_ok=True)
-    np.save(layout.predictions, probs.astype(np.float32))
+    write_with(layout.predictions, lambda f: np.save(f, probs.astype(np.float32)))
     write_json(layout.plots / "per_class.json", per_class)
     names = raw.classes
     write_json(layout.plots / "confusion.json",
