@@ -136,7 +136,7 @@ def _log_start(run: TrackedRun, layout: Layout, resolved: dict, arch: str, size:
 def _transfer(module: Classifier, transfer: DictConfig) -> dict[str, str]:
     """Load pretrained weights into the network, freeze, and set the fine-tuning lr groups."""
     net = module.net[1]
-    loaded = transfer_weights(net, load_state(transfer.source))
+    loaded = transfer_weights(net, load_state(transfer.source), source=transfer.source, arch=module.hparams["arch"])
     frozen = freeze(net, transfer.freeze)
     module.pretrained = (loaded, float(transfer.pretrained_lr_ratio))
     return {"transfer_source": transfer.source, "transfer_loaded": str(len(loaded)),
