@@ -118,6 +118,8 @@ def _start_outputs(layout: Layout, resolved: dict, train_idx: np.ndarray, val_id
     for stale in (layout.best_ckpt, layout.last_ckpt):
         stale.unlink(missing_ok=True)  # else Lightning would write best-v1.ckpt beside it
     layout.run_file.unlink(missing_ok=True)  # it names the run of the checkpoints just removed
+    for partial in layout.models.glob(".*.tmp"):  # a write cut short by SIGKILL (pipeline.files)
+        partial.unlink(missing_ok=True)
     layout.models.mkdir(parents=True, exist_ok=True)
     write_text(layout.models / "config.yaml", OmegaConf.to_yaml(resolved))
     # Which samples trained and validated this model: lets anyone audit for leakage.

@@ -43,13 +43,16 @@ def dvc_out_hash(root: Path, stage: str, out_path: Path) -> str | None:
     for out in (entry or {}).get("outs") or []:
         if isinstance(out, dict) and out.get("path") == rel:
             md5 = out.get("md5")
-            if md5 is not None and not (isinstance(md5, str) and _MD5.fullmatch(md5)):
+            # DVC's md5 of a folder ends in ".dir": without it, a cut may have taken it off.
+            form = _DIR_MD5 if out_path.is_dir() else _MD5
+            if md5 is not None and not (isinstance(md5, str) and form.fullmatch(md5)):
                 raise DataError(f"{lock} records md5 {md5!r} for {rel}, which is no md5: " + _LOCK_FIX)
             return md5
     return None
 
 
-_MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
+_MD5 = re.compile(r"[0-9a-f]{32}")
+_DIR_MD5 = re.compile(r"[0-9a-f]{32}\.dir")
 _LOCK_FIX = ("it is truncated or corrupt. Restore it with `git checkout dvc.lock`, or delete it and run "
              "`dvc repro` (or `dvc commit`) to record the stages again.")
 
