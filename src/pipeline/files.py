@@ -93,7 +93,8 @@ def replacing_folder(out_dir: Path | str) -> Iterator[Path]:
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno in NO_ROOM:
-            raise no_room(Path(err.filename) if err.filename else out_dir, err) from err
+            # Named by where it was going, not by the temporary folder it was written in.
+            raise no_room(out_dir / Path(err.filename).name if err.filename else out_dir, err) from err
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -92,8 +92,12 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source
         theirs = _checkpoint_arch(source) if source else None
         holds = f" holds a {theirs} checkpoint, which" if theirs else ""
         target = f"model {arch}" if arch else "this model"
-        fix = (f"set model={theirs} to fine-tune it" if theirs and theirs != arch
-               else "set model= to the source's architecture")
+        if theirs and theirs == arch:
+            fix = "its layers have other shapes (other model arguments, e.g. widths): use the source's model settings"
+        elif theirs:
+            fix = f"set model={theirs} to fine-tune it"
+        else:
+            fix = "set model= to the source's architecture"
         raise ConfigError(f"transfer.source={source or '?'}{holds} shares no layer (by name or shape) with "
                           f"{target}: {fix}, or choose a source of {arch or 'this model'}'s architecture.")
     model.load_state_dict(matched, strict=False)
