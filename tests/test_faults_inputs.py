@@ -247,6 +247,9 @@ def test_broken_input_is_refused_and_nothing_is_written(base: Path, tmp_path: Pa
     observe.saw(f"exit {done.returncode}: {error.replace(f'{project}/', '')[:170]}")
     if broken.noted:
         observe.saw(broken.noted)
+    warned = next((line for line in done.stderr.splitlines() if "skipped" in line), None)
+    if warned:
+        observe.saw(f"warned: {warned.replace(f'{project}/', '')[:110]}")
     after = _files(project)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     checkpoints = [k for k in changed if k.endswith(".ckpt")]
