@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -85,7 +86,22 @@ def load_params(path: Path | str = PARAMS_FILE) -> DictConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found: run stages from the project folder, or `dvc exp run` to write it.")
-    return OmegaConf.load(path)  # type: ignore[return-value]
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid YAML ({_first_line(err)}); {path.name} {PARAMS_FIX}.") from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} holds a {type(cfg).__name__}, not the config mapping; {path.name} {PARAMS_FIX}.")
+    return cfg
+
+
+# params.yaml is written, never edited by hand: the fix of a bad value is where it comes from.
+PARAMS_FIX = ("is written from conf/: fix the value there and rewrite it with `pipeline params`, "
+              "or set it with `dvc exp run -S key=value`")
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 # ---------------------------------------------------------------------------- paths

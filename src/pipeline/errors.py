@@ -16,6 +16,10 @@ class DataError(PipelineError):
     """A dataset is missing, corrupt, truncated or does not match its manifest."""
 
 
+class OutputError(PipelineError):
+    """An output cannot be written: its disk is full, or a quota or file-size limit is reached."""
+
+
 class Terminated(BaseException):
     """SIGTERM (a scheduler, `kill`, `timeout`), raised in the main thread so that `finally`
     blocks and context managers run on the way out. A BaseException, as KeyboardInterrupt is,

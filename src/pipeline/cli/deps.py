@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.files import write_text
+
 SRC = "src"  # the folder on sys.path that holds the project's packages, beside dvc.yaml
 
 
@@ -173,5 +175,5 @@ def write(dvc_yaml: Path) -> bool:
     new = "".join(part for i, line in enumerate(lines) for part in edits.get(i, [line]))
     if new == text:
         return False
-    dvc_yaml.write_text(new, encoding="utf-8")
+    write_text(dvc_yaml, new)
     return True

@@ -2,7 +2,8 @@
 
     0    success
     1    a bug: any other exception (its traceback is printed)
-    2    a user error (`PipelineError`): a bad config value or override, missing or corrupt data
+    2    a user error (`PipelineError`): a bad config value or override, missing or corrupt data,
+         no space left for the outputs
     130  interrupted by SIGINT (Ctrl+C)
     141  the reader of the output went away (`pipeline models | head`)
     143  terminated by SIGTERM (a scheduler, `kill`, `timeout`)
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.errors import PipelineError, Terminated
+from pipeline.files import NO_ROOM
 
 INTERRUPTED = 130  # 128 + SIGINT
 BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (`pipeline models | head`)
@@ -63,6 +65,15 @@ def run(body: Callable[[], object]) -> int:
         # Python would print a traceback, then fail again flushing stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE
+    except OSError as err:
+        if err.errno not in NO_ROOM:
+            raise
+        # A write of a library's own (MLflow's store, Ray's results) on a full disk: say so, as
+        # `pipeline.files` does for ours, rather than a traceback.
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}: no space left for the outputs. Free space on that disk (or "
+              "set paths.out_dir to a folder on a disk with room) and run again.", file=sys.stderr)
+        return PipelineError.exit_code
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:

@@ -7,6 +7,7 @@ each stage to its task function as a string, so a stage imports its own task onl
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import signal
@@ -96,13 +97,20 @@ def run_stage(stage: str, params: str = "params.yaml") -> int:
     _end_with_dvc()
 
     def body() -> None:
-        from pipeline.config import load_params
+        from pipeline.config import PARAMS_FIX, load_params
+        from pipeline.validation import prepare
 
         if stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}.")
+        cfg = load_params(params)
+        try:
+            # Before the task's (slow) imports: a bad value fails in a second, naming the file.
+            prepare(copy.deepcopy(cfg))
+        except ConfigError as err:
+            raise ConfigError(f"{params}: {err} ({params} {PARAMS_FIX}.)") from err
         module, _, name = STAGES[stage].partition(":")
         task = getattr(importlib.import_module(module), name)
-        task(load_params(params))
+        task(cfg)
 
     return exits.run(body)
 

@@ -8,6 +8,7 @@ They know nothing about downloads or checksums: that is ``sources.py``'s job.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import struct
@@ -22,6 +23,8 @@ from pipeline.errors import DataError
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (N,)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+log = logging.getLogger(__name__)
 
 _REPLACE = "delete it so it is downloaded again, or replace it with an intact copy"
 
@@ -131,14 +134,19 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _list_images(class_dir: Path) -> list[Path]:
     """Image files under ``class_dir`` (recursively, skipping hidden entries), sorted."""
-    found = []
+    found, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(class_dir):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [
-            Path(dirpath, f)
-            for f in filenames
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+        for f in filenames:
+            if not f.startswith("."):
+                (found if f.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(Path(dirpath, f))
+    if skipped:
+        # Notes and label files beside the images are common (torchvision skips them too), but
+        # images in a format not listed would vanish from the dataset: say which were left out.
+        first = sorted(skipped)[0]
+        log.warning("%s: skipped %d file(s) without an image extension (%s), e.g. %s; move them out of "
+                    "the class folders, or convert them to PNG if they are images",
+                    class_dir, len(skipped), ", ".join(IMAGE_EXTENSIONS), first.name)
     return sorted(found, key=lambda p: p.relative_to(class_dir).parts)
 
 

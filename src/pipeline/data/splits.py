@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ConfigError, DataError
+from pipeline.files import replacing_folder
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,8 @@ def make_splits(
 
 
 def save_splits(out_dir: Path, splits: Splits, labels: np.ndarray) -> None:
-    """Write train/val/test/fold index files and a `split.json` summary."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("train", "val", "test"):
-        np.save(out_dir / f"{name}.npy", getattr(splits, name))
-    np.savez(out_dir / "folds.npz", **{f"fold_{i}": f for i, f in enumerate(splits.folds)})
+    """Write train/val/test/fold index files and a `split.json` summary, all at once: they
+    go into a new folder that replaces `out_dir` once complete (`pipeline.files`)."""
     n_classes = int(labels.max()) + 1 if len(labels) else 0
 
     def counts(idx: np.ndarray) -> list[int]:
@@ -127,7 +125,11 @@ def save_splits(out_dir: Path, splits: Splits, labels: np.ndarray) -> None:
         "class_counts": {n: counts(getattr(splits, n)) for n in ("train", "val", "test")},
         "folds": [{"size": int(len(f)), "class_counts": counts(f)} for f in splits.folds],
     }
-    (out_dir / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with replacing_folder(out_dir) as tmp:
+        for name in ("train", "val", "test"):
+            np.save(tmp / f"{name}.npy", getattr(splits, name))
+        np.savez(tmp / "folds.npz", **{f"fold_{i}": f for i, f in enumerate(splits.folds)})
+        (tmp / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def load_splits(split_dir: Path, *, expect: dict | None = None) -> Splits:

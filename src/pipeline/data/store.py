@@ -18,9 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.files import replacing_folder
 
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.npy"
@@ -118,27 +116,6 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out_dir``, replacing any previous dataset.
-
-    ``os.replace`` cannot overwrite a non-empty directory, so the old one is first renamed
-    aside and only deleted once the new one is in place; if the second rename fails the
-    old one is put back. Both renames stay inside one parent directory, so they are atomic.
-    """
-    backup = None
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, backup)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, out_dir)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def write_raw(
     out_dir: Path,
     images: np.ndarray,
@@ -166,10 +143,8 @@ def write_raw(
             f"{out_dir} exists and is not a directory; remove it or choose another output"
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden sibling: same filesystem (so the final rename is atomic) and ignored by globbing.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    # Written into a hidden sibling folder that replaces out_dir only once complete.
+    with replacing_folder(out_dir) as tmp:
         files = {
             IMAGES_FILE: _save_npy(tmp / IMAGES_FILE, images),
             LABELS_FILE: _save_npy(tmp / LABELS_FILE, labels),
@@ -189,10 +164,6 @@ def write_raw(
         }
         # The manifest is written last: a folder with a manifest is a complete folder.
         _fsync_write(tmp / MANIFEST_FILE, lambda f: f.write(_json_bytes(manifest)))
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.models.checkpoints import load_file, load_mlflow_model
 
 # Our LightningModule stores the network as `net = Sequential(Preprocess, model)`; a logged
@@ -73,8 +73,10 @@ def _torchvision_state(name: str) -> dict[str, torch.Tensor]:
                           f"{Path(weights.url).name} in {cache}.") from err
 
 
-def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Copy matching tensors of `state` into `model`; returns the names loaded."""
+def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str | None = None,
+                     arch: str | None = None) -> list[str]:
+    """Copy matching tensors of `state` into `model` (registry architecture `arch`), read from
+    `source` (for the error message); returns the names loaded."""
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(matched) < len(own) // 2:
@@ -87,11 +89,34 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[s
         if len(positional) > len(matched):
             matched = positional
     if not matched:
-        raise ConfigError("transfer.source shares no layer (by name or shape) with this model; "
-                          "check model.name matches the source architecture.")
+        theirs = _checkpoint_arch(source) if source else None
+        holds = f" holds a {theirs} checkpoint, which" if theirs else ""
+        target = f"model {arch}" if arch else "this model"
+        if theirs and theirs == arch:
+            fix = "its layers have other shapes (other model arguments, e.g. widths): use the source's model settings"
+        elif theirs:
+            fix = f"set model={theirs} to fine-tune it"
+        else:
+            fix = "set model= to the source's architecture"
+        raise ConfigError(f"transfer.source={source or '?'}{holds} shares no layer (by name or shape) with "
+                          f"{target}: {fix}, or choose a source of {arch or 'this model'}'s architecture.")
     model.load_state_dict(matched, strict=False)
     params = dict(model.named_parameters())
     return [k for k in matched if k in params]
+
+
+def _checkpoint_arch(source: str) -> str | None:
+    """The registry architecture a checkpoint file of this pipeline was trained as, if it is one."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        obj = load_file(path)
+    except PipelineError:
+        return None
+    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    arch = hparams.get("arch") if isinstance(hparams, dict) else None
+    return arch if isinstance(arch, str) else None
 
 
 def freeze(model: nn.Module, prefixes: Iterable[str]) -> list[str]:

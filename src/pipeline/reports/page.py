@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pipeline.files import write_bytes, write_text  # noqa: E402
 from pipeline.reports import introspect  # noqa: E402
 from pipeline.reports.figures import confusion_matrix_png  # noqa: E402
 
@@ -51,7 +52,7 @@ class _Figures:
         return self.tag(buf.getvalue(), name, alt)
 
     def tag(self, png: bytes, name: str, alt: str) -> str:
-        (self.folder / f"{name}.png").write_bytes(png)
+        write_bytes(self.folder / f"{name}.png", png)
         data = base64.b64encode(png).decode("ascii")
         return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
@@ -281,5 +282,5 @@ def write_report(out_dir: Path, *, net: nn.Module, images: np.ndarray, labels: n
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
             f"<style>{_CSS}</style></head><body><h1>{title}</h1><nav>{nav}</nav>{sections}</body></html>\n")
     path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path

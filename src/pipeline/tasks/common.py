@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from pipeline.data.splits import Splits, check_params, load_splits
 from pipeline.data.store import RawDataset, read_raw
 from pipeline.errors import DataError
+from pipeline.files import write_text
 from pipeline.layout import Layout
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
@@ -61,9 +62,8 @@ def provenance_tags(layout: Layout) -> dict[str, str]:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    """Write `data` as JSON, atomically: never a half-written file, even on a full disk."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_run_file(layout: Layout, run: TrackedRun) -> Path:

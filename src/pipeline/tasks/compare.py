@@ -25,6 +25,7 @@ from pipeline.config import to_container
 from pipeline.data.splits import load_splits
 from pipeline.data.store import read_raw
 from pipeline.errors import ConfigError
+from pipeline.files import write_text
 from pipeline.layout import Layout
 from pipeline.tasks.common import write_json
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
@@ -95,7 +96,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                                      confidence=cfg.cv.confidence, higher_is_better=cfg.compare.higher_is_better)
         stats["extra"] = extra
         write_json(reports / "compare.json", stats)
-        (reports / "compare.md").write_text(markdown(stats, cfg.compare.metric))
+        write_text(reports / "compare.md", markdown(stats, cfg.compare.metric))
         per_fold_png(scores, cfg.compare.metric, reports / "compare_folds.png")
         if parent is not None:
             for name in ("compare.md", "compare.json", "compare_folds.png"):

@@ -15,12 +15,13 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.data.batches import TensorBatches, to_tensors
 from pipeline.errors import DataError
+from pipeline.files import write_with
 from pipeline.layout import Layout
 from pipeline.reports.figures import confusion_matrix_png
 from pipeline.tasks.common import TrainingData, load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.tracking.server import check_tracking
-from pipeline.training.module import load_classifier
+from pipeline.training.module import Classifier, load_classifier
 from pipeline.training.regularizers import Regularizers
 from pipeline.validation import prepare
 
@@ -69,6 +70,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
     data = load_data(cfg, layout, data)
     raw, splits = data.raw, data.splits
     module = load_classifier(layout.best_ckpt)
+    _check_fits(module, layout, raw.images.shape[1:], len(raw.classes))
     images, labels = raw.images[splits.test], raw.labels[splits.test]
     probs = predict(module.net, images, batch_size=cfg.data.eval_batch_size, regularizer=cfg.regularizer)
     overall, per_class, cm = scores(probs, labels, raw.classes)
@@ -76,8 +78,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
     write_json(layout.metrics / "test.json", {"test": overall})
     # Per-sample test probabilities: what paired tests between designs (McNemar) compare.
     # (Not in models/: that folder is the train stage's output and must not change here.)
-    layout.predictions.parent.mkdir(parents=True, exist_ok=True)
-    np.save(layout.predictions, probs.astype(np.float32))
+    write_with(layout.predictions, lambda f: np.save(f, probs.astype(np.float32)))
     write_json(layout.plots / "per_class.json", per_class)
     names = raw.classes
     write_json(layout.plots / "confusion.json",
@@ -97,6 +98,22 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
             if cfg.tracking.log_model:
                 log_model(run, module.net, images[:4])
     return {f"test/{k}": v for k, v in overall.items()}
+
+
+def _check_fits(module: Classifier, layout: Layout, image_shape: tuple[int, ...], num_classes: int) -> None:
+    """DataError unless the checkpoint's network takes these images and has these classes:
+    one trained on other data would fail deep inside the forward pass, or score nonsense."""
+    hp = module.hparams
+    kw = hp["arch_kwargs"]
+    height, _, channels = image_shape
+    size = kw.get("image_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    size_ok = hp.get("resize") is not None or size in (None, height)  # Preprocess resizes to its size
+    if kw.get("in_channels") != channels or kw.get("num_classes") != num_classes or not size_ok:
+        raise DataError(f"{layout.best_ckpt} holds a {hp['arch']} for {size}px {kw.get('in_channels')}-channel "
+                        f"images in {kw.get('num_classes')} classes, but {layout.raw} has {height}px {channels}-channel "
+                        f"images in {num_classes} classes: it was trained on other data. Train on this data first "
+                        "(`dvc repro train`), or point paths.out_dir at the checkpoint's own outputs.")
 
 
 def _resume_run(layout: Layout) -> TrackedRun | None:

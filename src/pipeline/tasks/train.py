@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import flatten, to_container
 from pipeline.data.batches import ArrayDataModule
+from pipeline.files import write_text, write_with
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
 from pipeline.models.transfer import freeze, load_state, transfer_weights
@@ -117,10 +118,12 @@ def _start_outputs(layout: Layout, resolved: dict, train_idx: np.ndarray, val_id
     for stale in (layout.best_ckpt, layout.last_ckpt):
         stale.unlink(missing_ok=True)  # else Lightning would write best-v1.ckpt beside it
     layout.run_file.unlink(missing_ok=True)  # it names the run of the checkpoints just removed
+    for partial in layout.models.glob(".*.tmp"):  # a write cut short by SIGKILL (pipeline.files)
+        partial.unlink(missing_ok=True)
     layout.models.mkdir(parents=True, exist_ok=True)
-    (layout.models / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    write_text(layout.models / "config.yaml", OmegaConf.to_yaml(resolved))
     # Which samples trained and validated this model: lets anyone audit for leakage.
-    np.savez(layout.models / "indices.npz", train=train_idx, val=val_idx)
+    write_with(layout.models / "indices.npz", lambda f: np.savez(f, train=train_idx, val=val_idx))
 
 
 def _log_start(run: TrackedRun, layout: Layout, resolved: dict, arch: str, size: dict[str, int]) -> None:
@@ -135,7 +138,7 @@ def _log_start(run: TrackedRun, layout: Layout, resolved: dict, arch: str, size:
 def _transfer(module: Classifier, transfer: DictConfig) -> dict[str, str]:
     """Load pretrained weights into the network, freeze, and set the fine-tuning lr groups."""
     net = module.net[1]
-    loaded = transfer_weights(net, load_state(transfer.source))
+    loaded = transfer_weights(net, load_state(transfer.source), source=transfer.source, arch=module.hparams["arch"])
     frozen = freeze(net, transfer.freeze)
     module.pretrained = (loaded, float(transfer.pretrained_lr_ratio))
     return {"transfer_source": transfer.source, "transfer_loaded": str(len(loaded)),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 from pathlib import Path
 
 import yaml
+
+from pipeline.errors import DataError
 
 
 def git_commit(root: Path) -> dict[str, str]:
@@ -22,16 +25,36 @@ def git_commit(root: Path) -> dict[str, str]:
 
 
 def dvc_out_hash(root: Path, stage: str, out_path: Path) -> str | None:
-    """The md5 DVC recorded in dvc.lock for one output of a stage (None if not recorded)."""
+    """The md5 DVC recorded in dvc.lock for one output of a stage (None if not recorded).
+    A dvc.lock cut short (a full disk, a crash while DVC wrote it, a bad merge) is a
+    DataError naming the fix: read as it is, it could yield half an md5 for the run's tags."""
     lock = root / "dvc.lock"
     if not lock.exists():
         return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    try:
+        data = yaml.safe_load(lock.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DataError(f"{lock} is not valid YAML ({' '.join(str(err).split())[:200]}): " + _LOCK_FIX) from err
+    stages = data.get("stages", {}) if isinstance(data, dict) else None
+    entry = stages.get(stage) if isinstance(stages, dict) else None
+    if stages is None or (entry is not None and not isinstance(entry, dict)):
+        raise DataError(f"{lock} does not hold DVC's stage records: " + _LOCK_FIX)
     rel = out_path.resolve().relative_to(root.resolve()).as_posix() if out_path.is_absolute() else out_path.as_posix()
-    for out in stages.get(stage, {}).get("outs", []):
-        if out.get("path") == rel:
-            return out.get("md5")
+    for out in (entry or {}).get("outs") or []:
+        if isinstance(out, dict) and out.get("path") == rel:
+            md5 = out.get("md5")
+            # DVC's md5 of a folder ends in ".dir": without it, a cut may have taken it off.
+            form = _DIR_MD5 if out_path.is_dir() else _MD5
+            if md5 is not None and not (isinstance(md5, str) and form.fullmatch(md5)):
+                raise DataError(f"{lock} records md5 {md5!r} for {rel}, which is no md5: " + _LOCK_FIX)
+            return md5
     return None
+
+
+_MD5 = re.compile(r"[0-9a-f]{32}")
+_DIR_MD5 = re.compile(r"[0-9a-f]{32}\.dir")
+_LOCK_FIX = ("it is truncated or corrupt. Restore it with `git checkout dvc.lock`, or delete it and run "
+             "`dvc repro` (or `dvc commit`) to record the stages again.")
 
 
 def tree_sha256(folder: Path) -> str:

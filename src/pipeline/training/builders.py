@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import to_container
 from pipeline.data.batches import ArrayDataModule, channel_stats
+from pipeline.training.checkpoint_io import AtomicCheckpointIO
 from pipeline.training.module import Classifier
 
 
@@ -59,4 +60,22 @@ def build_trainer(trainer: DictConfig, callbacks: Sequence[Callback], *, root_di
                   enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
                   num_sanity_val_steps=0, default_root_dir=str(root_dir))
     kwargs.update(overrides)
+    if not _has_checkpoint_io(kwargs):  # checkpoints replace their previous file atomically
+        kwargs["plugins"] = [*_as_list(kwargs.get("plugins")), AtomicCheckpointIO()]
     return L.Trainer(**kwargs)
+
+
+def _as_list(plugins: Any) -> list:
+    if plugins is None:
+        return []
+    return list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+
+
+def _has_checkpoint_io(kwargs: dict[str, Any]) -> bool:
+    """Whether the caller chose a CheckpointIO itself (Lightning refuses two): as a plugin, or
+    on a strategy object it passed."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    strategy = kwargs.get("strategy")
+    return (any(isinstance(p, CheckpointIO) for p in _as_list(kwargs.get("plugins")))
+            or getattr(strategy, "_checkpoint_io", None) is not None)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.batches import IGNORE_INDEX
+from pipeline.errors import DataError
 from pipeline.models import create_model
 from pipeline.models.checkpoints import refusals_explained
 from pipeline.models.init import init_weights
@@ -199,4 +200,12 @@ def load_classifier(path: Path | str) -> Classifier:
     """The Classifier saved in checkpoint `path`, on the CPU, unpickled weights-only (see
     `pipeline.models.checkpoints`): a checkpoint replaced by someone else cannot run code."""
     with refusals_explained(path):
-        return Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        try:
+            return Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        except (EOFError, RuntimeError) as err:
+            # torch's zip reader on a cut-short or overwritten file; other RuntimeErrors are bugs.
+            if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+                raise
+            raise DataError(f"{path} is not a readable checkpoint ({' '.join(str(err).split())[:200]}): it is "
+                            "truncated or corrupt. Train again to rewrite it (`dvc repro train`, or "
+                            "`dvc checkout` to restore the recorded one).") from err

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import plain
 from pipeline.errors import STOPPED
+from pipeline.files import write_text, write_with
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.training.metrics import LEARNING_CURVES, file_key, file_row
 from pipeline.tuning.plan import Plan
@@ -131,24 +132,23 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
     # With tune.cv a trial's score is the mean over its folds, and it counts folds, not epochs.
     columns = ([f"cv_{metric}", "last_fold", "folds"] if plan.tune.get("cv")
                else [f"best_{metric}", "best_epoch", "epochs"])
-    with (out / "trials.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial_id", "status", *keys, *columns, "diverged",
-                         "stop_reason", "failures", "node", "mlflow_run_id"])
-        for t in outcome.trials:
-            writer.writerow([t["trial_id"], t["status"], *(plain(t["config"].get(k, "")) for k in keys),
-                             t["value"], t["epoch"], t["epochs"], int(t["diverged"]), t["stop_reason"],
-                             t["failures"], t["node"], t["run_id"]])
-    (out / "curves.json").write_text(json.dumps([file_row(c) for c in outcome.curves], indent=1) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["trial_id", "status", *keys, *columns, "diverged",
+                     "stop_reason", "failures", "node", "mlflow_run_id"])
+    for t in outcome.trials:
+        writer.writerow([t["trial_id"], t["status"], *(plain(t["config"].get(k, "")) for k in keys),
+                         t["value"], t["epoch"], t["epochs"], int(t["diverged"]), t["stop_reason"],
+                         t["failures"], t["node"], t["run_id"]])
+    write_text(out / "trials.csv", table.getvalue())
+    write_text(out / "curves.json", json.dumps([file_row(c) for c in outcome.curves], indent=1) + "\n")
     curves_png(outcome, plan.tune["metric"], out / "curves.png", plan.step_key)
     best_file = out / "best.yaml"
     if outcome.best is not None and final:
         header = ("# The best trial of the last sweep (pipeline tune / the DVC tune stage). The train\n"
                   "# stage applies `overrides` (group keys take their block from `config`) when tune.use_best.\n")
         # Whole or not at all (a driver killed while writing): the train stage reads it.
-        partial = best_file.with_name(f".{best_file.name}.partial")
-        partial.write_text(header + yaml.safe_dump(plain(outcome.best), sort_keys=False))
-        os.replace(partial, best_file)
+        write_text(best_file, header + yaml.safe_dump(plain(outcome.best), sort_keys=False))
     else:
         best_file.unlink(missing_ok=True)
 
@@ -174,8 +174,10 @@ def curves_png(outcome: Outcome, metric: str, path: Path, step_key: str = "epoch
     if ax.lines:  # every trial diverged: nothing to draw
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_with(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
