@@ -5,6 +5,7 @@ SQLite store and into one server. ("Unreachable at start" is in test_tracking_se
 
 What was lost is counted in the store after the fact: every epoch the run's local curves
 (`plots/train_curves.json`) hold must be a step of each metric's history on the server.
+Two quick ones at the end pin what `TrackedRun` holds back and what it raises.
 """
 
 from __future__ import annotations
@@ -255,3 +256,20 @@ def test_a_server_gone_for_good_costs_a_warning_not_the_run(monkeypatch: pytest.
             "6 metric values (steps 0-2), 1 artifact, 1 tag") in said
     assert "stays RUNNING" in said and "(FINISHED)" in said
     assert len(run.held) == 5  # kept, in order, for as long as the process lives
+
+
+def test_a_refused_call_is_raised_once_and_the_run_still_ends(tmp_path: Path):
+    """Only an outage is held: an error the store answers with is the caller's, and the run
+    still ends FAILED (the failed call is not sent again ahead of the end)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking.mlflow_run import TrackedRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(MlflowException, match="Changing param values is not allowed"):
+        with TrackedRun.start(tracking_uri=uri, experiment="refused") as run:
+            run.log_params({"lr": 0.1})
+            run.log_params({"lr": 0.2})
+    assert run.held == []
+    ended = MlflowClient(uri).get_run(run.run_id)
+    assert ended.info.status == "FAILED" and "Changing param values" in ended.data.tags["error"]

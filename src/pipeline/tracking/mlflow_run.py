@@ -209,6 +209,7 @@ class TrackedRun:
                 self.held.pop(0)
         except MlflowException as err:
             if not self._is_outage(err):
+                self.held.pop(0)  # refused, not kept out: the caller's error, once; the calls behind it go on
                 raise
             if not self.server_away:
                 log.warning("The MLflow tracking server %s cannot be reached (%s). Training goes on; what run %s "
