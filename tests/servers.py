@@ -57,22 +57,23 @@ class MlflowServer:
     url: str
     artifacts: Path
     root: Path
+    proc: subprocess.Popen
 
 
 @contextmanager
 def mlflow_server(root: Path, backend_store_uri: str, *, env: Mapping[str, str] = (),
-                  args: Sequence[str] = ()) -> Iterator[MlflowServer]:
+                  args: Sequence[str] = (), port: int | None = None) -> Iterator[MlflowServer]:
     """A real `mlflow server` on 127.0.0.1, proxying artifacts into `root/server-artifacts`.
 
     `env` adds to the server's environment (secrets go here, never on its command line) and
     `args` to its options (`--app-name basic-auth`). MLflow 3's security middleware accepts
     the Host 127.0.0.1 without `--allowed-hosts`. `--workers 1` and no job runner keep it to
-    two processes.
+    two processes. `port` (default: a free one) lets a test restart a server where it was.
     """
     artifacts = root / "server-artifacts"
     executable = Path(sys.executable).parent / "mlflow"
     assert executable.exists(), f"no mlflow script beside {sys.executable}"
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     # The server authenticates nobody with the test's own client settings.
     server_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
@@ -81,14 +82,14 @@ def mlflow_server(root: Path, backend_store_uri: str, *, env: Mapping[str, str] 
     server_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     server_env.update(env)
     log_path = root / "server.log"
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:  # a restarted server adds to its log
         proc = subprocess.Popen(
             [str(executable), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts), *args],
             cwd=root, env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_healthy(url, proc, log_path)
-            yield MlflowServer(url=url, artifacts=artifacts, root=root)
+            yield MlflowServer(url=url, artifacts=artifacts, root=root, proc=proc)
         finally:
             stop(proc)
 

@@ -8,18 +8,25 @@ mlflow is imported where it is used: it costs over a second to import, and a Ray
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import STOPPED, ConfigError
 
 if TYPE_CHECKING:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 BATCH = 100  # MLflow's limit on params (and tags) per log_batch call
 METRIC_BATCH = 1000  # and on metrics
+PROBE_TIMEOUT_S = 5  # one request, no retries: is the server back?
+INCOMPLETE_TAG = "tracking.incomplete"
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -67,21 +74,74 @@ def get_experiment_id(client: MlflowClient, name: str, artifact_location: str | 
         return experiment.experiment_id
 
 
+def open_client(tracking_uri: str) -> MlflowClient:
+    """An `MlflowClient` on `tracking_uri`, its store opened (and created) one process at a time.
+
+    The client opens its store at once, and on a SQLite file that does not exist yet, that
+    creates every table and runs MLflow's migrations. Processes started together on a new
+    project (`pipeline train` in a shell loop, a queue of `dvc exp run`) each found the file
+    missing or half-migrated and failed ("table ... already exists", "duplicate column").
+    Once the store exists, opening it only reads and SQLite's own locking is enough.
+    """
+    from mlflow.tracking import MlflowClient
+
+    with _store_creation_lock(tracking_uri):
+        return MlflowClient(tracking_uri)
+
+
+@contextmanager
+def _store_creation_lock(uri: str) -> Iterator[None]:
+    """An exclusive `flock` on a SQLite store's folder (other stores: nothing to hold).
+
+    The folder, not the database file: SQLite's own POSIX locks on the file are all dropped
+    when any descriptor of it in the process is closed, so we must not open it ourselves; and
+    a lock file would be one more file in the project.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    import fcntl
+    import os
+
+    folder = Path(uri[len(prefix):].split("?", 1)[0]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class TrackedRun:
     """A handle on one MLflow run with batched logging; use as a context manager so any
     exception ends the run FAILED (a stop signal, SIGINT or SIGTERM: KILLED) instead of
-    leaving it RUNNING."""
+    leaving it RUNNING.
+
+    A tracking server that goes away mid-run does not stop training. MLflow's client retries
+    each request (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, 7 by default, with exponential backoff:
+    about four minutes), so a restart within that time costs only the wait. What a longer
+    outage keeps out is held here and sent, in order, when the server is back: neither
+    dropped nor raised. Raising would end a training run whose checkpoints and curves are
+    safe on local disk, for the sake of a few numbers per epoch; dropping would leave a
+    silent gap. While the server is away each new call costs one quick request to see
+    whether it is back (not four more minutes of retries). Held metrics keep their steps and
+    times, and re-sending a batch that had in fact landed adds nothing (the store drops
+    identical values). If the server is still away when the run ends, a warning says what
+    the run lacks, and a `tracking.incomplete` tag too if the server can be told.
+    """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
+        self.held: list[tuple[str, Any]] = []  # calls an outage kept from the server, in order
+        self.server_away = False
 
     @classmethod
     def start(cls, *, tracking_uri: str, experiment: str, artifact_location: str | None = None,
               run_name: str | None = None, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None, start_time: int | None = None) -> TrackedRun:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
+        client = open_client(tracking_uri)
         experiment_id = get_experiment_id(client, experiment, artifact_location)
         tags = dict(tags or {})
         if parent_run_id:
@@ -91,9 +151,7 @@ class TrackedRun:
 
     @classmethod
     def resume(cls, *, tracking_uri: str, run_id: str) -> TrackedRun:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
+        client = open_client(tracking_uri)
         client.update_run(run_id, status="RUNNING")
         return cls(client, run_id)
 
@@ -104,7 +162,7 @@ class TrackedRun:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        self._log_batches("params", [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()])
+        self._send("params", [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, *, timestamp: int | None = None) -> None:
         import time
@@ -112,30 +170,108 @@ class TrackedRun:
         from mlflow.entities import Metric
 
         now = timestamp or int(time.time() * 1000)
-        self._log_batches("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()],
-                          METRIC_BATCH)
+        self._send("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self._log_batches("tags", [RunTag(k, str(v)) for k, v in tags.items()])
-
-    def _log_batches(self, kind: str, items: list, size: int = BATCH) -> None:
-        """``log_batch`` in chunks MLflow accepts (``kind``: params, metrics or tags)."""
-        for i in range(0, len(items), size):
-            self.client.log_batch(self.run_id, **{kind: items[i : i + size]})
+        self._send("tags", [RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send("artifact", (str(path), artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._send("text", (text, artifact_file))
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2), artifact_file)
 
+    def _send(self, kind: str, payload: Any) -> None:
+        """Queue one call (metrics, params, tags: a list; artifact, text: arguments) behind any
+        an outage holds, and send what the queue holds."""
+        self.held.append((kind, payload))
+        self._flush(quick=True)
+
+    def _flush(self, *, quick: bool) -> bool:
+        """Send the held calls in order; False if the tracking server is unreachable (the rest
+        stay held). `quick`: while the server is known to be away, ask once whether it is back
+        rather than wait out MLflow's retries again."""
+        if not self.held:
+            return True
+        if quick and self.server_away and not self._server_answers():
+            return False
+        from mlflow.exceptions import MlflowException
+
+        what = _missing(self.held)
+        try:
+            while self.held:
+                self._call(*self.held[0])
+                self.held.pop(0)
+        except MlflowException as err:
+            if not self._is_outage(err):
+                self.held.pop(0)  # refused, not kept out: the caller's error, once; the calls behind it go on
+                raise
+            if not self.server_away:
+                log.warning("The MLflow tracking server %s cannot be reached (%s). Training goes on; what run %s "
+                            "logs is kept until the server is back.", self.tracking_uri, _cause(err.message),
+                            self.run_id)
+            self.server_away = True
+            return False
+        if self.server_away:
+            log.warning("The MLflow tracking server %s is back: logged the %s that run %s held meanwhile.",
+                        self.tracking_uri, what, self.run_id)
+        self.server_away = False
+        return True
+
+    def _call(self, kind: str, payload: Any) -> None:
+        if kind == "artifact":
+            self.client.log_artifact(self.run_id, *payload)
+        elif kind == "text":
+            self.client.log_text(self.run_id, *payload)
+        else:  # log_batch, in chunks MLflow accepts
+            size = METRIC_BATCH if kind == "metrics" else BATCH
+            for i in range(0, len(payload), size):
+                self.client.log_batch(self.run_id, **{kind: payload[i : i + size]})
+
+    def _is_outage(self, err: MlflowException) -> bool:
+        """A request to a tracking server that got no answer after MLflow's retries (refused,
+        reset, timed out, or 5xx to the end). A server that answered with an error (a
+        `RestException`: bad value, no permission) is a real error, and so is any error of a
+        local store."""
+        from mlflow.exceptions import RestException
+
+        return self.tracking_uri.startswith(("http://", "https://")) and not isinstance(err, RestException)
+
+    def _server_answers(self) -> bool:
+        """One request, no retries: does the tracking server answer at all (any HTTP status)?"""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        try:
+            http_request(get_default_host_creds(self.tracking_uri), "/api/2.0/mlflow/runs/get", "GET",
+                         max_retries=0, timeout=PROBE_TIMEOUT_S, params={"run_id": self.run_id})
+        except MlflowException:
+            return False
+        return True
+
     def finish(self, status: str = "FINISHED", *, end_time: int | None = None) -> None:
-        self.client.set_terminated(self.run_id, status=status, end_time=end_time)
+        """End the run with `status`, after sending whatever an outage held (with MLflow's full
+        retries: the last chance). If the server is still away, say what it lacks and leave
+        the run as it is: each further request would wait out the retries again, and the
+        task's local outputs are complete."""
+        if self._flush(quick=False):
+            self.client.set_terminated(self.run_id, status=status, end_time=end_time)
+            return
+        note = _missing(self.held)
+        log.warning("Run %s on %s is incomplete: the tracking server could not be reached to log %s. The run's "
+                    "local outputs (metrics/train.json, plots/) have them all.", self.run_id, self.tracking_uri, note)
+        if self._server_answers():  # back just now: mark the gap, then end the run
+            self.client.set_tag(self.run_id, INCOMPLETE_TAG, f"not logged: {note}")
+            self.client.set_terminated(self.run_id, status=status, end_time=end_time)
+        else:
+            log.warning("Run %s stays RUNNING on %s: the server could not be told it ended (%s).", self.run_id,
+                        self.tracking_uri, status)
 
     def __enter__(self) -> TrackedRun:
         return self
@@ -148,3 +284,22 @@ class TrackedRun:
             self.finish("KILLED" if issubclass(exc_type, STOPPED) else "FAILED")
 
 
+def _cause(message: str) -> str:
+    # MLflow's "API request to ... failed with exception HTTPConnectionPool(...): Max retries
+    # exceeded ... (Caused by NewConnectionError(...: [Errno 111] Connection refused))".
+    return message.rsplit(": ", 1)[-1].rstrip(")\"'") if "Caused by" in message else message[:300]
+
+
+def _missing(held: list[tuple[str, Any]]) -> str:
+    """What held calls would log, for a person: '12 metric values (steps 3-5), 1 artifact'."""
+    counts: dict[str, int] = {}
+    steps: set[int] = set()
+    for kind, payload in held:
+        if kind == "metrics":
+            steps |= {m.step for m in payload}
+        name = {"metrics": "metric value", "params": "param", "tags": "tag"}.get(kind, "artifact")
+        counts[name] = counts.get(name, 0) + (len(payload) if kind in ("metrics", "params", "tags") else 1)
+    parts = [f"{n} {name}{'s' if n != 1 else ''}" + (f" (steps {min(steps)}-{max(steps)})" if steps and
+                                                      name == "metric value" else "")
+             for name, n in counts.items()]
+    return ", ".join(parts)

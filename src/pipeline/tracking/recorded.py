@@ -71,8 +71,10 @@ class RecordedRun(TrackedRun):
     def replay(self, target: Mapping[str, Any]) -> TrackedRun:
         """Write the recorded run into the store `target` (`tracking_target`); returns it, ended."""
         run = TrackedRun.start(**target, **self.start_args)
-        try:
-            with tempfile.TemporaryDirectory(prefix="recorded-run-") as folder:
+        # The folder lasts until the run has ended: while its server is away, a run holds
+        # artifacts by path and sends them when it can (at the latest, as it ends).
+        with tempfile.TemporaryDirectory(prefix="recorded-run-") as folder:
+            try:
                 for i, (name, args) in enumerate(self.calls):
                     if name == "log_artifact":
                         filename, content, artifact_path = args
@@ -85,9 +87,9 @@ class RecordedRun(TrackedRun):
                         run.log_metrics(metrics, step, timestamp=timestamp)
                     else:
                         getattr(run, name)(*args)
-        except BaseException:
-            run.finish("FAILED")
-            raise
-        # A record that never ended did not end well (its worker returned without finishing).
-        run.finish(self.status or "KILLED", end_time=self.end_time)
+            except BaseException:
+                run.finish("FAILED")
+                raise
+            # A record that never ended did not end well (its worker returned without finishing).
+            run.finish(self.status or "KILLED", end_time=self.end_time)
         return run

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tracking.mlflow_run import TrackedRun, open_client
 from pipeline.training.metrics import EPOCH_METRICS
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ class SweepRuns:
         write_text(self.map_path, json.dumps(self.ids, indent=2))
 
     def _run(self, run_id: str) -> TrackedRun:
-        from mlflow.tracking import MlflowClient
-
-        return TrackedRun(MlflowClient(self.target["tracking_uri"]), run_id)
+        return TrackedRun(open_client(self.target["tracking_uri"]), run_id)
 
     @property
     def parent(self) -> TrackedRun | None:
