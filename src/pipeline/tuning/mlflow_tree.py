@@ -101,9 +101,7 @@ class SweepRuns:
         `ray_experiment` tag) that a driver killed between creating and recording them left
         out, so that the resumed sweep reopens them instead of starting duplicates. Returns
         the trial ids of the children taken in."""
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(self.target["tracking_uri"])
+        client = open_client(self.target["tracking_uri"])
         found = client.get_experiment_by_name(self.target["experiment"])
         if found is None or "'" in experiment:  # no store yet; or a path MLflow's filter cannot quote
             return []
