@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import STOPPED, ConfigError
+from pipeline.tracking.liveness import process_tags, reap_gone_runs
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -82,8 +83,9 @@ class TrackedRun:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
+        reap_gone_runs(client)
         experiment_id = get_experiment_id(client, experiment, artifact_location)
-        tags = dict(tags or {})
+        tags = {**(tags or {}), **process_tags()}  # so that the next command can tell if we died
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=tags)
@@ -94,8 +96,11 @@ class TrackedRun:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
+        reap_gone_runs(client)
+        run = cls(client, run_id)
+        run.set_tags(process_tags())  # this process writes it now: before RUNNING, or it could be reaped
         client.update_run(run_id, status="RUNNING")
-        return cls(client, run_id)
+        return run
 
     @property
     def tracking_uri(self) -> str:
