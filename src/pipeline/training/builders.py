@@ -7,13 +7,16 @@ architecture's arguments come from `pipeline.validation.model_args`, a layer up.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from pipeline.config import to_container
@@ -47,6 +50,30 @@ def build_module(arch: str, arch_kwargs: dict[str, Any], *, mean: list[float], s
                       augment_seed=seed)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their final name, then renamed onto it: a process killed
+    mid-write (SIGKILL, a full disk) leaves the previous `last.ckpt` whole, never a truncated
+    one. Lightning's own save goes through a temporary file in $TMPDIR, which is a copy, not a
+    rename, when $TMPDIR is another file system (a tmpfs /tmp), and is left behind by a kill."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's own transaction
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with partial.open("wb") as out:
+                torch.save(checkpoint, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
 def build_trainer(trainer: DictConfig, callbacks: Sequence[Callback], *, root_dir: str | Path,
                   **overrides: Any) -> L.Trainer:
     """A Trainer as the `trainer` section says, logging nowhere (`EpochRecorder` writes the
@@ -57,6 +84,6 @@ def build_trainer(trainer: DictConfig, callbacks: Sequence[Callback], *, root_di
     kwargs.update(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
                   deterministic=t.deterministic, callbacks=list(callbacks), logger=False,
                   enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
-                  num_sanity_val_steps=0, default_root_dir=str(root_dir))
+                  num_sanity_val_steps=0, default_root_dir=str(root_dir), plugins=[AtomicCheckpointIO()])
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
