@@ -189,3 +189,20 @@ def test_jobs_of_many_models_refuse_a_resume(cfg_factory, tmp_path: Path, job: s
     cfg = cfg_factory(["model=mlp", f"trainer.resume_from={tmp_path / 'last.ckpt'}"])
     with pytest.raises(PipelineError, match=f"{job} trains every model from scratch"):
         {"tune": tune, "cv": cross_validate}[run](cfg)
+
+
+class _Unsaveable:
+    def __reduce__(self):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tmp_path: Path):
+    from pipeline.training.builders import AtomicCheckpointIO
+
+    last = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1, "weight": torch.ones(1000)}, last)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"epoch": 2, "weight": torch.ones(1000), "then": _Unsaveable()}, last)
+    assert load_file(last)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left beside it
