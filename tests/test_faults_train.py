@@ -129,6 +129,14 @@ def test_pipeline_train_killed_then_resumed(tmp_path: Path, observe):
     [resumed_dir] = set(killed.glob("outputs/*/*")) - {run_dir}
     curves_file = json.loads((resumed_dir / "plots" / "train_curves.json").read_text())
     assert [r["epoch"] for r in curves_file] == list(range(EPOCHS))
+    # The same best epoch, and best.ckpt the same model: the same test figures.
+    [straight_dir] = straight.glob("outputs/*/*")
+
+    def summary(folder: Path, name: str) -> dict:
+        return {k: v for k, v in json.loads((folder / "metrics" / name).read_text()).items() if k != "time"}
+
+    assert summary(resumed_dir, "train.json") == summary(straight_dir, "train.json")
+    assert summary(resumed_dir, "test.json") == summary(straight_dir, "test.json")
 
     outputs = ["models/best.ckpt", "models/last.ckpt", "metrics/train.json", "metrics/test.json",
                "plots/train_curves.json"]
