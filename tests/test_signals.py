@@ -185,7 +185,7 @@ def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status
     assert not list(run_dir.rglob("train.json")) and not list(run_dir.rglob("test.json"))
     assert "val/acc=" not in log.read_text()  # no summary printed either
     observe.saw(f"exit {exit_status}, run {statuses[0]}; last.ckpt (epoch {rows[-1]['epoch']}) loaded; "
-                f"{len(logged)} epochs in MLflow")
+                f"{len(logged)} epoch(s) in MLflow")
     lost = observe.lost(runs=statuses.count("RUNNING"),
                         metrics=len({r["epoch"] for r in rows} - logged),
                         outputs=sum(not (run_dir / "models" / f).exists() for f in ("config.yaml", "run.json")))
