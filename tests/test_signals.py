@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
@@ -57,9 +58,12 @@ def _run_statuses(db: Path) -> list[str]:
     return [status for (status,) in _query(db, "SELECT status FROM runs")]
 
 
-def _wait_for_an_epoch(db: Path, proc: subprocess.Popen, log: Path, timeout: float = 180, *, epochs: int = 1) -> None:
+def _wait_for_an_epoch(db: Path, proc: subprocess.Popen, log: Path, timeout: float = 180, *,
+                       checkpoint: str | None = None) -> None:
+    """Until an epoch is logged (and, with `checkpoint`, a glob from the store's folder, saved:
+    the checkpoint follows the epoch's metrics)."""
     deadline = time.monotonic() + timeout
-    while _epochs_logged(db) < epochs:
+    while _epochs_logged(db) < 1 or (checkpoint and not list(db.parent.glob(checkpoint))):
         assert proc.poll() is None, f"exited {proc.returncode} before an epoch:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
@@ -141,29 +145,51 @@ def test_train_raises_the_signal_lightning_caught(cfg_factory, store: str, signu
 
 # ---------------------------------------------------------------------------- real processes
 
+def _stopped_train(signum: int, status: int) -> pytest.MarkDecorator:
+    name = signal.Signals(signum).name
+    return pytest.mark.fault("1. Training process killed", fault=f"{name} mid-epoch to `pipeline train`",
+                             expected=f"exit {status}; run KILLED; last.ckpt loadable; no completion marks "
+                                      "(train.json, test.json, summary)")
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, status, said", [(signal.SIGTERM, 143, "terminated"),
-                                                  (signal.SIGINT, 130, "interrupted")])
-def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status: int, said: str):
+@pytest.mark.parametrize("signum, status, said", [
+    pytest.param(signal.SIGTERM, 143, "terminated", marks=_stopped_train(signal.SIGTERM, 143)),
+    pytest.param(signal.SIGINT, 130, "interrupted", marks=_stopped_train(signal.SIGINT, 130)),
+])
+def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status: int, said: str, observe):
+    from pipeline.training.module import load_classifier
+
     log = tmp_path / "train.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *LONG], cwd=tmp_path, env=project_env(),
                                 stdout=out, stderr=subprocess.STDOUT)
         try:
-            # An epoch's checkpoint is written after its metrics are logged, and a signal during
-            # the write discards it (the previous file stays): once epoch 1 is logged, epoch 0's is on disk.
-            _wait_for_an_epoch(tmp_path / "mlflow.db", proc, log, epochs=2)
+            _wait_for_an_epoch(tmp_path / "mlflow.db", proc, log, checkpoint="outputs/*/*/models/last.ckpt")
             proc.send_signal(signum)
-            assert proc.wait(timeout=60) == status, log.read_text()[-3000:]
+            exit_status = proc.wait(timeout=60)
+            assert exit_status == status, log.read_text()[-3000:]
         finally:
             proc.kill()
     assert said in log.read_text()
-    assert _run_statuses(tmp_path / "mlflow.db") == ["KILLED"]
+    statuses = _run_statuses(tmp_path / "mlflow.db")
+    assert statuses == ["KILLED"]
     [run_dir] = (tmp_path / "outputs").glob("*/*")
-    assert (run_dir / "models" / "last.ckpt").exists()  # progress, kept: not a mark of completion
+    last = run_dir / "models" / "last.ckpt"
+    # Progress, kept (not a mark of completion), and whole: it loads as a model, and holds the
+    # curve up to its epoch, every point of which reached the store.
+    load_classifier(last)
+    rows = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]["EpochRecorder"]["rows"]
+    logged = {step for (step,) in _query(tmp_path / "mlflow.db", "SELECT step FROM metrics WHERE key = 'val/acc'")}
     assert not list(run_dir.rglob("train.json")) and not list(run_dir.rglob("test.json"))
     assert "val/acc=" not in log.read_text()  # no summary printed either
+    observe.saw(f"exit {exit_status}, run {statuses[0]}; last.ckpt (epoch {rows[-1]['epoch']}) loaded; "
+                f"{len(logged)} epoch(s) in MLflow")
+    lost = observe.lost(runs=statuses.count("RUNNING"),
+                        metrics=len({r["epoch"] for r in rows} - logged),
+                        outputs=sum(not (run_dir / "models" / f).exists() for f in ("config.yaml", "run.json")))
+    assert lost == {"runs": 0, "metrics": 0, "checkpoints": 0, "outputs": 0}
 
 
 @pytest.mark.integration
@@ -217,35 +243,78 @@ def _dvc_project(dest: Path) -> Path:
     return dest
 
 
+def _dvc_fault(scenario: str, fault: str, expected: str) -> pytest.MarkDecorator:
+    return pytest.mark.fault(scenario, fault=fault, expected=expected)
+
+
+_REPRO_AGAIN = ("the next `dvc repro` reuses fetch and split and completes; dvc.lock untouched until then; "
+                "no lock left that blocks it")
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 # DVC runs a stage through $SHELL, or /bin/sh when it is unset (as on CI): bash replaces itself
 # by the command, while dash stays between DVC and the stage, so the stage's parent outlives DVC.
-@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
-def test_dvc_repro_terminated_during_train_records_nothing(tmp_path: Path, shell: str):
+# "dvc": the signal to DVC alone, as `kill` or `timeout` send it: DVC dies without passing it on,
+# and the stage must notice. "stage": SIGKILL to the train stage's process (the OOM killer).
+@pytest.mark.parametrize("signum, target, shell", [
+    pytest.param(signal.SIGTERM, "dvc", "/bin/sh", marks=_dvc_fault(
+        "2. `dvc repro` killed", "SIGTERM to `dvc repro` during train",
+        f"the train stage ends too, its run KILLED; {_REPRO_AGAIN}"), id="SIGTERM-dvc-sh"),
+    pytest.param(signal.SIGTERM, "dvc", "/bin/bash", id="SIGTERM-dvc-bash"),
+    pytest.param(signal.SIGKILL, "dvc", "/bin/sh", marks=_dvc_fault(
+        "2. `dvc repro` killed", "SIGKILL to `dvc repro` during train",
+        f"the train stage ends too, its run KILLED; {_REPRO_AGAIN}"), id="SIGKILL-dvc-sh"),
+    pytest.param(signal.SIGKILL, "stage", "/bin/sh", marks=_dvc_fault(
+        "1. Training process killed", "SIGKILL mid-epoch to the `train` DVC stage",
+        f"dvc repro fails; the next command marks the run KILLED (process gone); last.ckpt loadable; "
+        f"{_REPRO_AGAIN}"), id="SIGKILL-stage-sh"),
+])
+def test_dvc_repro_stopped_during_train_records_nothing(tmp_path: Path, signum: int, target: str, shell: str,
+                                                        observe):
     import psutil
 
+    from pipeline.tracking.liveness import ENDED_TAG, GONE
+    from pipeline.training.module import load_classifier
+
     project = _dvc_project(tmp_path / "project")
+    db = project / "mlflow.db"
     log = tmp_path / "repro.log"
     with log.open("w") as out:
         dvc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env={**project_env(), "SHELL": shell},
                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_for_an_epoch(project / "mlflow.db", dvc, log)
+            _wait_for_an_epoch(db, dvc, log, checkpoint="models/last.ckpt")
             stage = psutil.Process(dvc.pid).children(recursive=True)
-            # SIGTERM to DVC alone, as `kill` or `timeout` send it: DVC dies without passing it on.
-            dvc.send_signal(signal.SIGTERM)
-            assert dvc.wait(timeout=60) != 0
+            locked = (project / "dvc.lock").read_bytes()  # fetch and split, recorded before train began
+            finished = {p: p.stat().st_mtime_ns for p in (project / "data").rglob("*") if p.is_file()}
+            if target == "dvc":
+                dvc.send_signal(signum)
+                assert dvc.wait(timeout=60) != 0
+            else:
+                [trainer] = [p for p in stage if "pipeline.cli.stages" in p.cmdline()]  # not the shell around it
+                trainer.send_signal(signum)
+                assert dvc.wait(timeout=120) != 0, log.read_text()[-3000:]
             gone, alive = psutil.wait_procs(stage, timeout=30)
             assert not alive, f"the train stage outlived DVC: {alive}"
         finally:
             with contextlib.suppress(ProcessLookupError):  # DVC's group: the stage, if it outlived DVC
                 os.killpg(dvc.pid, signal.SIGKILL)
     assert "Running stage 'train'" in log.read_text()
-    assert _run_statuses(project / "mlflow.db") == ["KILLED"]
+    left = _run_statuses(db)
+    # The stage ends its own run when it can; after SIGKILL only the next command can.
+    assert left == (["RUNNING"] if target == "stage" else ["KILLED"])
     assert not (project / "metrics" / "train.json").exists()
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert (project / "dvc.lock").read_bytes() == locked
+    lock = yaml.safe_load(locked)["stages"]
     assert "train" not in lock and {"fetch", "split"} <= set(lock)
+    load_classifier(project / "models" / "last.ckpt")
+    # DVC's own record of who holds what (its pid and command, per path): a killed DVC leaves
+    # its entries, which the next DVC drops once it sees that pid gone.
+    rwlock = project / ".dvc" / "tmp" / "rwlock"
+    holders = {info["pid"] for infos in json.loads(rwlock.read_text() or "{}").get("write", {}).values()
+               for info in (infos if isinstance(infos, list) else [infos])} if rwlock.exists() else set()
+    stale = dvc.pid in holders
 
     # Nothing left behind blocks DVC: status reads, and repro runs the train stage again.
     def dvc_ok(*args: str) -> str:
@@ -258,6 +327,21 @@ def test_dvc_repro_terminated_during_train_records_nothing(tmp_path: Path, shell
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["trainer"]["max_epochs"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc_ok("repro")
+    again = dvc_ok("repro")
+    assert "Stage 'fetch' didn't change, skipping" in again and "Stage 'split' didn't change, skipping" in again
+    if stale:
+        assert "had been killed. Auto removed it from the lock file." in again
+    rerun = [p for p, mtime in finished.items() if not p.exists() or p.stat().st_mtime_ns != mtime]
+    assert not rerun
     assert "train" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert sorted(_run_statuses(project / "mlflow.db")) == ["FINISHED", "KILLED"]
+    runs = _query(db, "SELECT r.status, t.value FROM runs r LEFT JOIN tags t ON t.run_uuid = r.run_uuid "
+                      f"AND t.key = '{ENDED_TAG}' ORDER BY r.start_time")
+    assert runs == [("KILLED", GONE if target == "stage" else None), ("FINISHED", None)]
+    code = 128 - dvc.returncode if dvc.returncode < 0 else dvc.returncode
+    observe.saw(f"dvc repro exit {code}; run {left[0]} after the fault, {runs[0][0]} after the next repro"
+                + (f" ({ENDED_TAG}={GONE})" if runs[0][1] else ""))
+    observe.saw("dvc.lock untouched; last.ckpt loaded; " + ("DVC's stale rwlock entry dropped by the next DVC; "
+                                                            if stale else "no stale rwlock entry; ")
+                + "fetch and split reused")
+    lost = observe.lost(runs=sum(status == "RUNNING" for status, _ in runs), outputs=len(rerun))
+    assert lost == {"runs": 0, "metrics": 0, "checkpoints": 0, "outputs": 0}

@@ -11,6 +11,7 @@ regularizer entry checks its key), so a new option is validated by the same code
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -62,6 +63,7 @@ def validate(cfg: DictConfig) -> None:
 
     check_number(cfg, "trainer.max_epochs", integer=True, low=1)
     check_number(cfg, "trainer.gradient_clip_val", low=0, low_open=True, optional=True)
+    _check_resume(cfg)
 
     check_bool(cfg, "cv.parallel")
     check_number(cfg, "cv.cpus_per_fold", integer=True, low=1)
@@ -94,6 +96,26 @@ def validate(cfg: DictConfig) -> None:
     _validate_model(cfg)
     validate_optimizer(dict(cfg.optimizer))
     validate_scheduler(dict(cfg.scheduler), max_epochs=cfg.trainer.max_epochs)
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """`trainer.resume_from` names an existing file (relative paths: from the working directory)."""
+    resume = cfg.trainer.get("resume_from")
+    if resume is None:
+        return
+    if not isinstance(resume, str) or not resume:
+        raise ConfigError(f"trainer.resume_from must be the path of a checkpoint file, got {resume!r}.")
+    if not Path(resume).expanduser().is_file():
+        raise ConfigError(f"trainer.resume_from={resume!r}: no such file. Give the checkpoint of a stopped run, "
+                          "e.g. outputs/<date>/<time>/models/last.ckpt, or drop the override to train from scratch.")
+
+
+def refuse_resume(cfg: DictConfig, job: str) -> None:
+    """Jobs that train many models (sweeps, cross-validation, comparisons) start each from
+    scratch: `trainer.resume_from` belongs to one `pipeline train` run."""
+    if cfg.trainer.get("resume_from") is not None:
+        raise ConfigError(f"trainer.resume_from continues one `pipeline train` run; {job} trains every model from "
+                          "scratch: drop the override.")
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -136,7 +158,11 @@ def prepare(cfg: DictConfig) -> DictConfig:
         raise ConfigError(str(err)) from err
     cfg = _complete_regularizer(cfg)
     validate(cfg)
-    return resolve_paths(cfg)
+    cfg = resolve_paths(cfg)
+    if cfg.trainer.get("resume_from") is not None:
+        with open_dict(cfg):
+            cfg.trainer.resume_from = str(Path(cfg.trainer.resume_from).expanduser().resolve())
+    return cfg
 
 
 def _complete_regularizer(cfg: DictConfig) -> DictConfig:

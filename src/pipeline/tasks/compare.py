@@ -31,7 +31,7 @@ from pipeline.tasks.common import write_json
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.server import check_tracking
 from pipeline.tuning.space import GROUPS, apply_overrides, compose_block
-from pipeline.validation import prepare
+from pipeline.validation import prepare, refuse_resume
 
 
 def alternatives(grid: list[dict[str, list]] | dict[str, list]) -> list[dict[str, Any]]:
@@ -71,6 +71,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     from pipeline.tasks.cv import cross_validate
 
     cfg = prepare(cfg)
+    refuse_resume(cfg, "a comparison")
     check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     alts = alternatives(OmegaConf.to_container(cfg.compare.grid))

@@ -31,7 +31,7 @@ from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
 from pipeline.training.metrics import file_row
-from pipeline.validation import prepare
+from pipeline.validation import prepare, refuse_resume
 
 # Metrics aggregated over folds (what each fold's train + evaluate return).
 CV_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro")
@@ -137,6 +137,7 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
     e.g. a comparison's run, when given).
     """
     cfg = prepare(cfg)
+    refuse_resume(cfg, "cross-validation")
     check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     folds = list(range(cfg.data.split.folds))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,9 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import flatten, to_container
 from pipeline.data.batches import ArrayDataModule
+from pipeline.errors import ConfigError
 from pipeline.files import write_text, write_with
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
+from pipeline.models.checkpoints import load_file
 from pipeline.models.transfer import freeze, load_state, transfer_weights
 from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
@@ -25,7 +28,7 @@ from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
 from pipeline.training.builders import build_datamodule, build_module, build_trainer, input_stats
-from pipeline.training.callbacks import BestCheckpoint, EpochRecorder
+from pipeline.training.callbacks import BestCheckpoint, EpochRecorder, RandomState
 from pipeline.training.fit import fit
 from pipeline.training.metrics import file_row
 from pipeline.training.module import Classifier
@@ -42,7 +45,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     Writes `models/{best,last}.ckpt`, `models/run.json`, `metrics/train.json` and the
     per-epoch curves in `plots/`, and tracks everything in one MLflow run.
     `callbacks` are added to the Trainer's (a Ray Tune trial adds its reporter),
-    `ckpt_path` resumes from a Lightning checkpoint, and `trainer_kwargs` override
+    `ckpt_path` resumes from a Lightning checkpoint (else `trainer.resume_from`, checked
+    against the configured model first), and `trainer_kwargs` override
     Trainer arguments (a Ray Train worker passes its DDP strategy and environment).
     `figures=False` skips the learning-curve PNG (a Tune trial: ~0.5 s of matplotlib per
     trial, and the sweep draws all trials' curves in one figure anyway).
@@ -72,17 +76,25 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     input_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     size = {"model/params": count_parameters(module.net), "model/macs": count_macs(module.net, input_shape)}
     resolved = to_container(cfg)
+    resume_tags = {}
+    if ckpt_path is None and cfg.trainer.get("resume_from") is not None:
+        ckpt_path = _resumable(cfg.trainer.resume_from, module, layout)
+        resume_tags = {"resumed_from": ckpt_path}
     _start_outputs(layout, resolved, train_idx, val_idx)
 
-    run_tags = {**transfer_tags, **tuned_tags, **(run_tags or {})}
+    run_tags = {**transfer_tags, **tuned_tags, **resume_tags, **(run_tags or {})}
     run = _start_run(cfg, data.tags, parent_run_id, run_tags, record) if cfg.tracking.enabled else None
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
             _log_start(run, layout, resolved, module.hparams["arch"], size)
         recorder = EpochRecorder(run)
+        # Saved at the end of the epoch, after the recorder's row (Lightning runs checkpoint
+        # callbacks last), so a checkpoint holds the curves up to its own epoch: a run resumed
+        # from it repeats no epoch and misses none.
         checkpoint = BestCheckpoint(dirpath=layout.models, filename="best", monitor=cfg.optimized_metric, mode="max",
-                                     save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
-        cbs: list[Callback] = [recorder, checkpoint, *callbacks]
+                                    save_last=True, enable_version_counter=False, auto_insert_metric_name=False,
+                                    save_on_train_epoch_end=True)
+        cbs: list[Callback] = [recorder, checkpoint, RandomState(), *callbacks]
         cbs += module.regularizers.callbacks(monitor=cfg.optimized_metric, mode="max")  # e.g. early stopping
         trainer = build_trainer(cfg.trainer, cbs, root_dir=cfg.paths.out_dir, **(trainer_kwargs or {}))
         start = time.perf_counter()
@@ -112,6 +124,23 @@ def configured_module(cfg: DictConfig, dm: ArrayDataModule, *, num_classes: int)
     arch = args.pop("name")
     return build_module(arch, args, mean=mean, std=std, resize=cfg.data.resize, optimizer=cfg.optimizer,
                         scheduler=cfg.scheduler, regularizer=cfg.regularizer, init=cfg.init, seed=cfg.seed)
+
+
+def _resumable(path: str, module: Classifier, layout: Layout) -> str:
+    """`path` if it is a training checkpoint of the model `module` is (else a user error)."""
+    if Path(path) in (layout.last_ckpt, layout.best_ckpt):
+        raise ConfigError(f"trainer.resume_from={path} is this run's own output, which training replaces: copy it "
+                          "elsewhere and resume from the copy.")
+    saved = load_file(path)  # weights-only, as Lightning then reads it
+    if not isinstance(saved, dict) or "loops" not in saved or "state_dict" not in saved:
+        raise ConfigError(f"trainer.resume_from={path} is not a Lightning training checkpoint: give a run's "
+                          "models/last.ckpt (or best.ckpt).")
+    hparams, want = saved.get("hyper_parameters", {}), module.hparams
+    if (hparams.get("arch"), hparams.get("arch_kwargs")) != (want["arch"], want["arch_kwargs"]):
+        raise ConfigError(f"trainer.resume_from={path} holds a {hparams.get('arch')} {hparams.get('arch_kwargs')}, "
+                          f"but this config builds a {want['arch']} {want['arch_kwargs']}: resume with the overrides of "
+                          "the run that wrote the checkpoint.")
+    return path
 
 
 def _start_outputs(layout: Layout, resolved: dict, train_idx: np.ndarray, val_idx: np.ndarray) -> None:

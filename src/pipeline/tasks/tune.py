@@ -13,11 +13,13 @@ from pipeline.layout import Layout
 from pipeline.tasks.common import TrainingData, load_data
 from pipeline.tasks.train import train
 from pipeline.tuning.driver import run_sweep
+from pipeline.validation import refuse_resume
 
 
 def tune(cfg: DictConfig, *, trial_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run the configured sweep; returns the best trial's summary (`best.yaml` without the
     config). `trial_callbacks` are extra Lightning callbacks for every trial (picklable)."""
+    refuse_resume(cfg, "a sweep")
     # The tuning library sits below the tasks: it is handed the function each trial trains
     # with, and the one that reads the data they all train on.
     return run_sweep(cfg, train=train, load=_load, trial_callbacks=trial_callbacks)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import STOPPED, ConfigError
+from pipeline.tracking.liveness import process_tags, reap_gone_runs
 
 if TYPE_CHECKING:
     from mlflow.exceptions import MlflowException
@@ -142,8 +143,9 @@ class TrackedRun:
               run_name: str | None = None, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None, start_time: int | None = None) -> TrackedRun:
         client = open_client(tracking_uri)
+        reap_gone_runs(client)
         experiment_id = get_experiment_id(client, experiment, artifact_location)
-        tags = dict(tags or {})
+        tags = {**(tags or {}), **process_tags()}  # so that the next command can tell if we died
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=tags)
@@ -152,8 +154,11 @@ class TrackedRun:
     @classmethod
     def resume(cls, *, tracking_uri: str, run_id: str) -> TrackedRun:
         client = open_client(tracking_uri)
+        reap_gone_runs(client)
+        run = cls(client, run_id)
+        run.set_tags(process_tags())  # this process writes it now: before RUNNING, or it could be reaped
         client.update_run(run_id, status="RUNNING")
-        return cls(client, run_id)
+        return run
 
     @property
     def tracking_uri(self) -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
+import shutil
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -15,13 +18,25 @@ from pipeline.training.metrics import EPOCH_METRICS
 
 class EpochRecorder(Callback):
     """Collects each epoch's metrics as a row (for `dvc plots`), logs them to MLflow in one
-    batch, and stops training if the loss is no longer finite."""
+    batch, and stops training if the loss is no longer finite. The rows travel in checkpoints,
+    so a run resumed from one has the whole curve (and logs the earlier epochs to its own run)."""
 
     def __init__(self, run: TrackedRun | None = None) -> None:
         self.run = run
         self.rows: list[dict[str, float]] = []
         self._start = 0.0
         self.diverged = False
+
+    def state_dict(self) -> dict:
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = [dict(r) for r in state_dict.get("rows", [])]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.run is not None and trainer.is_global_zero:  # the epochs a resumed checkpoint brought
+            for row in self.rows:
+                self.run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -71,4 +86,46 @@ class BestCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_tie_value = state_dict.pop("best_tie_value", math.inf)
+        old_best = Path(state_dict.get("best_model_path") or "")
+        moved = state_dict.get("dirpath", self.dirpath) != self.dirpath
+        if moved and self.dirpath and old_best.is_file() and state_dict.get("best_model_score") is not None:
+            # Resumed into another folder (`pipeline train trainer.resume_from=...`). Lightning
+            # would forget the best score and keep the best of the epochs since the resume, which
+            # the curves (they go back to epoch 0) would contradict: carry the best on, file too.
+            best = Path(self.dirpath) / old_best.name
+            shutil.copyfile(old_best, best)
+            score = state_dict["best_model_score"]
+            state_dict = {**state_dict, "dirpath": self.dirpath, "best_model_path": str(best),
+                          "kth_best_model_path": str(best), "kth_value": score, "best_k_models": {str(best): score},
+                          "last_model_path": ""}
+        elif moved:
+            self.best_tie_value = math.inf  # the best it was tied with is not carried on either
         super().load_state_dict(state_dict)
+
+
+class RandomState(Callback):
+    """Carries the random state in checkpoints (torch's and Python's global generators, and
+    the regularizers' own, e.g. batch augmentation's), so that a run resumed from one draws
+    the same dropout masks and augmentations as one never stopped: the same curve, exactly on
+    CPU. Lightning saves none of them. Restored only when training resumes (a callback's
+    hook), never when a model is merely loaded from a checkpoint."""
+
+    KEY = "random_state"
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = {
+            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generators": [g.get_state() for g in pl_module.regularizers.generators()],
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.get(self.KEY)
+        if state is None:  # an older checkpoint: the run goes on with fresh draws
+            return
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        for generator, saved in zip(pl_module.regularizers.generators(), state["generators"], strict=False):
+            generator.set_state(saved)

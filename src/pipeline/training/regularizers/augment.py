@@ -41,3 +41,6 @@ class Augment(Regularizer):
 
     def transform_batch(self, x: torch.Tensor) -> torch.Tensor:
         return self.augment(x)
+
+    def generators(self) -> list[torch.Generator]:
+        return [self.augment.generator] if self.augment is not None else []

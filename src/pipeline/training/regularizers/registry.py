@@ -69,6 +69,10 @@ class Regularizer:
     def model_kwargs(self) -> dict[str, Any]:
         return {}
 
+    def generators(self) -> list[torch.Generator]:
+        """Its own random generators, whose state a checkpoint carries (a resumed run draws on)."""
+        return []
+
     def criterion_kwargs(self) -> dict[str, Any]:
         return {}
 
@@ -187,6 +191,7 @@ class Regularizers:
     def __init__(self, block: Mapping[str, Any] | DictConfig | None, *, seed: int = 0) -> None:
         values = complete(block)
         entries = [cls(values[key], seed=seed) for key, cls in _REGISTRY.items()]
+        self._active = [e for e in entries if e.active]
         self._at = {hook: [e for e in entries if e.active and hook in acts(type(e))] for hook in HOOKS}
         evaluating = [e.key for e in self._at["probabilities"]]
         if len(evaluating) > 1:
@@ -200,6 +205,10 @@ class Regularizers:
     def model_kwargs(self) -> dict[str, Any]:
         """Keywords for the model builder, overriding the model config's own."""
         return {k: v for e in self._at["model_kwargs"] for k, v in e.model_kwargs().items()}
+
+    def generators(self) -> list[torch.Generator]:
+        """The active entries' random generators, in registration order."""
+        return [g for e in self._active for g in e.generators()]
 
     def criterion_kwargs(self) -> dict[str, Any]:
         """Keywords for every cross-entropy of the training loss (main and auxiliary heads)."""
