@@ -80,7 +80,7 @@ def test_every_experiment_composes_and_validates(experiment):
         ("data.split.test_fraction=1.5", r"data\.split\.test_fraction=1\.5"),
         ("+model.bogus=3", r"model\.bogus is not a key of model"),
         ("model.batch_norm=cos", r"model\.batch_norm='cos' is not a norm"),
-        ("model.activation=swishy", r"swishy"),
+        ("model.activation=swishy", r"model\.activation='swishy': Unknown activation 'swishy'"),
         ("optimizer=sgd optimizer.momentum=1.5", r"optimizer\.momentum=1\.5"),
         # Keys no regularizer registry entry owns.
         ("+regularizer.dropuot=0.3", r"regularizer\.dropuot is not a key of regularizer; .*Did you mean 'dropout'"),

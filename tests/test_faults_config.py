@@ -36,6 +36,7 @@ from pipeline.config import compose
 from pipeline.data.sources import list_sources
 from pipeline.models import model_defaults
 from pipeline.models.init import INITS
+from pipeline.models.layers import ACTIVATIONS, SHAPED_ACTIVATIONS
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.train import train
 from pipeline.training.metrics import EPOCH_METRICS
@@ -262,6 +263,7 @@ STRINGS = {
     "init.scheme": _not_one_of("default", *INITS),
     "compare.metric": _not_one_of(),
     "regularizer.tta": _not_one_of("none", "flip", "ten_crop"),
+    "model.activation": _not_one_of(*ACTIVATIONS, *SHAPED_ACTIVATIONS),
 }
 TUNE_STRINGS = {
     "tune.name": NOT_A_STRING,

@@ -11,6 +11,7 @@ regularizer entry checks its key), so a new option is validated by the same code
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -188,8 +189,17 @@ def _validate_model(cfg: DictConfig) -> None:
                               f"of {', '.join(norms)}.")
     # Dry-build on the meta device: catches bad kwargs and inputs too small for the design
     # in milliseconds, without allocating weights.
-    with torch.device("meta"):
-        create_model(**model_args(cfg, num_classes=cfg.data.num_classes or 2))
+    try:
+        with torch.device("meta"):
+            create_model(**model_args(cfg, num_classes=cfg.data.num_classes or 2))
+    except ConfigError as err:
+        # The layers name the option or the value they refuse ("Unknown activation 'swishy'"),
+        # not the key: name the model key it is.
+        named = [k for k, v in cfg.model.items() if k != "name" and (
+            (isinstance(v, str) and repr(v) in str(err)) or re.search(rf"\b{re.escape(str(k))}\b", str(err)))]
+        if str(err).startswith(("model.", "regularizer.")) or not named:
+            raise
+        raise ConfigError(f"model.{named[0]}={cfg.model[named[0]]!r}: {err}") from err
 
 
 def model_args(cfg: DictConfig, *, num_classes: int) -> dict[str, Any]:
