@@ -327,6 +327,7 @@ def test_an_older_runs_config_still_validates(cfg_factory, tmp_path: Path) -> No
 
     run = to_container(make_cfg(tmp_path / "elsewhere", ["model=minivgg", "optimizer=adam"]))
     del run["init"], run["regularizer"]["tta"]  # keys the pipeline gained after the run
+    run["trainer"]["auto_lr"], run["legacy"] = True, 1  # and keys it has dropped since
     here = prepare(cfg_factory(["model=mlp", "optimizer=sgd"]))
     merged = prepare(merge_run_config(OmegaConf.create(run), here))
     assert to_container(merged.model) == run["model"] and to_container(merged.optimizer) == run["optimizer"]

@@ -5,6 +5,7 @@ builds it) is `pipeline.validation.prepare`, one layer up.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -204,6 +205,23 @@ def check_choice(cfg: DictConfig, key: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of: {', '.join(sorted(choices))}.")
     return value
+
+
+def check_keys(cfg: DictConfig, block: str, known: Sequence[str]) -> None:
+    """Check block `block` (`""`: the top level) has no key outside `known`: a typo, or a
+    `+key=...` that nothing reads, would otherwise be ignored in silence. The message names
+    the key and the closest known one."""
+    node = OmegaConf.select(cfg, block) if block else cfg
+    if node is None:
+        return  # a missing block is for the checks of its keys to name
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"{block} must be a block of keys ({', '.join(known)}), got {node!r}.")
+    for name in node:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{f'{block}.{name}' if block else name} is not a key of {block or 'the config'}; "
+                              f"it takes: {', '.join(known)}.{hint}")
 
 
 def fold_config(cfg: DictConfig, fold: int) -> DictConfig:

@@ -11,6 +11,7 @@ regularizer entry checks its key), so a new option is validated by the same code
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline.config import (
     check_bool,
     check_choice,
+    check_keys,
     check_number,
     get_required,
     open_dict,
@@ -27,6 +29,35 @@ from pipeline.config import (
     to_container,
 )
 from pipeline.errors import ConfigError
+
+# The keys of each block read key by key, so that a typo (or a `+key=...` that nothing reads)
+# fails instead of leaving the intended key at its default. The model, optimizer, scheduler
+# and regularizer blocks are checked by the code that builds them; `tune.space` and
+# `tune.fixed` are open mappings, checked by the sweep's plan.
+KEYS: dict[str, tuple[str, ...]] = {
+    "": ("name", "seed", "optimized_metric", "data", "model", "optimizer", "scheduler", "trainer", "tracking",
+         "regularizer", "cv", "compare", "init", "transfer", "tune", "paths"),
+    "data": ("name", "channels", "image_size", "num_classes", "path", "resize", "normalize", "batch_size",
+             "eval_batch_size", "num_workers", "download", "fold", "split"),
+    "data.split": ("val_fraction", "test_fraction", "folds", "seed"),
+    "trainer": ("max_epochs", "accelerator", "devices", "precision", "deterministic", "gradient_clip_val",
+                "limit_train_batches", "limit_val_batches", "enable_progress_bar", "resume_from"),
+    "tracking": ("enabled", "tracking_uri", "artifact_location", "experiment_name", "run_name", "log_model"),
+    "cv": ("parallel", "cpus_per_fold", "confidence"),
+    "compare": ("grid", "metric", "higher_is_better", "alpha"),
+    "init": ("scheme", "std"),
+    "transfer": ("source", "freeze", "pretrained_lr_ratio"),
+    "paths": ("root", "data_dir", "download_dir", "out_dir"),
+    "tune": ("name", "space", "fixed", "num_samples", "search_alg", "scheduler", "asha", "hyperband", "pbt", "metric",
+             "mode", "max_epochs", "max_concurrent_trials", "resources", "workers", "num_cpus", "address",
+             "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv"),
+    "tune.asha": ("grace_period", "reduction_factor", "brackets"),
+    "tune.hyperband": ("reduction_factor",),
+    "tune.pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate"),
+    "tune.resources": ("cpu", "gpu"),
+}
+# Checkpoints and early stopping keep the epoch where it is highest.
+OPTIMIZED_METRICS = ("val/acc", "train/acc")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -41,13 +72,18 @@ def validate(cfg: DictConfig) -> None:
     from pipeline.training.regularizers import check_regularizers
     from pipeline.training.schedules import validate_scheduler
 
+    for block, known in KEYS.items():
+        check_keys(cfg, block, known)
+    _check_string(cfg, "name")
     check_number(cfg, "seed", integer=True, low=0)
+    check_choice(cfg, "optimized_metric", OPTIMIZED_METRICS)
     check_choice(cfg, "data.name", list_sources())
     check_number(cfg, "data.channels", integer=True, low=1)
     check_number(cfg, "data.image_size", integer=True, low=1)
     check_number(cfg, "data.num_classes", integer=True, low=2, optional=cfg.data.name == "imagefolder")
     check_number(cfg, "data.resize", integer=True, low=1, optional=True)
     check_bool(cfg, "data.normalize")
+    check_bool(cfg, "data.download")
     check_number(cfg, "data.batch_size", integer=True, low=1)
     check_number(cfg, "data.eval_batch_size", integer=True, low=1)
     check_number(cfg, "data.num_workers", integer=True, low=0)
@@ -61,8 +97,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.name == "imagefolder":
         get_required(cfg, "data.path")
 
-    check_number(cfg, "trainer.max_epochs", integer=True, low=1)
-    check_number(cfg, "trainer.gradient_clip_val", low=0, low_open=True, optional=True)
+    _validate_trainer(cfg)
     _check_resume(cfg)
 
     check_bool(cfg, "cv.parallel")
@@ -81,6 +116,9 @@ def validate(cfg: DictConfig) -> None:
     check_bool(cfg, "tracking.log_model")
     if not isinstance(get_required(cfg, "tracking.tracking_uri"), str):
         raise ConfigError("tracking.tracking_uri must be a URI string, e.g. sqlite:///mlflow.db or http://127.0.0.1:5000.")
+    _check_string(cfg, "tracking.experiment_name")
+    _check_string(cfg, "tracking.run_name", optional=True)
+    _check_string(cfg, "tracking.artifact_location", optional=True)
 
     check_regularizers(get_required(cfg, "regularizer"))
     from pipeline.models.init import INITS
@@ -118,20 +156,72 @@ def refuse_resume(cfg: DictConfig, job: str) -> None:
                           "scratch: drop the override.")
 
 
+PRECISIONS = ("32-true", "32", 32, "64-true", "64", 64, "16-mixed", "16-true", "16", 16, "bf16-mixed",
+              "bf16-true", "bf16")  # Lightning's
+
+
+def _validate_trainer(cfg: DictConfig) -> None:
+    """The `trainer` section, which Lightning would refuse only once the run has started."""
+    check_number(cfg, "trainer.max_epochs", integer=True, low=1)
+    check_number(cfg, "trainer.gradient_clip_val", low=0, low_open=True, optional=True)
+    check_choice(cfg, "trainer.accelerator", ["auto", "cpu", "gpu", "cuda", "mps"])
+    precision = get_required(cfg, "trainer.precision")
+    if precision not in PRECISIONS or isinstance(precision, bool):
+        raise ConfigError(f"trainer.precision={precision!r} is not one of: "
+                          f"{', '.join(p for p in PRECISIONS if isinstance(p, str))}.")
+    devices = get_required(cfg, "trainer.devices")
+    count = isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)
+    indices = OmegaConf.is_list(devices) and len(devices) > 0 and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    if not (devices == "auto" or count or indices):
+        raise ConfigError(f"trainer.devices={devices!r} must be auto, a count (-1: all) or a list of device indices.")
+    if get_required(cfg, "trainer.deterministic") != "warn":
+        check_bool(cfg, "trainer.deterministic")
+    check_bool(cfg, "trainer.enable_progress_bar")
+    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches"):
+        # A count of batches per epoch, or a fraction of them; none would leave nothing to
+        # train on, or nothing to select the best epoch by.
+        value = check_number(cfg, key, low=0, low_open=True, optional=True)
+        if isinstance(value, float) and value > 1:
+            raise ConfigError(f"{key}={value} must be a count of batches (an integer) or a fraction <= 1.")
+
+
+def _check_string(cfg: DictConfig, key: str, *, optional: bool = False) -> None:
+    value = get_required(cfg, key)
+    if not (isinstance(value, str) and value) and not (optional and value is None):
+        raise ConfigError(f"{key} must be a {'string or null' if optional else 'non-empty string'}, got {value!r}.")
+
+
 def _validate_model(cfg: DictConfig) -> None:
     import torch
 
-    from pipeline.models import create_model, list_models
+    from pipeline.models import create_model, list_models, model_defaults
+    from pipeline.models.layers import NORMS
 
-    check_choice(cfg, "model.name", list_models())
+    name = check_choice(cfg, "model.name", list_models())
+    check_keys(cfg, "model", ["name", *model_defaults(name)])
     if "dropout" in cfg.model:
         check_number(cfg, "model.dropout", low=0, high=1, high_open=True)
     if "batch_norm" in cfg.model and not isinstance(cfg.model.batch_norm, str):
         check_bool(cfg, "model.batch_norm")
+    elif "batch_norm" in cfg.model:  # a norm by name, from the layers' table
+        norms = sorted({n for n, _ in NORMS})
+        if cfg.model.batch_norm.lower() not in norms:
+            raise ConfigError(f"model.batch_norm={cfg.model.batch_norm!r} is not a norm: use true, false or one "
+                              f"of {', '.join(norms)}.")
     # Dry-build on the meta device: catches bad kwargs and inputs too small for the design
     # in milliseconds, without allocating weights.
-    with torch.device("meta"):
-        create_model(**model_args(cfg, num_classes=cfg.data.num_classes or 2))
+    try:
+        with torch.device("meta"):
+            create_model(**model_args(cfg, num_classes=cfg.data.num_classes or 2))
+    except ConfigError as err:
+        # The layers name the option or the value they refuse ("Unknown activation 'swishy'"),
+        # not the key: name the model key it is.
+        named = [k for k, v in cfg.model.items() if k != "name" and (
+            (isinstance(v, str) and repr(v) in str(err)) or re.search(rf"\b{re.escape(str(k))}\b", str(err)))]
+        if str(err).startswith(("model.", "regularizer.")) or not named:
+            raise
+        raise ConfigError(f"model.{named[0]}={cfg.model[named[0]]!r}: {err}") from err
 
 
 def model_args(cfg: DictConfig, *, num_classes: int) -> dict[str, Any]:

@@ -29,22 +29,26 @@ class _Carried(BaseException):
         self.error = error
 
 
-def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any]) -> Any:
-    """`task(cfg)` with outputs in Hydra's run folder and the data prepared first. A run
+def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any],
+               check: Callable[[DictConfig], DictConfig] | None = None) -> Any:
+    """`task(cfg)` with outputs in Hydra's run folder and the data prepared first. `check(cfg)`
+    validates everything the task will read and returns the prepared config (default:
+    `prepare`), before the tracking server is asked, the data fetched or a run started. A run
     refused for a user error leaves no folder behind."""
     from hydra.core.hydra_config import HydraConfig
 
-    from pipeline.config import resolve_paths
     from pipeline.errors import PipelineError
     from pipeline.tasks.data import ensure_data
     from pipeline.tracking.server import check_tracking
+    from pipeline.validation import prepare
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     with open_dict(cfg):
         cfg.paths.out_dir = str(out_dir)
     try:
-        # Before the data, which may be a download; paths.root may still be null (found from here).
-        check_tracking(cfg.tracking, resolve_paths(cfg).paths.root)
+        checked = (check or prepare)(cfg)
+        # Before the data, which may be a download.
+        check_tracking(checked.tracking, checked.paths.root)
         ensure_data(cfg)
         return task(cfg)
     except PipelineError as err:
@@ -56,12 +60,19 @@ def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any]) -> Any:
 
 def _drop_if_unused(out_dir: Path) -> None:
     """Hydra made the folder, with only its `.hydra/` record, before the task could check the
-    config: remove it (and outputs/<date>/, outputs/ if now empty)."""
-    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra"}:
-        shutil.rmtree(out_dir)
-        for parent in (out_dir.parent, out_dir.parent.parent):
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
+    config: remove it, and its parents that are now empty up to the working directory
+    (outputs/<date>/, outputs/), from which Hydra's relative run folders start. A folder at
+    or above the working directory (or elsewhere, with an absolute hydra.run.dir) was not
+    Hydra's to make: it stays."""
+    if not (out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra"}):
+        return
+    out_dir = out_dir.resolve()
+    shutil.rmtree(out_dir)
+    cwd = Path.cwd().resolve()
+    for parent in out_dir.parents:
+        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def _train(cfg: DictConfig) -> float:
@@ -76,9 +87,9 @@ def _train(cfg: DictConfig) -> float:
 
 
 def _tune(cfg: DictConfig) -> float:
-    from pipeline.tasks.tune import tune
+    from pipeline.tasks.tune import check_sweep, tune
 
-    best = _run_adhoc(cfg, tune)
+    best = _run_adhoc(cfg, tune, check_sweep)
     print("best: " + "  ".join(f"{k}={v}" for k, v in best["overrides"].items()))
     where = f"mean of {best['folds']} folds" if "folds" in best else f"epoch {best['epoch']}"
     print(f"{best['metric']}={best['value']:.4f} (trial {best['trial_id']}, {where})")
@@ -99,9 +110,9 @@ def _cv(cfg: DictConfig) -> float:
 
 
 def _compare(cfg: DictConfig) -> None:
-    from pipeline.tasks.compare import compare
+    from pipeline.tasks.compare import check_compare, compare
 
-    result = _run_adhoc(cfg, compare)
+    result = _run_adhoc(cfg, compare, check_compare)
     print("\n".join(result["statements"]))
     print(f"report: {cfg.paths.out_dir}/reports/compare.md")
 
@@ -152,6 +163,26 @@ JOBS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
 }
 
 
+def _check_overrides(argv: list[str]) -> None:
+    """Parse each override as Hydra will, so that one it cannot read is named: Hydra's own
+    message names only the token it stumbled on ("mismatched input '['"), not the override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from pipeline.errors import ConfigError
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # Hydra's flags and their values
+        try:
+            parser.parse_override(arg)
+        except HydraException as err:
+            raise ConfigError(f"cannot read the override {arg!r}: {str(err).strip()}. Quote a value holding "
+                              "brackets, parentheses or commas that is one string, e.g. "
+                              "\"tune.space.optimizer.lr='loguniform(1e-4, 1e-1)'\".") from None
+
+
 def launch(job: str, argv: list[str]) -> int:
     """Run the Hydra app of `job` with `argv` (overrides and Hydra flags); its exit status."""
     import hydra
@@ -159,6 +190,7 @@ def launch(job: str, argv: list[str]) -> int:
     from pipeline.config import CONFIG_NAME, config_dir
 
     def body() -> None:
+        _check_overrides(argv)
         try:
             app = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(JOBS[job][0])
             sys.argv = [f"pipeline {job}", *_with_job_name(job, _with_run_id_key(argv) if job == "report" else argv)]

@@ -66,24 +66,43 @@ def _hydra_value(value: Any) -> str:
     return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
 
 
+def _plan(cfg: DictConfig) -> tuple[DictConfig, list[tuple[str, Path, DictConfig]]]:
+    """The prepared config and every alternative's (label, output folder, prepared config):
+    all validated before the first one trains, so a bad alternative fails in seconds, with
+    no run started."""
+    cfg = prepare(cfg)
+    layout = Layout.from_cfg(cfg)
+    planned = []
+    for alt in alternatives(OmegaConf.to_container(cfg.compare.grid)):
+        label = _label(alt)
+        out = layout.root_out / "compare" / label.replace(",", "__").replace("=", "-")
+        try:
+            planned.append((label, out, prepare(_alternative_config(cfg, alt, out))))
+        except ConfigError as err:
+            raise ConfigError(f"compare.grid: the alternative {label} fails: "
+                              f"{str(err).removeprefix('compare.grid: ')}") from err
+    return cfg, planned
+
+
+def check_compare(cfg: DictConfig) -> DictConfig:
+    """Validate the base config and every alternative of the grid; the prepared config."""
+    return _plan(cfg)[0]
+
+
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Run the grid; writes reports/compare.md, reports/compare.json and a per-fold plot."""
     from pipeline.tasks.cv import cross_validate
 
-    cfg = prepare(cfg)
+    cfg, planned = _plan(cfg)
     refuse_resume(cfg, "a comparison")
     check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
-    alts = alternatives(OmegaConf.to_container(cfg.compare.grid))
     reports = layout.root_out / "reports"
     parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=f"compare-{cfg.name}-{cfg.data.name}",
                               tags={"dataset": cfg.data.name, "compare": "true"}) if cfg.tracking.enabled else None
     with parent if parent is not None else contextlib.nullcontext():
         scores, probs, extra = {}, {}, {}
-        for alt in alts:
-            label = _label(alt)
-            out = layout.root_out / "compare" / label.replace(",", "__").replace("=", "-")
-            alt_cfg = prepare(_alternative_config(cfg, alt, out))
+        for label, out, alt_cfg in planned:
             start = time.perf_counter()
             result = cross_validate(alt_cfg, parent_run_id=parent.run_id if parent else None)
             elapsed = time.perf_counter() - start

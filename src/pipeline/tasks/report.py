@@ -39,7 +39,7 @@ from pipeline.tracking.provenance import tree_sha256
 from pipeline.tracking.server import check_server, check_tracking
 from pipeline.training.metrics import EPOCH_METRICS, read_curves
 from pipeline.training.module import build_network, load_classifier
-from pipeline.validation import model_args, prepare
+from pipeline.validation import KEYS, model_args, prepare
 
 
 def report(cfg: DictConfig) -> Path:
@@ -109,14 +109,26 @@ def merge_run_config(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
     """A run's config.yaml on top of the current config, so a run made before the pipeline
     grew new keys still validates: new keys keep their current defaults, every key the run
     has keeps the run's value, the option-specific groups (model, optimizer, scheduler) are
-    the run's whole, and `paths` are this machine's (from `cfg`)."""
+    the run's whole, and `paths` are this machine's (from `cfg`). Keys the pipeline has since
+    dropped are left out, which validation would refuse as unknown."""
     base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    merged = OmegaConf.merge(base, run_cfg)
+    merged = OmegaConf.merge(base, _without_dropped_keys(run_cfg))
     for group in ("model", "optimizer", "scheduler"):
         if group in run_cfg:
             merged[group] = run_cfg[group]
     merged.paths = base.paths
     return merged
+
+
+def _without_dropped_keys(run_cfg: DictConfig) -> DictConfig:
+    """A copy of `run_cfg` without the keys `validation.KEYS` no longer lists."""
+    run = OmegaConf.create(OmegaConf.to_container(run_cfg))
+    for block, known in KEYS.items():
+        node = OmegaConf.select(run, block) if block else run
+        if OmegaConf.is_dict(node):
+            for key in [k for k in node if k not in known]:
+                node.pop(key)
+    return run
 
 
 def _write(run_cfg: DictConfig, cfg: DictConfig, net: nn.Module, curves: list[dict], out: Path, meta: dict,

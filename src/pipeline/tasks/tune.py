@@ -13,6 +13,7 @@ from pipeline.layout import Layout
 from pipeline.tasks.common import TrainingData, load_data
 from pipeline.tasks.train import train
 from pipeline.tuning.driver import run_sweep
+from pipeline.tuning.plan import plan_sweep
 from pipeline.validation import refuse_resume
 
 
@@ -23,6 +24,12 @@ def tune(cfg: DictConfig, *, trial_callbacks: Sequence[Any] = ()) -> dict[str, A
     # The tuning library sits below the tasks: it is handed the function each trial trains
     # with, and the one that reads the data they all train on.
     return run_sweep(cfg, train=train, load=_load, trial_callbacks=trial_callbacks)
+
+
+def check_sweep(cfg: DictConfig) -> DictConfig:
+    """Validate the sweep as `tune` would before Ray starts (every trial config the space can
+    produce); the prepared config."""
+    return plan_sweep(cfg).cfg
 
 
 def _load(cfg: DictConfig) -> TrainingData:
