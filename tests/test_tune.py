@@ -168,6 +168,31 @@ def test_diverging_trial_is_marked_and_never_best(local_ray, cfg_factory, tmp_pa
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_retried_trial_keeps_every_epoch_in_its_results(local_ray, cfg_factory, tmp_path: Path, monkeypatch):
+    """A retried trial's result.json is the driver's own, whole. Ray's JSON logger would copy
+    the storage path's result.json over it on the retry, and that copy is only as recent as
+    the last experiment-state save. Here saves come only with every second checkpoint
+    (CheckpointConfig.num_to_keep=2; no periodic ones): after epoch 1, not after epoch 2, so
+    a crash at the start of epoch 3 would lose epoch 2 (trials.csv: 3 epochs of 4)."""
+    from ray import cloudpickle
+
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "3600")
+    cloudpickle.register_pickle_by_value(sweeps)  # the workers cannot import tests/
+    cfg = cfg_factory([*MLP, "tune.num_samples=1", "tune.max_epochs=4", "tune.scheduler=fifo", "tune.max_failures=1",
+                       *sweeps.space(**{"optimizer.lr": "grid[0.003]"})])
+    ensure_data(cfg)
+    tune(cfg, trial_callbacks=[sweeps.Crash(3, marker=str(tmp_path / "crashed"), at="start")])
+
+    assert (tmp_path / "crashed").exists()
+    (trial,) = sweeps.trials(tmp_path)
+    assert trial["status"] == "TERMINATED" and trial["failures"] == "1" and trial["epochs"] == "4", trial
+    (results,) = list(tmp_path.glob("results/ray/*/*/result.json"))
+    epochs = [json.loads(line)["epoch"] for line in results.read_text().splitlines() if line.strip()]
+    assert epochs == [0, 1, 2, 3]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [
     pytest.param("raise", marks=pytest.mark.fault(
         "3. Sweep: trial crashed", fault="a trial raises at the end of epoch 1 (tune.max_failures=1)",

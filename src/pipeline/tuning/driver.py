@@ -123,12 +123,28 @@ def _mlflow_callback(plan: Plan, path: str) -> Any:
                               log_hyperparameters=plan.tune["scheduler"] == "pbt")
 
 
+def _json_logger() -> Any:
+    """Ray's JSON result logger (result.json: every trial's curve, read back by `collect`),
+    except that a retried trial keeps the driver's own result.json. On each trial (re)start
+    Ray 2.60 copies the storage path's result.json over the driver's, to continue a file
+    another driver wrote; but that copy is only as recent as the last experiment-state save
+    (every 10 s or so), so a trial retried in between lost its latest epochs (trials.csv: 2
+    of 3). The storage copy is needed only when this driver has none (`tune.resume=true`)."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    class DriverFirstJsonLogger(JsonLoggerCallback):
+        def _restore_from_remote(self, file_name: str, trial: Any) -> None:
+            if not Path(trial.local_path, file_name).is_file():
+                super()._restore_from_remote(file_name, trial)
+
+    return DriverFirstJsonLogger()
+
+
 def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
                 data: Shared | None = None) -> tuple[Any, str]:
     """The Tuner (new or restored) and its experiment path; each trial trains with `train`,
     on `data` (train's `data=`) if given."""
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
 
     from pipeline.tuning.trial import run_trial
 
@@ -150,7 +166,7 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
         # Finished trials stay as they are; errored ones resume from their last checkpoint.
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                   param_space=param_space(plan)), path
-    callbacks: list[Any] = [JsonLoggerCallback()]  # result.json: per-trial curves for the outputs
+    callbacks: list[Any] = [_json_logger()]  # result.json: per-trial curves for the outputs
     if plan.cfg.tracking.enabled:
         callbacks.append(_mlflow_callback(plan, path))
     search_alg, limit = _search(plan)
