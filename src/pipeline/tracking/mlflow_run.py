@@ -115,6 +115,37 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, then reach their handlers as sent.
+
+    A stop signal raises its exception wherever the main thread is; in the middle of a write
+    to a SQLite store it left the write transaction open, the lock held by this very process,
+    and the run could not then be marked KILLED ("database is locked", exit 1). Only the main
+    thread receives Python signal handlers, so elsewhere there is nothing to defer."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is None:  # a handler not set from Python: leave it be
+            continue
+        previous[signum] = handler
+        signal.signal(signum, lambda received, frame: caught.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
+
+
 class TrackedRun:
     """A handle on one MLflow run with batched logging; use as a context manager so any
     exception ends the run FAILED (a stop signal, SIGINT or SIGTERM: KILLED) instead of
@@ -210,8 +241,9 @@ class TrackedRun:
         what = _missing(self.held)
         try:
             while self.held:
-                self._call(*self.held[0])
-                self.held.pop(0)
+                with signals_deferred():
+                    self._call(*self.held[0])
+                    self.held.pop(0)
         except MlflowException as err:
             if not self._is_outage(err):
                 self.held.pop(0)  # refused, not kept out: the caller's error, once; the calls behind it go on
@@ -266,7 +298,8 @@ class TrackedRun:
         the run as it is: each further request would wait out the retries again, and the
         task's local outputs are complete."""
         if self._flush(quick=False):
-            self.client.set_terminated(self.run_id, status=status, end_time=end_time)
+            with signals_deferred():
+                self.client.set_terminated(self.run_id, status=status, end_time=end_time)
             return
         note = _missing(self.held)
         log.warning("Run %s on %s is incomplete: the tracking server could not be reached to log %s. The run's "
