@@ -143,6 +143,31 @@ def test_train_raises_the_signal_lightning_caught(cfg_factory, store: str, signu
                   f"SELECT status FROM runs WHERE run_uuid = '{run_id}'") == [("KILLED",)]
 
 
+def test_a_stop_signal_waits_for_the_store_write_under_way():
+    """SIGTERM in the middle of a store call reaches its handler only once the call is over:
+    raised inside a SQLite write, it left the write lock held by this very process."""
+    from pipeline.tracking.mlflow_run import signals_deferred
+
+    order: list[str] = []
+
+    def handler(signum, frame):
+        order.append("handler")
+        raise Terminated("terminated")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Terminated):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # bytecode boundaries where a handler would run
+                    order.append("writing") if not order else None
+                order.append("written")
+        assert order == ["writing", "written", "handler"]
+        assert signal.getsignal(signal.SIGTERM) is handler  # put back as it was
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ---------------------------------------------------------------------------- real processes
 
 def _stopped_train(signum: int, status: int) -> pytest.MarkDecorator:
