@@ -71,6 +71,7 @@ def _plan(cfg: DictConfig) -> tuple[DictConfig, list[tuple[str, Path, DictConfig
     all validated before the first one trains, so a bad alternative fails in seconds, with
     no run started."""
     cfg = prepare(cfg)
+    refuse_resume(cfg, "a comparison")
     layout = Layout.from_cfg(cfg)
     planned = []
     for alt in alternatives(OmegaConf.to_container(cfg.compare.grid)):
@@ -94,7 +95,6 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     from pipeline.tasks.cv import cross_validate
 
     cfg, planned = _plan(cfg)
-    refuse_resume(cfg, "a comparison")
     check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     reports = layout.root_out / "reports"

@@ -29,6 +29,7 @@ def tune(cfg: DictConfig, *, trial_callbacks: Sequence[Any] = ()) -> dict[str, A
 def check_sweep(cfg: DictConfig) -> DictConfig:
     """Validate the sweep as `tune` would before Ray starts (every trial config the space can
     produce); the prepared config."""
+    refuse_resume(cfg, "a sweep")
     return plan_sweep(cfg).cfg
 
 
