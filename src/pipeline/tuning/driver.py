@@ -107,7 +107,7 @@ def _experiment(plan: Plan) -> tuple[str, bool]:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", False
 
 
-def _mlflow_callback(plan: Plan, path: str) -> Any:
+def _mlflow_callback(plan: Plan, path: str, parent_run_id: str | None = None) -> Any:
     from pipeline.tuning.mlflow_tree import MlflowTreeCallback, map_path
 
     cfg = plan.cfg
@@ -120,7 +120,7 @@ def _mlflow_callback(plan: Plan, path: str) -> Any:
                               parent_name=f"tune-{plan.tune['name']}-{cfg.model.name}-{cfg.data.name}",
                               parent_params=params, parent_tags=tags, fixed=plan.fixed,
                               max_steps=plan.steps, step_key=plan.step_key,
-                              log_hyperparameters=plan.tune["scheduler"] == "pbt")
+                              log_hyperparameters=plan.tune["scheduler"] == "pbt", parent_run_id=parent_run_id)
 
 
 def _json_logger() -> Any:
@@ -141,9 +141,9 @@ def _json_logger() -> Any:
 
 
 def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
-                data: Shared | None = None) -> tuple[Any, str]:
+                data: Shared | None = None, parent_run_id: str | None = None) -> tuple[Any, str]:
     """The Tuner (new or restored) and its experiment path; each trial trains with `train`,
-    on `data` (train's `data=`) if given."""
+    on `data` (train's `data=`) if given; the sweep's MLflow parent nests under `parent_run_id`."""
     from ray import tune
 
     from pipeline.tuning.trial import run_trial
@@ -168,7 +168,7 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
                                   param_space=param_space(plan)), path
     callbacks: list[Any] = [_json_logger()]  # result.json: per-trial curves for the outputs
     if plan.cfg.tracking.enabled:
-        callbacks.append(_mlflow_callback(plan, path))
+        callbacks.append(_mlflow_callback(plan, path, parent_run_id))
     search_alg, limit = _search(plan)
     tune_config = tune.TuneConfig(metric=plan.tune["metric"], mode=plan.tune["mode"], search_alg=search_alg,
                                   scheduler=_scheduler(plan), num_samples=1 if plan.tune["search_alg"] == "grid"
@@ -191,13 +191,14 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
 
 
 def run_sweep(cfg: DictConfig, *, train: TrainFn, load: Callable[[DictConfig], Any] | None = None,
-              trial_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+              trial_callbacks: Sequence[Any] = (), parent_run_id: str | None = None) -> dict[str, Any]:
     """Run the configured sweep, each trial fitting with `train` (the train task, passed in
     by `pipeline.tasks.tune`: this library sits below the tasks); returns the best trial's
     summary (`best.yaml` without the config). `load(config)` reads the data every trial
     trains on (train's `data=`): once, here, and the trials get it through Ray's object
     store, so they read nothing from the data folders. `trial_callbacks` are extra Lightning
-    callbacks for every trial's Trainer (picklable).
+    callbacks for every trial's Trainer (picklable). The sweep's MLflow parent run is a child
+    of `parent_run_id` when given (an outer fold of a nested cross-validation).
     """
     plan = plan_sweep(cfg)
     check_tracking(plan.cfg.tracking, plan.cfg.paths.root)  # before Ray starts
@@ -209,7 +210,8 @@ def run_sweep(cfg: DictConfig, *, train: TrainFn, load: Callable[[DictConfig], A
 
     try:
         check_storage(plan)
-        tuner, path = build_tuner(plan, train, trial_callbacks, Shared(data) if data is not None else None)
+        tuner, path = build_tuner(plan, train, trial_callbacks, Shared(data) if data is not None else None,
+                                  parent_run_id)
         start = time.perf_counter()
         try:
             with sigterm_stops_sweep() as terminated:

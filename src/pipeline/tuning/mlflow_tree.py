@@ -74,11 +74,13 @@ class SweepRuns:
     def parent(self) -> TrackedRun | None:
         return self._run(self.ids["parent"]) if self.ids["parent"] else None
 
-    def open_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> TrackedRun:
-        """The sweep's parent run: the saved one (set RUNNING again) or a new one."""
+    def open_parent(self, name: str, params: dict[str, Any], tags: dict[str, str],
+                    parent_run_id: str | None = None) -> TrackedRun:
+        """The sweep's parent run: the saved one (set RUNNING again) or a new one, itself nested
+        under `parent_run_id` when given (a nested cross-validation's outer fold)."""
         if self.ids["parent"]:
             return TrackedRun.resume(tracking_uri=self.target["tracking_uri"], run_id=self.ids["parent"])
-        run = TrackedRun.start(**self.target, run_name=name, tags=tags)
+        run = TrackedRun.start(**self.target, run_name=name, tags=tags, parent_run_id=parent_run_id)
         self.ids["parent"] = run.run_id
         self._save()  # at once: a run not in the map would be started again by a resumed sweep
         run.log_params(params)
@@ -169,8 +171,9 @@ class MlflowTreeCallback(Callback):
 
     def __init__(self, *, target: dict[str, Any], map_path: str, parent_name: str,
                  parent_params: dict[str, Any], parent_tags: dict[str, str], fixed: dict[str, Any],
-                 max_steps: int, step_key: str = "epoch", log_hyperparameters: bool = False) -> None:
-        self.target, self.map_path = target, map_path
+                 max_steps: int, step_key: str = "epoch", log_hyperparameters: bool = False,
+                 parent_run_id: str | None = None) -> None:
+        self.target, self.map_path, self.parent_run_id = target, map_path, parent_run_id
         self.parent_name, self.parent_params, self.parent_tags = parent_name, parent_params, parent_tags
         self.fixed, self.log_hyperparameters = fixed, log_hyperparameters
         self.max_steps, self.step_key = max_steps, step_key  # epochs, or folds (tune.cv)
@@ -185,7 +188,7 @@ class MlflowTreeCallback(Callback):
         self.runs = SweepRuns(self.target, self.map_path)
         if self.parent_tags.get("ray_experiment"):  # (a new sweep's folder has no runs yet)
             self.runs.adopt(self.parent_tags["ray_experiment"])
-        self.runs.open_parent(self.parent_name, self.parent_params, self.parent_tags)
+        self.runs.open_parent(self.parent_name, self.parent_params, self.parent_tags, self.parent_run_id)
 
     def _open(self, trial: Any) -> TrackedRun:
         params = {**{f"fixed.{k}": v for k, v in self.fixed.items()}, **trial.config}
