@@ -43,7 +43,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "trainer": ("max_epochs", "accelerator", "devices", "precision", "deterministic", "gradient_clip_val",
                 "limit_train_batches", "limit_val_batches", "enable_progress_bar", "resume_from"),
     "tracking": ("enabled", "tracking_uri", "artifact_location", "experiment_name", "run_name", "log_model"),
-    "cv": ("parallel", "cpus_per_fold", "confidence"),
+    "cv": ("parallel", "cpus_per_fold", "confidence", "nested", "inner_folds"),
     "compare": ("grid", "metric", "higher_is_better", "alpha"),
     "init": ("scheme", "std"),
     "transfer": ("source", "freeze", "pretrained_lr_ratio"),
@@ -103,6 +103,8 @@ def validate(cfg: DictConfig) -> None:
     check_bool(cfg, "cv.parallel")
     check_number(cfg, "cv.cpus_per_fold", integer=True, low=1)
     check_number(cfg, "cv.confidence", low=0, high=1, low_open=True, high_open=True)
+    check_bool(cfg, "cv.nested")
+    check_number(cfg, "cv.inner_folds", integer=True, low=2)
 
     check_choice(cfg, "compare.metric", ["val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro"])
     check_number(cfg, "compare.alpha", low=0, high=1, low_open=True, high_open=True)

@@ -98,15 +98,20 @@ def _tune(cfg: DictConfig) -> float:
 
 
 def _cv(cfg: DictConfig) -> float:
-    from pipeline.tasks.cv import cross_validate
+    from pipeline.tasks.cv import check_cv, cv
 
-    result = _run_adhoc(cfg, cross_validate)
-    for key in ("val/acc", "test/acc"):
+    result = _run_adhoc(cfg, cv, check_cv)
+    nested = result.get("nested", False)  # then scored on the held-out outer folds
+    for key in ("inner/val/acc", "outer/acc", "test/acc") if nested else ("val/acc", "test/acc"):
+        if key not in result:
+            continue
         s = result[key]
         print(f"{key}: {s['mean']:.4f} ± {s['std']:.4f}  ({result['confidence']:.0%} CI {s['ci_low']:.4f}–"
               f"{s['ci_high']:.4f})  folds: {', '.join(f'{v:.4f}' for v in s['values'])}")
+    for choice in result.get("choices", []):
+        print(f"outer fold {choice['fold']} chose " + ", ".join(f"{k}={v}" for k, v in choice["overrides"].items()))
     print(f"outputs: {cfg.paths.out_dir}")
-    return result["val/acc"]["mean"]
+    return result["outer/acc" if nested else "val/acc"]["mean"]
 
 
 def _compare(cfg: DictConfig) -> None:

@@ -26,7 +26,7 @@ STAGES: dict[str, str] = {
     "tune": "pipeline.tasks.tune:tune",
     "train": "pipeline.tasks.train:train",
     "evaluate": "pipeline.tasks.evaluate:evaluate",
-    "cv": "pipeline.tasks.cv:cross_validate",
+    "cv": "pipeline.tasks.cv:cv",
     "compare": "pipeline.tasks.compare:compare",
     "report": "pipeline.tasks.report:report",
 }

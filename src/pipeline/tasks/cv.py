@@ -166,3 +166,24 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
                                 for stat, value in stats.items() if stat in ("mean", "std", "ci_low", "ci_high")})
             parent.log_artifact(layout.metrics / "cv.json")
     return out
+
+
+def cv(cfg: DictConfig) -> dict[str, Any]:
+    """The cv task (`pipeline cv`, the DVC `cv` stage): with `cv.nested`, nested
+    cross-validation of the whole sweep (`pipeline.tasks.nested`: the estimate of "tune, then
+    train"); else `cross_validate`, of the configuration as it is. `pipeline compare` always
+    cross-validates its alternatives plainly."""
+    if cfg.cv.get("nested") is True:
+        from pipeline.tasks.nested import nested_cross_validate
+
+        return nested_cross_validate(cfg)
+    return cross_validate(cfg)
+
+
+def check_cv(cfg: DictConfig) -> DictConfig:
+    """Validate what `cv` will run, before any data or run: the prepared config."""
+    if cfg.cv.get("nested") is True:
+        from pipeline.tasks.nested import check_nested_cv
+
+        return check_nested_cv(cfg)
+    return prepare(cfg)
