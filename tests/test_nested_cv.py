@@ -5,6 +5,7 @@ and a SQLite MLflow store, checked for leaks through the indices every model tra
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -194,3 +195,40 @@ def test_nested_cv_end_to_end(cfg_factory, tmp_path: Path, local_ray):
         assert _set(idx["train"]) | _set(idx["val"]) == part
         scored = json.loads((out / "cv" / "nested" / f"outer_{fold}" / "metrics" / "outer.json").read_text())
         assert scored["sizes"]["held_out"] == len(held) and scored["outer_acc"] == choice["outer_acc"]
+
+
+def _git_project(dest: Path) -> Path:
+    """A fresh git repository with this working tree's tracked (and new, not ignored) files."""
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (repo / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, dest / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(cmd, cwd=dest, env=project_env(), check=True, capture_output=True)
+    return dest
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dvc_cv_stage_runs_nested_cv_when_asked(tmp_path: Path):
+    """The real `dvc exp run` of the cv stage with cv.nested=true, in a temporary git
+    repository holding this working tree: its own private Ray, its own MLflow store."""
+    project = _git_project(tmp_path / "project")
+    sets = ["cv.nested=true", "cv.inner_folds=2", "model=mlp", "data.split.folds=2", "tune.num_samples=2",
+            "tune.max_epochs=1", "trainer.max_epochs=1", "tune.scheduler=fifo", "tune.num_cpus=2"]
+    out = _run([str(BIN / "dvc"), "exp", "run", "cv", *(a for s in sets for a in ("-S", s))], project)
+    assert "Running stage 'cv'" in out and "Running stage 'train'" not in out
+    saved = json.loads((project / "metrics" / "cv.json").read_text())
+    assert saved["nested"] is True and len(saved["outer_acc"]["values"]) == 2 and len(saved["choices"]) == 2
+    for fold in range(2):
+        assert (project / "cv" / "nested" / f"outer_{fold}" / "results" / "tune" / "best.yaml").is_file()
+    assert "outer_acc" in _run([str(BIN / "dvc"), "metrics", "show", "--json"], project)

@@ -162,7 +162,7 @@ def _with_job_name(job: str, argv: list[str]) -> list[str]:
 JOBS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
     "train": (_train, "train and evaluate one model"),
     "tune": (_tune, "a Ray Tune sweep of the train task (conf/tune/)"),
-    "cv": (_cv, "k-fold cross-validation of one configuration"),
+    "cv": (_cv, "k-fold cross-validation of one configuration (cv.nested=true: of the whole sweep)"),
     "compare": (_compare, "cross-validate a grid of designs and test the differences"),
     "report": (_report, "the HTML report of what a trained network learned (run_id=<id>: any run)"),
 }

@@ -40,7 +40,7 @@ from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.server import check_tracking
 from pipeline.training.metrics import file_row
 from pipeline.training.module import load_classifier
-from pipeline.tuning.driver import run_sweep
+from pipeline.tuning.driver import SweepInterrupted, run_sweep
 from pipeline.tuning.plan import plan_sweep
 from pipeline.tuning.ray_init import init_ray
 from pipeline.validation import prepare, refuse_resume
@@ -113,7 +113,8 @@ def refit_config(cfg: DictConfig, fold: int, out: Path) -> DictConfig:
     return refit
 
 
-def _score(out: Path, data: TrainingData, idx: np.ndarray, cfg: DictConfig) -> dict[str, float]:
+def _score(data: TrainingData, idx: np.ndarray, cfg: DictConfig) -> dict[str, float]:
+    """The refitted model (`cfg`'s best checkpoint) on the samples `idx`, as evaluate scores."""
     module = load_classifier(Layout.from_cfg(cfg).best_ckpt)
     probs = predict(module.net, data.raw.images[idx], batch_size=cfg.data.eval_batch_size, regularizer=cfg.regularizer)
     overall, _, _ = scores(probs, data.raw.labels[idx], data.raw.classes)
@@ -132,16 +133,22 @@ def run_outer(cfg: DictConfig, outer: OuterFold, data: TrainingData, layout: Lay
     with run if run is not None else contextlib.nullcontext():
         run_id = run.run_id if run is not None else None
         inner_data = TrainingData(data.raw, outer.inner, data.tags)
-        best = run_sweep(sweep_config(cfg, outer.fold, out), train=train, parent_run_id=run_id,
-                         load=lambda c: load_data(c, Layout.from_cfg(c), inner_data))
+        try:
+            best = run_sweep(sweep_config(cfg, outer.fold, out), train=train, parent_run_id=run_id,
+                             load=lambda c: load_data(c, Layout.from_cfg(c), inner_data))
+        except SweepInterrupted as err:
+            # A stop (Ctrl+C): every run above the sweep ends KILLED, not FAILED, and there is
+            # no sweep to resume: nested CV starts its sweeps anew.
+            raise KeyboardInterrupt(f"outer fold {outer.fold}'s sweep stopped; nested cross-validation cannot "
+                                    "resume: run it again.") from err
         refit_cfg = prepare(refit_config(cfg, outer.fold, out))
         refit_data = TrainingData(data.raw, outer.refit, data.tags)
         fitted = train(refit_cfg, parent_run_id=run_id, data=refit_data,
                        run_tags={"outer_fold": str(outer.fold), "nested_cv": "refit"})
         result = {"fold": outer.fold, "trial_id": best["trial_id"], "overrides": best["overrides"],
                   "inner/val/acc" if best["metric"] == "val/acc" else f"inner/{best['metric']}": best["value"],
-                  **{f"outer/{k}": v for k, v in _score(out, data, outer.held_out, refit_cfg).items()},
-                  **{f"test/{k}": v for k, v in _score(out, data, data.splits.test, refit_cfg).items()},
+                  **{f"outer/{k}": v for k, v in _score(data, outer.held_out, refit_cfg).items()},
+                  **{f"test/{k}": v for k, v in _score(data, data.splits.test, refit_cfg).items()},
                   "model/params": fitted["model/params"], "model/macs": fitted["model/macs"],
                   "sizes": {"held_out": int(len(outer.held_out)), "refit_train": int(len(outer.refit.train)),
                             "refit_val": int(len(outer.refit.val))},
