@@ -4,14 +4,20 @@ and a SQLite MLflow store, checked for leaks through the indices every model tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
+import sqlite3
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
 from pipeline.cli.stages import STAGES
 from pipeline.data.nested import derived_seed, outer_fold
@@ -232,3 +238,46 @@ def test_dvc_cv_stage_runs_nested_cv_when_asked(tmp_path: Path):
     for fold in range(2):
         assert (project / "cv" / "nested" / f"outer_{fold}" / "results" / "tune" / "best.yaml").is_file()
     assert "outer_acc" in _run([str(BIN / "dvc"), "metrics", "show", "--json"], project)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_nested_cv_ends_its_run_tree_killed(cfg_factory, tmp_path: Path, sig, status):
+    """A real signal to the cv stage's process in the middle of an outer fold's sweep."""
+    cfg = cfg_factory([*NESTED, "tune.num_samples=2", "tune.max_epochs=500", "tune.scheduler=fifo", "tune.num_cpus=2",
+                       "regularizer.early_stopping.enabled=false"])
+    ensure_data(cfg)
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(cfg, params)
+    log = tmp_path / "stage.log"
+    db = tmp_path / "mlflow.db"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", "cv", str(params)], cwd=tmp_path,
+                                env=project_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            # A trial's first epoch of its first inner fold (its checkpoint; it reports per fold).
+            while not list(tmp_path.glob("results/ray/*-nested-outer0-*/*/cv/fold_0/models/last.ckpt")):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            proc.send_signal(sig)
+            assert proc.wait(timeout=180) == status, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    assert "nested cross-validation cannot resume a sweep" in log.read_text()
+    statuses = dict(_query(db, "SELECT name, status FROM runs"))
+    assert "RUNNING" not in statuses.values(), statuses
+    top = [s for n, s in statuses.items() if n.startswith("nested-cv-") and n.endswith("-digits")]
+    outer = [s for n, s in statuses.items() if n.endswith("-outer0")]
+    assert top == ["KILLED"] and outer == ["KILLED"], statuses
+    assert not (tmp_path / "out" / "metrics" / "cv.json").exists()
+
+
+def _query(db: Path, sql: str) -> list[tuple]:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute(sql).fetchall()
+    except sqlite3.Error:  # not created yet, or being written
+        return []

@@ -21,6 +21,7 @@ sweep's run > trial runs > inner-fold runs, beside the outer fold's refit run.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from omegaconf import DictConfig
 from pipeline.analysis.stats import summarize
 from pipeline.config import flatten, open_dict, to_container
 from pipeline.data.nested import OuterFold, outer_fold
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Terminated
 from pipeline.files import write_text
 from pipeline.layout import Layout
 from pipeline.tasks.common import TrainingData, load_data, write_json
@@ -44,6 +45,8 @@ from pipeline.tuning.driver import SweepInterrupted, run_sweep
 from pipeline.tuning.plan import plan_sweep
 from pipeline.tuning.ray_init import init_ray
 from pipeline.validation import prepare, refuse_resume
+
+log = logging.getLogger(__name__)
 
 SCORES = ("acc", "loss", "f1_macro")  # of the refitted model, on the held-out fold and the test split
 
@@ -136,11 +139,12 @@ def run_outer(cfg: DictConfig, outer: OuterFold, data: TrainingData, layout: Lay
         try:
             best = run_sweep(sweep_config(cfg, outer.fold, out), train=train, parent_run_id=run_id,
                              load=lambda c: load_data(c, Layout.from_cfg(c), inner_data))
-        except SweepInterrupted as err:
-            # A stop (Ctrl+C): every run above the sweep ends KILLED, not FAILED, and there is
-            # no sweep to resume: nested CV starts its sweeps anew.
-            raise KeyboardInterrupt(f"outer fold {outer.fold}'s sweep stopped; nested cross-validation cannot "
-                                    "resume: run it again.") from err
+        except (SweepInterrupted, Terminated) as err:
+            # A stop signal: every run above the sweep ends KILLED, not FAILED, and the sweep's
+            # own "resume it" does not apply: nested CV starts its sweeps anew.
+            log.warning("Outer fold %d's sweep stopped; nested cross-validation cannot resume a sweep (any hint "
+                        "to resume it does not apply): run it again.", outer.fold)
+            raise (Terminated("terminated") if isinstance(err, Terminated) else KeyboardInterrupt()) from err
         refit_cfg = prepare(refit_config(cfg, outer.fold, out))
         refit_data = TrainingData(data.raw, outer.refit, data.tags)
         fitted = train(refit_cfg, parent_run_id=run_id, data=refit_data,
