@@ -150,7 +150,7 @@ def run_outer(cfg: DictConfig, outer: OuterFold, data: TrainingData, layout: Lay
         fitted = train(refit_cfg, parent_run_id=run_id, data=refit_data,
                        run_tags={"outer_fold": str(outer.fold), "nested_cv": "refit"})
         result = {"fold": outer.fold, "trial_id": best["trial_id"], "overrides": best["overrides"],
-                  "inner/val/acc" if best["metric"] == "val/acc" else f"inner/{best['metric']}": best["value"],
+                  f"inner/{best['metric']}": best["value"],  # the sweep's own score of its choice
                   **{f"outer/{k}": v for k, v in _score(data, outer.held_out, refit_cfg).items()},
                   **{f"test/{k}": v for k, v in _score(data, data.splits.test, refit_cfg).items()},
                   "model/params": fitted["model/params"], "model/macs": fitted["model/macs"],
