@@ -146,6 +146,7 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
     on `data` (train's `data=`) if given."""
     from ray import tune
 
+    from pipeline.tuning.recovery import driver_id, record_reported_callback
     from pipeline.tuning.trial import run_trial
 
     folder, restore = _experiment(plan)
@@ -159,7 +160,7 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, train=train, base=plan.base, blocks=plan.blocks, callbacks=list(trial_callbacks),
                              experiment=path.removeprefix("file://") if plan.storage_is_local else None, ddp=ddp,
-                             data=data),
+                             data=data, driver=driver_id()),
         resources)
     if restore:
         print(f"Resuming the sweep in {path}")
@@ -169,6 +170,7 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
     callbacks: list[Any] = [_json_logger()]  # result.json: per-trial curves for the outputs
     if plan.cfg.tracking.enabled:
         callbacks.append(_mlflow_callback(plan, path))
+    callbacks.append(record_reported_callback())  # each result's checkpoint, where retries resume
     search_alg, limit = _search(plan)
     tune_config = tune.TuneConfig(metric=plan.tune["metric"], mode=plan.tune["mode"], search_alg=search_alg,
                                   scheduler=_scheduler(plan), num_samples=1 if plan.tune["search_alg"] == "grid"
