@@ -85,8 +85,13 @@ def _search(plan: Plan) -> tuple[Any, int | None]:
             # At least two generations within the sweep: the first is sampled at random.
             population = max(2, min(50, int(plan.tune["num_samples"]) // 2))
             sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+        elif not plan.objectives:
+            sampler = optuna.samplers.TPESampler(seed=seed)
         else:
-            sampler = optuna.samplers.TPESampler(seed=seed)  # multi-objective TPE with several objectives
+            # Multi-objective TPE. Its first n_startup_trials are random (Optuna's default: 10,
+            # all of a 10-trial sweep); a third of the sweep leaves most trials to TPE.
+            startup = max(2, min(10, int(plan.tune["num_samples"]) // 3))
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
         objectives = plan.objectives
         if not objectives:
             return OptunaSearch(sampler=sampler), limit

@@ -213,6 +213,7 @@ def pareto_png(trials: Sequence[Mapping[str, Any]], objectives: Sequence[Objecti
         ax.set_xlabel(f"{x_name} ({'lower' if x_mode == 'min' else 'higher'} is better)")
         ax.set_ylabel(f"{y_name} ({'higher' if y_mode == 'max' else 'lower'} is better)")
         ax.grid(alpha=0.3)
+        ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
         if points:
             ax.legend(fontsize=8)
     fig.suptitle(f"{len(trials)} trials, {sum(bool(t['on_front']) for t in trials)} on the front")
