@@ -50,7 +50,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "paths": ("root", "data_dir", "download_dir", "out_dir"),
     "tune": ("name", "space", "fixed", "num_samples", "search_alg", "scheduler", "asha", "hyperband", "pbt", "metric",
              "mode", "max_epochs", "max_concurrent_trials", "resources", "workers", "num_cpus", "address",
-             "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv"),
+             "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv", "objectives"),
     "tune.asha": ("grace_period", "reduction_factor", "brackets"),
     "tune.hyperband": ("reduction_factor",),
     "tune.pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate"),

@@ -6,7 +6,8 @@ Alternatives come from `compare.grid`, a list of {key: [values]}, e.g.
 cross-validated by `cross_validate` (same split, same folds, same seed), then compared by
 `pipeline.analysis.stats.compare_alternatives`: paired t-test and Wilcoxon over folds,
 McNemar on the shared test set (each alternative predicts with its fold models' mean
-probabilities), Holm-corrected.
+probabilities), Holm-corrected. `compare_cost.png` plots each alternative's mean score and
+interval against its parameters and MACs, marking the non-dominated ones.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pipeline.layout import Layout
 from pipeline.tasks.common import write_json
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.server import check_tracking
+from pipeline.tuning.pareto import non_dominated
 from pipeline.tuning.space import GROUPS, apply_overrides, compose_block
 from pipeline.validation import prepare, refuse_resume
 
@@ -91,7 +93,8 @@ def check_compare(cfg: DictConfig) -> DictConfig:
 
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
-    """Run the grid; writes reports/compare.md, reports/compare.json and a per-fold plot."""
+    """Run the grid; writes reports/compare.md, reports/compare.json, a per-fold plot and the
+    accuracy-against-cost figure."""
     from pipeline.tasks.cv import cross_validate
 
     cfg, planned = _plan(cfg)
@@ -115,11 +118,13 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         stats = compare_alternatives(scores, probs, labels, alpha=cfg.compare.alpha,
                                      confidence=cfg.cv.confidence, higher_is_better=cfg.compare.higher_is_better)
         stats["extra"] = extra
+        stats["cost_front"] = cost_fronts(stats["summaries"], extra, higher_is_better=cfg.compare.higher_is_better)
         write_json(reports / "compare.json", stats)
         write_text(reports / "compare.md", markdown(stats, cfg.compare.metric))
         per_fold_png(scores, cfg.compare.metric, reports / "compare_folds.png")
+        cost_png(stats, cfg.compare.metric, reports / "compare_cost.png")
         if parent is not None:
-            for name in ("compare.md", "compare.json", "compare_folds.png"):
+            for name in ("compare.md", "compare.json", "compare_folds.png", "compare_cost.png"):
                 parent.log_artifact(reports / name)
     return stats
 
@@ -141,7 +146,56 @@ def markdown(stats: dict[str, Any], metric: str) -> str:
         lines.append(f"| {pair['a']} | {pair['b']} | {pair['mean_diff']:+.4f} | {t['p_value']:.3g} ({t['p_adjusted']:.3g}) "
                      f"| {w['p_value']:.3g} ({w['p_adjusted']:.3g}) | {mc} | {t['cohens_dz']:.2f} |")
     lines += ["", "## Conclusions", "", *[f"- {s}" for s in stats["statements"]], ""]
+    if "cost_front" in stats:
+        front = stats["cost_front"]
+        lines += ["## Accuracy against cost", "",
+                  "Non-dominated alternatives (no other has a better mean at no greater cost): "
+                  f"against parameters {', '.join(front['params'])}; against MACs {', '.join(front['macs'])}.", "",
+                  f"![mean {metric} with its interval against parameters and MACs](compare_cost.png)", ""]
     return "\n".join(lines)
+
+
+def cost_fronts(summaries: dict[str, dict[str, float]], extra: dict[str, dict[str, float]], *,
+                higher_is_better: bool) -> dict[str, list[str]]:
+    """{"params": [...], "macs": [...]}: the alternatives whose mean score no other beats at
+    no greater cost (parameters, multiply-accumulates), in the grid's order."""
+    names = list(summaries)
+    modes = ["max" if higher_is_better else "min", "min"]
+    fronts = {}
+    for cost in ("params", "macs"):
+        flags = non_dominated([(summaries[n]["mean"], extra[n][cost]) for n in names], modes)
+        fronts[cost] = [n for n, on in zip(names, flags) if on]
+    return fronts
+
+
+def cost_png(stats: dict[str, Any], metric: str, path: Path) -> Path:
+    """Each alternative's mean score with its confidence interval against its parameters and
+    its MACs (one panel each), the non-dominated ones (`stats["cost_front"]`) in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.reports.figures import save_figure
+
+    summaries, extra = stats["summaries"], stats["extra"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (cost, label) in zip(axes, (("params", "parameters"), ("macs", "MACs per image"))):
+        front = set(stats["cost_front"][cost])
+        for name, s in summaries.items():
+            x, on = float(extra[name][cost]), name in front
+            ax.errorbar([x], [s["mean"]], yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], fmt="o",
+                        color="tab:red" if on else "tab:gray", capsize=4, ms=8 if on else 6)
+            ax.annotate(name + (" *" if on else ""), (x, s["mean"]), fontsize=8, xytext=(5, 5),
+                        textcoords="offset points")
+        xs = [float(extra[n][cost]) for n in summaries]
+        if min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        confidence = next(iter(summaries.values()))["confidence"]
+        ax.set(xlabel=label, ylabel=f"mean {metric} ({confidence:.0%} interval)",
+               title=f"{metric} against {label} (* non-dominated)")
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path)
 
 
 def per_fold_png(scores: dict[str, list[float]], metric: str, path: Path) -> Path:

@@ -20,6 +20,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from pipeline.training.metrics import EPOCH_METRICS
+from pipeline.tuning.pareto import cost_probe, measure_costs
 from pipeline.tuning.ray_init import Shared
 from pipeline.tuning.recovery import CKPT_FILE, META_FILE, resume_checkpoint
 from pipeline.tuning.space import trial_config
@@ -38,15 +39,20 @@ class TuneReporter(Callback):
     so the epoch's metrics are final. A non-finite training loss ends the trial with a last
     report of `diverged: 1` and `val/acc` NaN, so the trial is never the best.
     `lr_scale` rescales the restored optimizer's rates when PBT changed `optimizer.lr`.
+    `costs` (`pareto.measure_costs`' keyword arguments): the model's costs, measured once at
+    the start, go with every report (what `tune.objectives` ranks on besides accuracy).
     """
 
-    def __init__(self, *, lr: float = 0.0, lr_scale: float = 1.0) -> None:
-        self.lr, self.lr_scale = lr, lr_scale
+    def __init__(self, *, lr: float = 0.0, lr_scale: float = 1.0, costs: Mapping[str, Any] | None = None) -> None:
+        self.lr, self.lr_scale, self.costs = lr, lr_scale, costs
         self._first = True
+        self._measured: dict[str, float] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.lr_scale != 1.0:  # after the checkpoint's optimizer state was restored
             rescale_lr(trainer, self.lr_scale)
+        if self.costs is not None:
+            self._measured = measure_costs(pl_module.net, **self.costs)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from ray import tune
@@ -54,6 +60,7 @@ class TuneReporter(Callback):
         logged = trainer.callback_metrics
         metrics: dict[str, Any] = {k: float(logged[k]) for k in EPOCH_METRICS if k in logged}
         metrics.update(tune_iteration(trainer.current_epoch))
+        metrics.update(self._measured)
         diverged = not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train/loss", "val/loss"))
         metrics["diverged"] = int(diverged)
         if self._first:  # Tune adds node_ip and hostname to every result itself
@@ -164,14 +171,15 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
     # (Lookahead keeps its rate in optimizer.base.lr.)
     lr = float(OmegaConf.select(cfg, "optimizer.lr", default=None) or OmegaConf.select(cfg, "optimizer.base.lr") or 0)
 
+    costs = cost_probe(plain)
     checkpoint = _own_checkpoint(driver)
     if checkpoint is None:
-        train(cfg, callbacks=[TuneReporter(lr=lr), *callbacks], figures=False, data=loaded)
+        train(cfg, callbacks=[TuneReporter(lr=lr, costs=costs), *callbacks], figures=False, data=loaded)
         return
     with checkpoint.as_directory() as folder:
         meta_file = Path(folder) / META_FILE
         old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
-        reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0)
+        reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0, costs=costs)
         train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE), figures=False,
               data=loaded)
 
