@@ -56,6 +56,9 @@ KEYS: dict[str, tuple[str, ...]] = {
     "tune.pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate"),
     "tune.resources": ("cpu", "gpu"),
 }
+# The tests `compare.test` may pick: those of pipeline.analysis.stats.TESTS (which sits above
+# this module; a test checks the two agree).
+COMPARE_TESTS = ("corrected_t", "paired_t", "wilcoxon", "five_by_two")
 # Checkpoints and early stopping keep the epoch where it is highest.
 OPTIMIZED_METRICS = ("val/acc", "train/acc")
 
@@ -109,8 +112,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice(cfg, "compare.metric", ["val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro"])
     check_number(cfg, "compare.alpha", low=0, high=1, low_open=True, high_open=True)
     check_bool(cfg, "compare.higher_is_better")
-    # The tests of pipeline.analysis.stats.TESTS (a test checks the two lists agree).
-    check_choice(cfg, "compare.test", ["corrected_t", "paired_t", "wilcoxon", "five_by_two"])
+    check_choice(cfg, "compare.test", COMPARE_TESTS)
     grid = get_required(cfg, "compare.grid")
     if not OmegaConf.is_list(grid) or not grid or not all(OmegaConf.is_dict(e) for e in grid):
         raise ConfigError("compare.grid must be a list of {key: [alternatives]}, "
