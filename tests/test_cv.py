@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from omegaconf import open_dict
+from scipy import stats
 
 import sweeps
 from pipeline.data.splits import load_splits
@@ -207,6 +208,12 @@ def test_repeated_folds_train_every_repetition_with_its_labels(cfg_factory, tmp_
     ensure_data(cfg)
     result = cross_validate(cfg)
     assert (result["folds"], result["repeats"]) == (2, 2) and len(result["val/acc"]["values"]) == 4
+    # Four scores from two repetitions are not four independent ones: the corrected interval,
+    # variance factor 1/4 + 1/(2 - 1).
+    acc = result["val/acc"]
+    assert acc["variance_factor"] == 1.25
+    half = stats.t.ppf(0.975, 3) * np.std(acc["values"], ddof=1) * np.sqrt(1.25)
+    assert acc["ci_high"] - acc["mean"] == pytest.approx(half)
     splits = load_splits(tmp_path / "data" / "splits" / "digits")
     assert splits.repeats == 2 and len(splits.folds) == 4
     trainval = set(np.concatenate([splits.train, splits.val]).tolist())

@@ -54,6 +54,20 @@ def test_summarize_single_value_and_errors():
         summarize([0.5, 0.6], confidence=1.0)
 
 
+def test_summarize_corrected_interval_by_hand():
+    # [0.90, 0.92, 0.94, 0.96]: mean 0.93, deviations -0.03, -0.01, 0.01, 0.03, squares sum
+    # 20e-4, std sqrt(20e-4/3) = 0.0258199. Two repetitions of 2 folds: factor 1/4 + 1/1 = 1.25
+    # (a 2-fold trains on as many as it tests), so half = t(0.975, 3) * 0.0258199 * sqrt(1.25)
+    # = 3.182446 * 0.0288675 = 0.0918693, where the plain interval has * sqrt(1/4): 0.0410852.
+    values = [0.90, 0.92, 0.94, 0.96]
+    s = summarize(values, variance_factor=1.25)
+    assert s["ci_high"] - s["mean"] == pytest.approx(0.0918693, abs=1e-6)
+    assert s["mean"] - s["ci_low"] == pytest.approx(0.0918693, abs=1e-6) and s["variance_factor"] == 1.25
+    plain = summarize(values)
+    assert plain["ci_high"] - plain["mean"] == pytest.approx(0.0410852, abs=1e-6) and "variance_factor" not in plain
+    assert summarize(values, variance_factor=0.25) | {"variance_factor": None} == plain | {"variance_factor": None}
+
+
 # ----------------------------------------------------------------------------- paired t
 
 
@@ -413,6 +427,9 @@ def test_compare_five_by_two_and_holm_on_deciding_test():
     assert [p["five_by_two"]["p_adjusted"] for p in out["pairs"]] == [h["p_adjusted"] for h in holm(raw)]
     assert [p["significant"] for p in out["pairs"]] == [p["five_by_two"]["reject"] for p in out["pairs"]]
     assert out["pairs"][0]["five_by_two"]["statistic"] == pytest.approx(1.825742, abs=1e-6)
+    # Repeated folds: each summary's interval is the corrected one, 1/10 + 1/1 (2 folds).
+    assert out["summaries"]["x"]["variance_factor"] == pytest.approx(1.1)
+    assert "variance_factor" not in compare_alternatives(scores)["summaries"]["x"]
     # Other designs compute no 5x2cv test, and refuse to decide by one.
     assert compare_alternatives(scores, repeats=2)["pairs"][0]["five_by_two"] is None
     with pytest.raises(ValueError, match="5 repetitions of 2 folds"):

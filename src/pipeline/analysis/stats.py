@@ -44,9 +44,12 @@ def _paired(a: ArrayLike, b: ArrayLike, minimum: int = 1) -> tuple[np.ndarray, n
     return x, y
 
 
-def summarize(values: ArrayLike, confidence: float = 0.95) -> dict[str, Any]:
+def summarize(values: ArrayLike, confidence: float = 0.95, *, variance_factor: float | None = None) -> dict[str, Any]:
     """n, mean, sample std (ddof=1) and a Student-t confidence interval of the mean.
 
+    The interval's variance is std^2 / n, or std^2 * `variance_factor` when given: repeated
+    cross-validation passes Nadeau & Bengio's 1/n + n_test/n_train, as its r x k scores share
+    data and are far from n independent ones (the result then holds `variance_factor`).
     With one value there is no spread to estimate: std is 0 and the interval is the value
     itself (rather than NaN), so a single-fold run still produces a readable report.
     """
@@ -59,9 +62,13 @@ def summarize(values: ArrayLike, confidence: float = 0.95) -> dict[str, Any]:
     else:
         std = float(np.std(x, ddof=1))
         # t rather than normal quantiles: with 3-10 folds the normal CI is far too narrow.
-        half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / np.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "confidence": confidence,
-            "ci_low": mean - half, "ci_high": mean + half, "values": x.tolist()}
+        scale = 1 / np.sqrt(n) if variance_factor is None else np.sqrt(variance_factor)
+        half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std * float(scale)
+    out = {"n": n, "mean": mean, "std": std, "confidence": confidence,
+           "ci_low": mean - half, "ci_high": mean + half, "values": x.tolist()}
+    if variance_factor is not None:
+        out["variance_factor"] = variance_factor
+    return out
 
 
 def _no_spread(x: np.ndarray, y: np.ndarray, d: np.ndarray) -> tuple[float, float] | None:
@@ -391,6 +398,8 @@ def compare_alternatives(
         "alpha": alpha, "n_folds": n, "folds": k, "repeats": repeats, "higher_is_better": higher_is_better,
         "test": test, "deciding_key": deciding, "decision_rule": f"Holm-adjusted {test_name} p <= alpha",
         "decision_reason": f"{test_name}: {reason}", "n_train": float(n_train), "n_test": float(n_test),
-        "summaries": {name: summarize(v, confidence) for name, v in data.items()},
+        # Repeated folds: the corrected interval (see summarize); one repetition: the plain one.
+        "summaries": {name: summarize(v, confidence, variance_factor=1 / n + n_test / n_train if repeats > 1 else None)
+                      for name, v in data.items()},
         "pairs": pairs, "statements": [p["statement"] for p in pairs],
     }

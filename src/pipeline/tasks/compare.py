@@ -121,7 +121,9 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         raw = read_raw(layout.raw)
         splits = load_splits(layout.splits)
         labels = raw.labels[splits.test]
-        # The corrected t-test's n_test / n_train: a fold's validation and training sizes.
+        # The corrected t-test's n_test / n_train: a fold's validation and training sizes. With
+        # compare.metric=test/* every fold model scores the same test split, which correlates
+        # the fold differences further than this allows for: prefer val/* to decide.
         trainval = len(splits.train) + len(splits.val)
         n_test = float(np.mean([len(f) for f in splits.folds]))
         stats = compare_alternatives(scores, probs, labels, alpha=cfg.compare.alpha,

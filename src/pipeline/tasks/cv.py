@@ -162,7 +162,10 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
         else:
             results = [run_fold(plain, fold, parent_id) for fold in folds]
         results.sort(key=lambda r: r["fold"])
-        summary = {key: summarize([r[key] for r in results], confidence=cfg.cv.confidence)
+        # Repeated folds share data: their interval is the corrected one (a fold tests on one
+        # of k parts and trains on k - 1); one repetition keeps the plain t-interval.
+        factor = 1 / len(folds) + 1 / (cfg.data.split.folds - 1) if repeats > 1 else None
+        summary = {key: summarize([r[key] for r in results], confidence=cfg.cv.confidence, variance_factor=factor)
                    for key in CV_METRICS if all(key in r for r in results)}
         # "folds" is per repetition; the values run repetition-major (rep * folds + i).
         out = {"folds": cfg.data.split.folds, **({"repeats": repeats} if repeats > 1 else {}),
