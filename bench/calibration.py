@@ -7,7 +7,8 @@ so every "significant" verdict is a false positive; a calibrated test at alpha =
 one in 20. Each null draws a new split (folds) and a new pair of seeds, and is tested by
 `pipeline.analysis.stats.compare_alternatives`, the code `pipeline compare` runs:
 
-- k-fold (the config's `data.split.folds`, 5): paired t, corrected resampled t, Wilcoxon;
+- k-fold (`--folds`, the config's 5; `--repeats` r: r x k folds, as `cv.repeats`): paired
+  t, corrected resampled t, Wilcoxon;
 - 5 x 2-fold (`cv.repeats=5`, 2 folds): Dietterich's 5x2cv t, and corrected and paired t
   over the same 10 folds.
 
@@ -17,7 +18,7 @@ batches (`TensorBatches`) in a plain PyTorch loop (what `bench/overhead.py` chec
 the Lightning path), no checkpoints, no tracking. Each false-positive rate comes with a 95%
 Wilson interval. The last line is the headline.
 
-    .venv/bin/python bench/calibration.py [--nulls 80] [--epochs 3] [--folds 5]
+    .venv/bin/python bench/calibration.py [--nulls 80] [--epochs 3] [--folds 5] [--repeats 1] [--no-5x2]
 """
 
 from __future__ import annotations
@@ -92,14 +93,18 @@ def rates(p_values: dict[tuple[str, str], Sequence[float]], alpha: float = ALPHA
     return out
 
 
-def headline(found: list[Rate]) -> str:
-    """`calibration: paired_t FPR 0.21 [0.14, 0.30], corrected_t ..., 5x2cv ... over N nulls`."""
+def headline(found: list[Rate], kfold: str = "kfold") -> str:
+    """`calibration: 5-fold paired_t FPR 0.05 [0.02, 0.12], corrected_t ...; 5x2 folds
+    paired_t ..., corrected_t ..., 5x2cv ... over N nulls (alpha 0.05)`."""
     by = {(r.design, r.name): r for r in found}
-    parts = [f"{name} FPR {by[key].cell()}" for key, name in
-             ((("kfold", "paired_t"), "paired_t"), (("kfold", "corrected_t"), "corrected_t"), (("5x2", "5x2cv"), "5x2cv"))
-             if key in by]
+    groups = []
+    for design, label, names in (("kfold", kfold, ("paired_t", "corrected_t")),
+                                 ("5x2", "5x2 folds", ("paired_t", "corrected_t", "5x2cv"))):
+        parts = [f"{name} FPR {by[design, name].cell()}" for name in names if (design, name) in by]
+        if parts:
+            groups.append(f"{label} {', '.join(parts)}")
     nulls = max(r.nulls for r in found)
-    return f"calibration: {', '.join(parts)} over {nulls} nulls (alpha {ALPHA})"
+    return f"calibration: {'; '.join(groups)} over {nulls} nulls (alpha {ALPHA})"
 
 
 # ----------------------------------------------------------------------------- training
@@ -151,7 +156,7 @@ def fold_sizes(splits: Splits) -> tuple[float, float]:
     return trainval - n_test, n_test
 
 
-def run(nulls: int, epochs: int, folds: int, seed: int, five_by_two: bool = True,
+def run(nulls: int, epochs: int, folds: int, seed: int, five_by_two: bool = True, repeats: int = 1,
         log: Callable[[str], None] = lambda line: print(line, flush=True)) -> list[Rate]:
     """`nulls` planted nulls; the false-positive rate of every test."""
     cfg = compose(["model=mlp", "scheduler=none", "regularizer=none"], conf=CONF_DIR)
@@ -166,13 +171,13 @@ def run(nulls: int, epochs: int, folds: int, seed: int, five_by_two: bool = True
         # A new split and a new pair of seeds per null; the same for both designs within it.
         split_seed, seeds = seed + 1000 * j, (seed + 2 * j, seed + 2 * j + 1)
         designs = [("kfold", make_splits(labels, val_fraction=s.val_fraction, test_fraction=s.test_fraction,
-                                         folds=folds, seed=split_seed), 1)]
+                                         folds=folds, repeats=repeats, seed=split_seed), repeats)]
         if five_by_two:
             designs.append(("5x2", make_splits(labels, val_fraction=s.val_fraction, test_fraction=s.test_fraction,
                                                folds=2, repeats=5, seed=split_seed), 5))
-        for design, splits, repeats in designs:
+        for design, splits, reps in designs:
             n_train, n_test = fold_sizes(splits)
-            out = compare_alternatives(bench.null(splits, seeds), repeats=repeats, n_train=n_train, n_test=n_test)
+            out = compare_alternatives(bench.null(splits, seeds), repeats=reps, n_train=n_train, n_test=n_test)
             pair = out["pairs"][0]
             for d, key, _ in ROWS:
                 if d == design and pair.get(key) is not None:
@@ -184,10 +189,11 @@ def run(nulls: int, epochs: int, folds: int, seed: int, five_by_two: bool = True
     return rates(p_values)
 
 
-def table(found: list[Rate]) -> str:
-    lines = ["| design | test | false positives | FPR [95% Wilson CI] |", "|---|---|---|---|"]
+def table(found: list[Rate], kfold: str = "kfold") -> str:
+    lines = ["| folds | test | false positives | FPR [95% Wilson CI] |", "|---|---|---|---|"]
     for r in found:
-        lines.append(f"| {r.design} | {r.name} | {r.rejections}/{r.nulls} | {r.cell()} |")
+        label = kfold if r.design == "kfold" else "5x2"
+        lines.append(f"| {label} | {r.name} | {r.rejections}/{r.nulls} | {r.cell()} |")
     return "\n".join(lines)
 
 
@@ -196,21 +202,23 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--nulls", type=int, default=80, help="planted nulls (comparisons of seed twins)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs per fold")
     parser.add_argument("--folds", type=int, default=5, help="k of the k-fold design (pipeline default 5)")
+    parser.add_argument("--repeats", type=int, default=1, help="cv.repeats of the k-fold design")
     parser.add_argument("--seed", type=int, default=0, help="first seed; null j uses seeds 2j, 2j+1 after it")
     parser.add_argument("--no-5x2", dest="five_by_two", action="store_false", help="skip the 5x2cv design")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if args.nulls < 1 or args.epochs < 1 or args.folds < 2:
-        parser.error("--nulls and --epochs must be at least 1, --folds at least 2")
+    if args.nulls < 1 or args.epochs < 1 or args.repeats < 1 or args.folds < 2:
+        parser.error("--nulls, --epochs and --repeats must be at least 1, --folds at least 2")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     start = time.perf_counter()
-    found = run(args.nulls, args.epochs, args.folds, args.seed, args.five_by_two)
-    print(f"\n{args.nulls} nulls, MLP {args.epochs} epochs, {args.folds}-fold and 5x2cv, "
+    kfold = f"{args.repeats}x{args.folds}-fold" if args.repeats > 1 else f"{args.folds}-fold"
+    found = run(args.nulls, args.epochs, args.folds, args.seed, args.five_by_two, args.repeats)
+    print(f"\n{args.nulls} nulls, MLP {args.epochs} epochs, {kfold}{' and 5x2' if args.five_by_two else ''}, "
           f"{time.perf_counter() - start:.0f} s\n")
-    print(table(found))
-    line = headline(found)
+    print(table(found, kfold))
+    line = headline(found, kfold)
     print(line)
     return line
 

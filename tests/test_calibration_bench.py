@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PATH = Path(__file__).resolve().parents[1] / "bench" / "calibration.py"
@@ -42,16 +43,34 @@ def test_rates_count_p_at_or_below_alpha(bench):
     assert (found["kfold", "paired_t"].rejections, found["kfold", "paired_t"].nulls) == (2, 4)  # 0.05 rejects
     assert found["kfold", "corrected_t"].rejections == 0 and found["5x2", "5x2cv"].fpr == 0.25
     assert ("kfold", "wilcoxon") not in found  # no p-values, no row
-    line = bench.headline(list(found.values()))
-    lo, hi = bench.wilson(2, 4)
-    assert line == (f"calibration: paired_t FPR 0.50 [{lo:.2f}, {hi:.2f}], corrected_t FPR 0.00 "
-                    f"[0.00, {bench.wilson(0, 4)[1]:.2f}], 5x2cv FPR 0.25 [{bench.wilson(1, 4)[0]:.2f}, "
-                    f"{bench.wilson(1, 4)[1]:.2f}] over 4 nulls (alpha 0.05)")
+    line = bench.headline(list(found.values()), "5-fold")
+    cell = {n: bench.Rate("", "", n, 4).cell() for n in (0, 1, 2)}
+    assert cell[2] == f"0.50 [{bench.wilson(2, 4)[0]:.2f}, {bench.wilson(2, 4)[1]:.2f}]"
+    assert line == (f"calibration: 5-fold paired_t FPR {cell[2]}, corrected_t FPR {cell[0]}; "
+                    f"5x2 folds 5x2cv FPR {cell[1]} over 4 nulls (alpha 0.05)")
+
+
+def test_every_null_makes_both_designs_from_its_own_seeds(bench, monkeypatch):
+    # The loop alone (scores drawn at random, no training): each null splits anew, the k-fold
+    # design keeps its own repetitions after a 5x2 one, and the seed twins move on per null.
+    seen = []
+
+    def fake_null(self, splits, seeds):
+        seen.append((len(splits.folds), splits.repeats, splits.params["seed"], seeds))
+        rng = np.random.default_rng(seeds[0])
+        return {"a": rng.random(len(splits.folds)).tolist(), "b": rng.random(len(splits.folds)).tolist()}
+
+    monkeypatch.setattr(bench.Bench, "null", fake_null)
+    found = bench.run(3, 1, 5, 0, repeats=2, log=lambda line: None)
+    assert seen == [(10, 2, 0, (0, 1)), (10, 5, 0, (0, 1)), (10, 2, 1000, (2, 3)), (10, 5, 1000, (2, 3)),
+                    (10, 2, 2000, (4, 5)), (10, 5, 2000, (4, 5))]
+    assert len(found) == 6 and all(r.nulls == 3 for r in found)
 
 
 def test_a_tiny_run_prints_its_headline_last(bench, capsys):
-    line = bench.main(["--nulls", "1", "--epochs", "1", "--folds", "2"])
+    line = bench.main(["--nulls", "1", "--epochs", "1", "--folds", "2", "--repeats", "2"])
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == line and line.startswith("calibration: paired_t FPR ") and line.endswith("over 1 nulls (alpha 0.05)")
-    rows = [row for row in out if row.startswith("| kfold") or row.startswith("| 5x2")]
+    assert out[-1] == line and line.startswith("calibration: 2x2-fold paired_t FPR ")
+    assert "; 5x2 folds paired_t FPR " in line and line.endswith("over 1 nulls (alpha 0.05)")
+    rows = [row for row in out if row.startswith(("| 2x2-fold |", "| 5x2 |"))]
     assert len(rows) == 6 and all("/1 |" in row for row in rows)
