@@ -18,7 +18,7 @@ batches (`TensorBatches`) in a plain PyTorch loop (what `bench/overhead.py` chec
 the Lightning path), no checkpoints, no tracking. Each false-positive rate comes with a 95%
 Wilson interval. The last line is the headline.
 
-    .venv/bin/python bench/calibration.py [--nulls 80] [--epochs 3] [--folds 5] [--repeats 1] [--no-5x2]
+    .venv/bin/python bench/calibration.py [--nulls 60] [--epochs 3] [--folds 5] [--repeats 1] [--no-5x2]
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def table(found: list[Rate], kfold: str = "kfold") -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nulls", type=int, default=80, help="planted nulls (comparisons of seed twins)")
+    parser.add_argument("--nulls", type=int, default=60, help="planted nulls (comparisons of seed twins)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs per fold")
     parser.add_argument("--folds", type=int, default=5, help="k of the k-fold design (pipeline default 5)")
     parser.add_argument("--repeats", type=int, default=1, help="cv.repeats of the k-fold design")
