@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +186,58 @@ def test_repeated_save_load_roundtrip_and_check(tmp_path):
     assert load_splits(plain, expect={"folds": 2, "repeats": 1}).repeats == 1
     with pytest.raises(DataError, match="repeats: split has 1, config asks 5"):
         load_splits(plain, expect={"repeats": 5})
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dvc_split_stage_follows_cv_repeats(tmp_path):
+    """The real `dvc repro split`: cv.repeats is one of its params, a change re-runs it with
+    r x k folds, and going back to 1 gives the very same output as before (same md5)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from procs import BIN, project_env
+
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (repo / rel).is_file():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, tmp_path / rel)
+
+    def run(*cmd: str) -> str:
+        done = subprocess.run(cmd, cwd=tmp_path, env=project_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    def split_md5() -> str:
+        lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+        return next(o["md5"] for o in lock["stages"]["split"]["outs"])
+
+    def set_repeats(r: int) -> None:
+        params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+        params["cv"]["repeats"] = r
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    run("git", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "baseline")
+    dvc = str(BIN / "dvc")
+    run(dvc, "repro", "split")
+    plain = split_md5()
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+    assert lock["stages"]["split"]["params"]["params.yaml"]["cv.repeats"] == 1
+
+    set_repeats(2)
+    assert "cv.repeats" in run(dvc, "status", "split")
+    assert "Running stage 'split'" in run(dvc, "repro", "split")
+    splits = load_splits(tmp_path / "data" / "splits" / "digits")
+    assert splits.repeats == 2 and len(splits.folds) == 2 * splits.params["folds"]
+    assert split_md5() != plain
+
+    set_repeats(1)
+    run(dvc, "repro", "split")
+    assert split_md5() == plain
