@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 
 import pytest
 
+from pipeline.analysis.stats import TESTS
+from pipeline.cli.main import main
 from pipeline.tasks.compare import alternatives, compare
 from pipeline.tasks.data import ensure_data
+from pipeline.validation import COMPARE_TESTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,7 +43,64 @@ def test_planted_worse_and_identical_designs(cfg_factory, tmp_path):
     assert any("not significantly different" in s for s in stats["statements"])
     report = (tmp_path / "out" / "reports" / "compare.md").read_text()
     assert "| alternative | mean ± std" in report and weak[0] in report
+    # The corrected t-test decides by default; the report says so, and why, in one sentence.
+    assert stats["test"] == "corrected_t" and all(p["significant"] == p["corrected_t"]["reject"] for p in stats["pairs"])
+    assert ("Decided by the corrected resampled t-test: the folds' training sets overlap, so their score "
+            "differences are correlated and the plain paired t-test is too eager") in report
+    assert "corrected t p (Holm) — decides | paired t p (Holm) | Wilcoxon p (Holm) | McNemar p (Holm)" in report
+    # n_test / n_train is a fold's validation share: about 1/2 with 3 folds.
+    assert stats["n_test"] / stats["n_train"] == pytest.approx(0.5, rel=0.01)
     assert (tmp_path / "out" / "reports" / "compare_folds.png").stat().st_size > 1000
     # Reproducible: the same seed gives the same numbers.
     again = compare(cfg)
     assert json.dumps(again["summaries"]) == json.dumps(stats["summaries"])
+
+
+def test_five_by_two_on_five_repetitions_of_two_folds(cfg_factory, tmp_path):
+    cfg = cfg_factory(["model=mlp", "data.split.folds=2", "cv.repeats=5", "compare.test=five_by_two",
+                       "trainer.max_epochs=1", "tracking.enabled=false",
+                       "compare.grid=[{model.hidden_sizes: [[2], [64]]}]"])
+    ensure_data(cfg)
+    stats = compare(cfg)
+    assert (stats["test"], stats["folds"], stats["repeats"], stats["n_folds"]) == ("five_by_two", 2, 5, 10)
+    pair = stats["pairs"][0]
+    assert pair["significant"] == pair["five_by_two"]["reject"] and pair["five_by_two"]["df"] == 5
+    assert pair["corrected_t"]["df"] == 9  # k * r - 1
+    report = (tmp_path / "out" / "reports" / "compare.md").read_text()
+    assert "(2 folds x 5 repetitions, alpha 0.05" in report
+    assert "Decided by the 5x2cv paired t-test: chosen by compare.test=five_by_two" in report
+    assert "5x2cv t p (Holm) — decides | corrected t p (Holm)" in report
+
+
+def _refused(tmp_path, *overrides: str) -> tuple[int, str, list[str]]:
+    """`pipeline compare <overrides>` in this process, in an empty project: status, stderr, leftovers."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    err, cwd = io.StringIO(), os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                status = main(["compare", "trainer.max_epochs=1", *overrides])
+            except SystemExit as stop:
+                status = stop.code
+    finally:
+        os.chdir(cwd)
+    return status, err.getvalue(), sorted(p.name for p in tmp_path.iterdir() if p.name != "dvc.yaml")
+
+
+def test_five_by_two_needs_five_repetitions_of_two_folds(tmp_path):
+    status, err, left = _refused(tmp_path, "compare.test=five_by_two")
+    assert status == 2 and "Traceback" not in err and left == []
+    assert "compare.test=five_by_two" in err and "data.split.folds=2 cv.repeats=5" in err
+    assert "got data.split.folds=5 and cv.repeats=1" in err
+
+
+@pytest.mark.parametrize("override, key", [("compare.test=t_test", "compare.test"), ("cv.repeats=0", "cv.repeats"),
+                                           ("cv.repeats=1.5", "cv.repeats")])
+def test_bad_test_or_repeats_refused(tmp_path, override, key):
+    status, err, left = _refused(tmp_path, override)
+    assert status == 2 and key in err and "Traceback" not in err and left == []
+
+
+def test_config_test_names_are_the_stats_tests():
+    assert set(COMPARE_TESTS) == set(TESTS)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from omegaconf import open_dict
+from scipy import stats
 
 import sweeps
 from pipeline.data.splits import load_splits
@@ -197,3 +198,41 @@ def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_fact
         assert client.get_run(info["run_id"]).data.tags["fold"] == str(fold)
         assert client.get_run(info["run_id"]).info.experiment_id == \
             client.get_experiment_by_name("cv-parallel-True").experiment_id
+
+
+def test_repeated_folds_train_every_repetition_with_its_labels(cfg_factory, tmp_path: Path):
+    """cv.repeats=2 of 2 folds: four models, each validating on its own fold and training on
+    the other fold of ITS repetition; runs, folders and cv.json say repetition and fold."""
+    cfg = cfg_factory(["data.split.folds=2", "cv.repeats=2", "model=mlp", "trainer.max_epochs=1",
+                       "tracking.run_name=rep"])
+    ensure_data(cfg)
+    result = cross_validate(cfg)
+    assert (result["folds"], result["repeats"]) == (2, 2) and len(result["val/acc"]["values"]) == 4
+    # Four scores from two repetitions are not four independent ones: the corrected interval,
+    # variance factor 1/4 + 1/(2 - 1).
+    acc = result["val/acc"]
+    assert acc["variance_factor"] == 1.25
+    half = stats.t.ppf(0.975, 3) * np.std(acc["values"], ddof=1) * np.sqrt(1.25)
+    assert acc["ci_high"] - acc["mean"] == pytest.approx(half)
+    splits = load_splits(tmp_path / "data" / "splits" / "digits")
+    assert splits.repeats == 2 and len(splits.folds) == 4
+    trainval = set(np.concatenate([splits.train, splits.val]).tolist())
+    for rep in range(2):
+        for i in range(2):
+            idx = np.load(tmp_path / "out" / "cv" / f"rep_{rep}" / f"fold_{i}" / "models" / "indices.npz")
+            assert set(idx["val"].tolist()) == set(splits.folds[rep * 2 + i].tolist())
+            assert set(idx["train"].tolist()) == set(splits.folds[rep * 2 + 1 - i].tolist())
+            assert set(idx["train"].tolist()) | set(idx["val"].tolist()) == trainval
+    # The two repetitions dealt the folds differently.
+    assert set(splits.folds[0].tolist()) != set(splits.folds[2].tolist())
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert (parent.data.tags["cv_folds"], parent.data.tags["cv_repeats"]) == ("2", "2")
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: (r.data.tags["repetition"], r.data.tags["fold"]))
+    assert [(r.data.tags["repetition"], r.data.tags["fold"], r.info.run_name) for r in children] == [
+        ("0", "0", "rep-rep0-fold0"), ("0", "1", "rep-rep0-fold1"),
+        ("1", "0", "rep-rep1-fold0"), ("1", "1", "rep-rep1-fold1")]
+    np.testing.assert_allclose(result["val/acc"]["values"], [r.data.metrics["best/val/acc"] for r in children])

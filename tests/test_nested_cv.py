@@ -108,6 +108,8 @@ NESTED = ["model=mlp", "cv.nested=true", "data.split.folds=2", "cv.inner_folds=2
 
 @pytest.mark.parametrize("overrides, message", [
     (["cv.parallel=true"], r"cv\.nested=true with cv\.parallel=true"),
+    (["cv.repeats=2"], r"cv\.nested=true with cv\.repeats=2: .* set cv\.repeats=1"),
+    (["tune.objectives=[{val/acc: max}, {model/macs: min}]"], r"cv\.nested=true with tune\.objectives"),
     (["tune.scheduler=pbt"], r"cv\.nested=true with tune\.scheduler=pbt"),
     (["tune.workers=2"], r"tune\.workers > 1"),
     (["data.fold=1"], r"data\.fold=1 is set"),

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.data.splits import (
+    fold_seed,
     load_splits,
     make_splits,
     save_splits,
@@ -102,3 +107,137 @@ def test_save_load_roundtrip_and_param_check(tmp_path):
         load_splits(tmp_path, expect={"seed": 8})
     with pytest.raises(DataError, match="No split found"):
         load_splits(tmp_path / "missing")
+
+
+def _files_sha256(folder):
+    h = hashlib.sha256()
+    for name in ("train.npy", "val.npy", "test.npy", "folds.npz", "split.json"):
+        h.update((folder / name).read_bytes())
+    return h.hexdigest()
+
+
+def _uneven_labels():
+    labels = np.repeat(np.arange(4), [30, 25, 40, 33])
+    return labels[np.random.default_rng(0).permutation(len(labels))]
+
+
+def test_one_repetition_is_byte_identical_to_plain_k_fold(tmp_path):
+    # The digest of these files as written before cv.repeats existed (commit 9179ec7): a split
+    # of one repetition, the default, must not change a byte (DVC hashes, split_sha256 tags).
+    labels = _uneven_labels()
+    for kwargs in ({}, {"repeats": 1}):
+        s = make_splits(labels, val_fraction=0.15, test_fraction=0.15, folds=5, seed=42, **kwargs)
+        save_splits(tmp_path / "s", s, labels)
+        assert _files_sha256(tmp_path / "s") == "d056d1e15523c2b37bcdb2c59014ec80c1ba8667e172796dc1f537eab718f2c3"
+        assert "repeats" not in json.loads((tmp_path / "s" / "split.json").read_text())["params"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(labels=labelings(), k=st.integers(2, 5), r=st.integers(2, 4), seed=st.integers(0, 2**31))
+def test_repeated_folds_properties(labels, k, r, seed):
+    s = make_splits(labels, val_fraction=0.15, test_fraction=0.15, folds=k, seed=seed, repeats=r)
+    plain = make_splits(labels, val_fraction=0.15, test_fraction=0.15, folds=k, seed=seed)
+    assert len(s.folds) == r * k and s.repeats == r and s.params["repeats"] == r
+    trainval = np.sort(np.concatenate([s.train, s.val]))
+    # Each repetition partitions train+val on its own; the first is the plain k-fold split.
+    for rep in range(r):
+        block = s.folds[rep * k:(rep + 1) * k]
+        assert sorted(np.concatenate(block).tolist()) == trainval.tolist()
+    for x, y in zip(s.folds[:k], plain.folds, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # Other repetitions deal differently (their own seed) ...
+    assert any(not np.array_equal(s.folds[i], s.folds[k + i]) for i in range(k))
+    # ... and fold i trains on the other folds of ITS repetition only.
+    for i in range(r * k):
+        train, val = s.fold(i)
+        rep = i // k
+        others = [s.folds[j] for j in range(rep * k, rep * k + k) if j != i]
+        np.testing.assert_array_equal(train, np.sort(np.concatenate(others)))
+        np.testing.assert_array_equal(val, s.folds[i])
+        assert len(train) + len(val) == len(trainval)
+
+
+def test_repetition_seeds_are_distinct_and_keep_the_plain_seed():
+    assert fold_seed(42, 0) == 43  # the plain k-fold's seed, as before repetitions
+    seeds = [fold_seed(42, r) for r in range(10)] + [fold_seed(43, r) for r in range(1, 10)]
+    assert len(set(seeds)) == len(seeds)
+    assert fold_seed(42, 3) == fold_seed(42, 3)
+
+
+def test_repeated_save_load_roundtrip_and_check(tmp_path):
+    labels = _uneven_labels()
+    s = make_splits(labels, val_fraction=0.2, test_fraction=0.2, folds=2, seed=7, repeats=5)
+    save_splits(tmp_path, s, labels)
+    summary = json.loads((tmp_path / "split.json").read_text())
+    assert [(f["repetition"], f["fold"]) for f in summary["folds"]] == [(r, i) for r in range(5) for i in range(2)]
+    loaded = load_splits(tmp_path, expect={"folds": 2, "repeats": 5})
+    assert len(loaded.folds) == 10 and loaded.repeats == 5
+    for x, y in zip(loaded.folds, s.folds, strict=True):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(DataError, match="repeats: split has 5, config asks 1"):
+        load_splits(tmp_path, expect={"repeats": 1})
+    with pytest.raises(ConfigError, match="fold=10 is out of range.*10 folds"):
+        loaded.fold(10)
+    with pytest.raises(ConfigError, match="cv.repeats=0"):
+        make_splits(labels, val_fraction=0.2, test_fraction=0.2, folds=2, seed=7, repeats=0)
+    # A split made without repetitions satisfies repeats=1, not more.
+    plain = tmp_path / "plain"
+    save_splits(plain, make_splits(labels, val_fraction=0.2, test_fraction=0.2, folds=2, seed=7), labels)
+    assert load_splits(plain, expect={"folds": 2, "repeats": 1}).repeats == 1
+    with pytest.raises(DataError, match="repeats: split has 1, config asks 5"):
+        load_splits(plain, expect={"repeats": 5})
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dvc_split_stage_follows_cv_repeats(tmp_path):
+    """The real `dvc repro split`: cv.repeats is one of its params, a change re-runs it with
+    r x k folds, and going back to 1 gives the very same output as before (same md5)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from procs import BIN, project_env
+
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (repo / rel).is_file():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, tmp_path / rel)
+
+    def run(*cmd: str) -> str:
+        done = subprocess.run(cmd, cwd=tmp_path, env=project_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    def split_md5() -> str:
+        lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+        return next(o["md5"] for o in lock["stages"]["split"]["outs"])
+
+    def set_repeats(r: int) -> None:
+        params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+        params["cv"]["repeats"] = r
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    run("git", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "baseline")
+    dvc = str(BIN / "dvc")
+    run(dvc, "repro", "split")
+    plain = split_md5()
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+    assert lock["stages"]["split"]["params"]["params.yaml"]["cv.repeats"] == 1
+
+    set_repeats(2)
+    assert "cv.repeats" in run(dvc, "status", "split")
+    assert "Running stage 'split'" in run(dvc, "repro", "split")
+    splits = load_splits(tmp_path / "data" / "splits" / "digits")
+    assert splits.repeats == 2 and len(splits.folds) == 2 * splits.params["folds"]
+    assert split_md5() != plain
+
+    set_repeats(1)
+    run(dvc, "repro", "split")
+    assert split_md5() == plain

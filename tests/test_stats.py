@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +13,10 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from pipeline.analysis.stats import (
+    TESTS,
     compare_alternatives,
+    corrected_resampled_t_test,
+    five_by_two_t_test,
     holm,
     mcnemar,
     paired_t_test,
@@ -48,6 +52,20 @@ def test_summarize_single_value_and_errors():
         summarize([0.5, float("nan")])
     with pytest.raises(ValueError):
         summarize([0.5, 0.6], confidence=1.0)
+
+
+def test_summarize_corrected_interval_by_hand():
+    # [0.90, 0.92, 0.94, 0.96]: mean 0.93, deviations -0.03, -0.01, 0.01, 0.03, squares sum
+    # 20e-4, std sqrt(20e-4/3) = 0.0258199. Two repetitions of 2 folds: factor 1/4 + 1/1 = 1.25
+    # (a 2-fold trains on as many as it tests), so half = t(0.975, 3) * 0.0258199 * sqrt(1.25)
+    # = 3.182446 * 0.0288675 = 0.0918693, where the plain interval has * sqrt(1/4): 0.0410852.
+    values = [0.90, 0.92, 0.94, 0.96]
+    s = summarize(values, variance_factor=1.25)
+    assert s["ci_high"] - s["mean"] == pytest.approx(0.0918693, abs=1e-6)
+    assert s["mean"] - s["ci_low"] == pytest.approx(0.0918693, abs=1e-6) and s["variance_factor"] == 1.25
+    plain = summarize(values)
+    assert plain["ci_high"] - plain["mean"] == pytest.approx(0.0410852, abs=1e-6) and "variance_factor" not in plain
+    assert summarize(values, variance_factor=0.25) | {"variance_factor": None} == plain | {"variance_factor": None}
 
 
 # ----------------------------------------------------------------------------- paired t
@@ -212,6 +230,96 @@ def test_paired_tests_properties(xs, shifts):
     assert wilcoxon_signed_rank(b, a)["rank_biserial"] == pytest.approx(-w["rank_biserial"])
 
 
+# ----------------------------------------------------------------------------- corrected t
+
+
+def test_corrected_t_worked_by_hand():
+    # d = a - b = [0.02, 0.04, 0.00, 0.06]: mean 0.03; deviations -0.01, 0.01, -0.03, 0.03;
+    # squares sum to 20e-4, so var (ddof 1) = 20e-4 / 3. J = 4 folds of 300 train / 100 test:
+    # factor = 1/4 + 100/300 = 7/12; t = 0.03 / sqrt(7/12 * 20e-4/3) = 0.03 / sqrt(35e-4/9)
+    # = 1.521278...; df = 3. The plain paired t uses 1/4 alone: 0.03 / sqrt(20e-4/12) = 2.323790...
+    b = np.full(4, 0.5)
+    a = b + np.array([0.02, 0.04, 0.00, 0.06])
+    res = corrected_resampled_t_test(a, b, n_train=300, n_test=100)
+    assert res["statistic"] == pytest.approx(0.03 / math.sqrt(35e-4 / 9)) == pytest.approx(1.521278, abs=1e-6)
+    assert res["df"] == 3 and res["n"] == 4 and res["variance_factor"] == pytest.approx(7 / 12)
+    assert res["p_value"] == pytest.approx(2 * stats.t.sf(1.521278, 3), rel=1e-5)
+    assert res["mean_diff"] == pytest.approx(0.03)
+    assert paired_t_test(a, b)["statistic"] == pytest.approx(2.323790, abs=1e-6)
+    assert res["p_value"] > paired_t_test(a, b)["p_value"]
+
+
+@pytest.mark.parametrize("a, b", [(A, B), (B, A), (A, C)])
+def test_corrected_t_without_test_share_is_scipy_paired_t(a, b):
+    # n_test / n_train = 0 leaves the factor 1/J: the plain paired t-test, i.e. scipy's.
+    res, ref = corrected_resampled_t_test(a, b, n_train=1, n_test=0), stats.ttest_rel(a, b)
+    assert res["statistic"] == pytest.approx(ref.statistic)
+    assert res["p_value"] == pytest.approx(ref.pvalue)
+    # The factor scales t by sqrt((1/J) / (1/J + ratio)): J = 7, ratio 1/6 (7-fold CV).
+    k7 = corrected_resampled_t_test(a, b, n_train=6, n_test=1)
+    assert k7["statistic"] == pytest.approx(ref.statistic * math.sqrt((1 / 7) / (1 / 7 + 1 / 6)))
+
+
+def test_corrected_t_degenerate_inputs():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from 0/0 either
+        same = corrected_resampled_t_test(A, A, n_train=4, n_test=1)
+        assert (same["statistic"], same["p_value"], same["mean_diff"]) == (0.0, 1.0, 0.0)
+        up = corrected_resampled_t_test(A + 0.1, A, n_train=4, n_test=1)
+        assert up["statistic"] == math.inf and up["p_value"] == 0.0
+        down = corrected_resampled_t_test(A, A + 0.1, n_train=4, n_test=1)
+        assert down["statistic"] == -math.inf and down["p_value"] == 0.0
+    with pytest.raises(ValueError, match="at least 2 pairs"):  # one fold: no variance to estimate
+        corrected_resampled_t_test([0.5], [0.4], n_train=4, n_test=1)
+    with pytest.raises(ValueError, match="n_train > 0"):
+        corrected_resampled_t_test(A, B, n_train=0, n_test=1)
+
+
+# ----------------------------------------------------------------------------- 5x2cv
+
+# Differences per (repetition, fold) for the worked example below.
+D52 = np.array([[0.02, 0.04], [0.01, 0.01], [0.00, 0.02], [0.03, 0.01], [0.02, 0.02]])
+
+
+def test_five_by_two_worked_by_hand():
+    # Repetition means 0.03, 0.01, 0.01, 0.02, 0.02, so s_i^2 = (0.01^2 + 0.01^2) = 2e-4, 0,
+    # 2e-4, 2e-4, 0; their mean is 6e-4 / 5 = 1.2e-4. t = d_1^(1) / sqrt(1.2e-4)
+    # = 0.02 / 0.0109545 = 1.825742...; df = 5 (Dietterich 1998, eq. for t~).
+    b = np.full(10, 0.6)
+    a = b + D52.reshape(-1)
+    res = five_by_two_t_test(a, b)
+    assert res["statistic"] == pytest.approx(0.02 / math.sqrt(1.2e-4)) == pytest.approx(1.825742, abs=1e-6)
+    assert res["s2"] == pytest.approx([2e-4, 0, 2e-4, 2e-4, 0])
+    assert res["df"] == 5 and res["p_value"] == pytest.approx(2 * stats.t.sf(1.825742, 5), rel=1e-5)
+    # Only d_1^(1) is the numerator: reordering the other repetitions changes nothing.
+    shuffled = np.vstack([D52[0], D52[4], D52[2], D52[1], D52[3]])
+    assert five_by_two_t_test(b + shuffled.reshape(-1), b)["statistic"] == pytest.approx(res["statistic"])
+    assert five_by_two_t_test(b, a)["statistic"] == pytest.approx(-res["statistic"])
+
+
+def test_five_by_two_degenerate_inputs():
+    x = np.linspace(0.8, 0.9, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = five_by_two_t_test(x, x)
+        assert (same["statistic"], same["p_value"]) == (0.0, 1.0)
+        shifted = five_by_two_t_test(x + 0.05, x)  # every s_i^2 is 0, d_1^(1) is not
+        assert shifted["statistic"] == math.inf and shifted["p_value"] == 0.0
+    with pytest.raises(ValueError, match="10 paired scores"):
+        five_by_two_t_test(x[:4], x[:4])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=12),
+       st.lists(st.floats(-0.5, 0.5), min_size=2, max_size=12), st.integers(2, 10))
+def test_corrected_t_never_more_eager_than_paired_t(xs, shifts, k):
+    n = min(len(xs), len(shifts))
+    a, b = np.array(xs[:n]), np.array(xs[:n]) + np.array(shifts[:n])
+    plain, corrected = paired_t_test(a, b), corrected_resampled_t_test(a, b, n_train=k - 1, n_test=1)
+    assert 0.0 <= corrected["p_value"] <= 1.0
+    assert corrected["p_value"] >= plain["p_value"] - 1e-12
+
+
 # ----------------------------------------------------------------------------- compare
 
 
@@ -288,3 +396,45 @@ def test_compare_validation():
         compare_alternatives({"a": [0.1], "b": [0.2]})
     single = compare_alternatives({"a": [0.1, 0.2]})
     assert single["pairs"] == [] and single["statements"] == []
+
+
+def test_compare_test_choice_decides():
+    # Five folds where the plain paired t rejects (p = 0.019) and the corrected one does not
+    # (p = 0.063): the chosen test decides, both are reported, the statement names the dissent.
+    scores = {"a": [0.90, 0.91, 0.92, 0.93, 0.95], "b": [0.85, 0.90, 0.90, 0.91, 0.92]}
+    default = compare_alternatives(scores)
+    pair = default["pairs"][0]
+    assert default["test"] == "corrected_t" and not pair["significant"]
+    assert pair["corrected_t"]["p_value"] > 0.05 > pair["t_test"]["p_value"]
+    assert default["decision_reason"].startswith("corrected resampled t-test: the folds' training sets overlap")
+    assert "Nadeau & Bengio 2003" in default["decision_reason"]
+    assert "Paired t disagrees: significant" in pair["statement"]
+    plain = compare_alternatives(scores, test="paired_t")
+    assert plain["pairs"][0]["significant"] and plain["pairs"][0]["better"] == "a"
+    assert "Corrected t disagrees: not significant" in plain["pairs"][0]["statement"]
+    # Sizes given: 5-fold CV of 400 samples has 320 train / 80 test, the same ratio 1/4.
+    sized = compare_alternatives(scores, n_train=320, n_test=80)
+    assert sized["pairs"][0]["corrected_t"]["p_value"] == pytest.approx(pair["corrected_t"]["p_value"])
+    assert set(TESTS) == {"corrected_t", "paired_t", "wilcoxon", "five_by_two"}
+
+
+def test_compare_five_by_two_and_holm_on_deciding_test():
+    b = np.full(10, 0.6)
+    scores = {"x": (b + D52.reshape(-1)).tolist(), "y": b.tolist(), "z": (b + 0.001).tolist()}
+    out = compare_alternatives(scores, test="five_by_two", repeats=5)
+    assert (out["folds"], out["repeats"], out["n_folds"]) == (2, 5, 10)
+    raw = [p["five_by_two"]["p_value"] for p in out["pairs"]]
+    assert [p["five_by_two"]["p_adjusted"] for p in out["pairs"]] == [h["p_adjusted"] for h in holm(raw)]
+    assert [p["significant"] for p in out["pairs"]] == [p["five_by_two"]["reject"] for p in out["pairs"]]
+    assert out["pairs"][0]["five_by_two"]["statistic"] == pytest.approx(1.825742, abs=1e-6)
+    # Repeated folds: each summary's interval is the corrected one, 1/10 + 1/1 (2 folds).
+    assert out["summaries"]["x"]["variance_factor"] == pytest.approx(1.1)
+    assert "variance_factor" not in compare_alternatives(scores)["summaries"]["x"]
+    # Other designs compute no 5x2cv test, and refuse to decide by one.
+    assert compare_alternatives(scores, repeats=2)["pairs"][0]["five_by_two"] is None
+    with pytest.raises(ValueError, match="5 repetitions of 2 folds"):
+        compare_alternatives(scores, test="five_by_two")
+    with pytest.raises(ValueError, match="not 3 repetitions"):
+        compare_alternatives(scores, repeats=3)
+    with pytest.raises(ValueError, match="not one of"):
+        compare_alternatives(scores, test="bogus")

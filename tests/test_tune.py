@@ -226,6 +226,56 @@ def test_crashed_trial_is_retried_from_its_checkpoint(local_ray, cfg_factory, tm
     assert sweeps.steps(client, child.info.run_id) == [0, 1, 2]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.fault("3. Sweep: checkpoint commit lost",
+                   fault="SIGKILL to a trial's Ray worker after the driver took its epoch-1 result, before Tune "
+                         "committed that result's checkpoint (as a lost node does; tune.max_failures=1)",
+                   expected="retried from the epoch-1 checkpoint Tune had not committed; every epoch trained and "
+                            "logged once, iterations equal to epochs")
+def test_trial_lost_before_its_checkpoint_commit_resumes_from_it(local_ray, cfg_factory, tmp_path: Path, observe,
+                                                                 monkeypatch):
+    """Tune takes an epoch's result, then commits its checkpoint in a second call to the
+    trial: a trial lost between the two was retried from the commit before, and trained and
+    logged that epoch again (the node-lost scenario's "1 checkpoint lost"). The kill here
+    comes from the driver, in the result's callback, so it always falls between the two."""
+    import os
+
+    from pipeline.tuning import recovery
+
+    record = recovery.record_reported_callback
+    killed: list[int] = []
+
+    def record_then_kill() -> object:
+        class KillBeforeCommit(type(record())):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                super().on_trial_result(iteration, trials, trial, result, **info)
+                if result["epoch"] == 1 and not killed:
+                    killed.append(result["pid"])
+                    os.kill(result["pid"], signal.SIGKILL)
+
+        return KillBeforeCommit()
+
+    monkeypatch.setattr(recovery, "record_reported_callback", record_then_kill)
+    cfg = cfg_factory([*MLP, "tune.num_samples=1", "tune.max_epochs=4", "tune.scheduler=fifo", "tune.max_failures=1",
+                       *sweeps.space(**{"optimizer.lr": "grid[0.003]"})])
+    ensure_data(cfg)
+    tune(cfg)
+
+    assert killed, "the trial was never killed"
+    trials = sweeps.trials(tmp_path)
+    client, _, children = sweeps.tree(tmp_path)
+    lost = sweeps.observe_retries(observe, client, trials, children, epochs=4)
+    (trial,) = trials
+    assert trial["status"] == "TERMINATED" and trial["failures"] == "1" and trial["epochs"] == "4", trial
+    (child,) = children
+    assert sweeps.steps(client, child.info.run_id) == [0, 1, 2, 3]  # epoch 1 not trained again
+    (results,) = list(tmp_path.glob("results/ray/*/*/result.json"))
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    assert [(r["epoch"], r["training_iteration"]) for r in rows] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert lost == {"runs": 0, "metrics": 0, "checkpoints": 0, "outputs": 0}
+
+
 def _finished_children(db: Path) -> int:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:

@@ -224,15 +224,25 @@ def check_keys(cfg: DictConfig, block: str, known: Sequence[str]) -> None:
                               f"it takes: {', '.join(known)}.{hint}")
 
 
+def fold_position(cfg: DictConfig, fold: int) -> tuple[int, int]:
+    """(repetition, fold within it) of cross-validation fold `fold`, which counts through
+    every repetition's folds (cv.repeats x data.split.folds, repetition-major)."""
+    return divmod(fold, int(cfg.data.split.folds))
+
+
 def fold_config(cfg: DictConfig, fold: int) -> DictConfig:
-    """The config of cross-validation fold `fold`: fold i validates, the other folds train,
-    and its outputs go to <out>/cv/fold_<i>."""
+    """The config of cross-validation fold `fold`: fold i validates, the other folds (of its
+    repetition) train, and its outputs go to <out>/cv/fold_<i> (with cv.repeats > 1,
+    <out>/cv/rep_<r>/fold_<i>, i counted within repetition r)."""
     fold_cfg = cfg.copy()
+    repeated = int(OmegaConf.select(cfg, "cv.repeats", default=1)) > 1
+    rep, i = fold_position(cfg, fold)
     with open_dict(fold_cfg):
         fold_cfg.data.fold = fold
         # Fold models are evidence, not deliverables: skip the (slow) model export per fold.
         fold_cfg.tracking.log_model = False
         if cfg.tracking.run_name:
-            fold_cfg.tracking.run_name = f"{cfg.tracking.run_name}-fold{fold}"
-        fold_cfg.paths.out_dir = str(Path(cfg.paths.out_dir) / "cv" / f"fold_{fold}")
+            fold_cfg.tracking.run_name = f"{cfg.tracking.run_name}-{f'rep{rep}-' if repeated else ''}fold{i}"
+        fold_dir = Path(cfg.paths.out_dir) / "cv"
+        fold_cfg.paths.out_dir = str((fold_dir / f"rep_{rep}" if repeated else fold_dir) / f"fold_{i}")
     return fold_cfg

@@ -43,19 +43,22 @@ KEYS: dict[str, tuple[str, ...]] = {
     "trainer": ("max_epochs", "accelerator", "devices", "precision", "deterministic", "gradient_clip_val",
                 "limit_train_batches", "limit_val_batches", "enable_progress_bar", "resume_from"),
     "tracking": ("enabled", "tracking_uri", "artifact_location", "experiment_name", "run_name", "log_model"),
-    "cv": ("parallel", "cpus_per_fold", "confidence", "nested", "inner_folds"),
-    "compare": ("grid", "metric", "higher_is_better", "alpha"),
+    "cv": ("parallel", "cpus_per_fold", "confidence", "repeats", "nested", "inner_folds"),
+    "compare": ("grid", "metric", "higher_is_better", "alpha", "test"),
     "init": ("scheme", "std"),
     "transfer": ("source", "freeze", "pretrained_lr_ratio"),
     "paths": ("root", "data_dir", "download_dir", "out_dir"),
     "tune": ("name", "space", "fixed", "num_samples", "search_alg", "scheduler", "asha", "hyperband", "pbt", "metric",
              "mode", "max_epochs", "max_concurrent_trials", "resources", "workers", "num_cpus", "address",
-             "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv"),
+             "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv", "objectives"),
     "tune.asha": ("grace_period", "reduction_factor", "brackets"),
     "tune.hyperband": ("reduction_factor",),
     "tune.pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate"),
     "tune.resources": ("cpu", "gpu"),
 }
+# The tests `compare.test` may pick: those of pipeline.analysis.stats.TESTS (which sits above
+# this module; a test checks the two agree).
+COMPARE_TESTS = ("corrected_t", "paired_t", "wilcoxon", "five_by_two")
 # Checkpoints and early stopping keep the epoch where it is highest.
 OPTIMIZED_METRICS = ("val/acc", "train/acc")
 
@@ -91,7 +94,9 @@ def validate(cfg: DictConfig) -> None:
     check_number(cfg, "data.split.test_fraction", low=0, high=1, high_open=True)
     check_number(cfg, "data.split.folds", integer=True, low=2)
     check_number(cfg, "data.split.seed", integer=True, low=0)
-    check_number(cfg, "data.fold", integer=True, low=0, high=cfg.data.split.folds - 1, optional=True)
+    check_number(cfg, "cv.repeats", integer=True, low=1)
+    # With repetitions, data.fold counts through every repetition's folds (rep * folds + i).
+    check_number(cfg, "data.fold", integer=True, low=0, high=cfg.data.split.folds * cfg.cv.repeats - 1, optional=True)
     if cfg.data.split.val_fraction + cfg.data.split.test_fraction >= 1:
         raise ConfigError("data.split.val_fraction + data.split.test_fraction must be < 1.")
     if cfg.data.name == "imagefolder":
@@ -109,6 +114,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice(cfg, "compare.metric", ["val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro"])
     check_number(cfg, "compare.alpha", low=0, high=1, low_open=True, high_open=True)
     check_bool(cfg, "compare.higher_is_better")
+    check_choice(cfg, "compare.test", COMPARE_TESTS)
     grid = get_required(cfg, "compare.grid")
     if not OmegaConf.is_list(grid) or not grid or not all(OmegaConf.is_dict(e) for e in grid):
         raise ConfigError("compare.grid must be a list of {key: [alternatives]}, "

@@ -6,6 +6,11 @@ dicts, so results are reproducible and can be written straight to JSON or MLflow
 Fold scores of two designs are *paired*: fold k of both used the same train/validation split,
 so the tests work on per-fold differences rather than treating the scores as independent
 samples, which would hide the (large) fold-to-fold variation shared by both designs.
+
+The fold differences are not independent either: any two folds' training sets share most of
+their samples. The plain paired t-test ignores that and finds differences too often; the
+corrected resampled t-test (Nadeau & Bengio 2003) and Dietterich's 5x2cv test allow for it,
+and `compare_alternatives` decides with the corrected one unless told otherwise.
 """
 
 from __future__ import annotations
@@ -39,9 +44,12 @@ def _paired(a: ArrayLike, b: ArrayLike, minimum: int = 1) -> tuple[np.ndarray, n
     return x, y
 
 
-def summarize(values: ArrayLike, confidence: float = 0.95) -> dict[str, Any]:
+def summarize(values: ArrayLike, confidence: float = 0.95, *, variance_factor: float | None = None) -> dict[str, Any]:
     """n, mean, sample std (ddof=1) and a Student-t confidence interval of the mean.
 
+    The interval's variance is std^2 / n, or std^2 * `variance_factor` when given: repeated
+    cross-validation passes Nadeau & Bengio's 1/n + n_test/n_train, as its r x k scores share
+    data and are far from n independent ones (the result then holds `variance_factor`).
     With one value there is no spread to estimate: std is 0 and the interval is the value
     itself (rather than NaN), so a single-fold run still produces a readable report.
     """
@@ -54,9 +62,29 @@ def summarize(values: ArrayLike, confidence: float = 0.95) -> dict[str, Any]:
     else:
         std = float(np.std(x, ddof=1))
         # t rather than normal quantiles: with 3-10 folds the normal CI is far too narrow.
-        half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / np.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "confidence": confidence,
-            "ci_low": mean - half, "ci_high": mean + half, "values": x.tolist()}
+        scale = 1 / np.sqrt(n) if variance_factor is None else np.sqrt(variance_factor)
+        half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std * float(scale)
+    out = {"n": n, "mean": mean, "std": std, "confidence": confidence,
+           "ci_low": mean - half, "ci_high": mean + half, "values": x.tolist()}
+    if variance_factor is not None:
+        out["variance_factor"] = variance_factor
+    return out
+
+
+def _no_spread(x: np.ndarray, y: np.ndarray, d: np.ndarray) -> tuple[float, float] | None:
+    """(statistic, p) when the differences `d` do not vary, where a t statistic is 0/0 or x/0:
+    no difference at all -> (0, 1); a constant non-zero difference -> (+/-inf, 0) (every fold
+    moves the same way by the same amount: as strong as paired evidence gets). None otherwise.
+    """
+    mean_diff = float(np.mean(d))
+    # Differences spread by less than the rounding error of a - b carry no information.
+    tol = 8 * np.finfo(float).eps * max(np.max(np.abs(x)), np.max(np.abs(y)))
+    # sd can underflow to 0 for subnormal differences even when their spread exceeds tol.
+    if np.ptp(d) > tol and np.std(d, ddof=1) > 0:
+        return None
+    if np.all(d == 0) or abs(mean_diff) <= tol:
+        return 0.0, 1.0
+    return float(np.copysign(np.inf, mean_diff)), 0.0
 
 
 def paired_t_test(a: ArrayLike, b: ArrayLike) -> dict[str, Any]:
@@ -65,27 +93,77 @@ def paired_t_test(a: ArrayLike, b: ArrayLike) -> dict[str, Any]:
     Equals `scipy.stats.ttest_rel` whenever the differences vary. When they are all equal
     (up to floating-point rounding of the inputs) the t statistic is 0/0 or x/0, so:
     identical samples -> statistic 0, p = 1, d_z = 0 ("no difference"); a constant non-zero
-    difference -> statistic and d_z = +/-inf, p = 0 (every fold moves the same way by the same
-    amount: as strong as paired evidence gets). scipy returns NaN or an unstable value there.
+    difference -> statistic and d_z = +/-inf, p = 0. scipy returns NaN or an unstable value there.
+
+    Over cross-validation folds this test is too eager: the folds' training sets overlap, so
+    their differences are correlated, not independent (see `corrected_resampled_t_test`).
     """
     x, y = _paired(a, b, minimum=2)
     d = x - y
     n, mean_diff = d.size, float(np.mean(d))
-    # Differences spread by less than the rounding error of a - b carry no information.
-    tol = 8 * np.finfo(float).eps * max(np.max(np.abs(x)), np.max(np.abs(y)))
-    sd = float(np.std(d, ddof=1))
-    # sd can underflow to 0 for subnormal differences even when their spread exceeds tol.
-    if np.ptp(d) <= tol or sd == 0:
-        if np.all(d == 0) or abs(mean_diff) <= tol:
-            statistic, p, d_z = 0.0, 1.0, 0.0
-        else:
-            statistic = d_z = float(np.copysign(np.inf, mean_diff))
-            p = 0.0
+    flat = _no_spread(x, y, d)
+    if flat is not None:
+        statistic, p = flat
+        d_z = statistic if np.isinf(statistic) else 0.0
     else:
         res = stats.ttest_rel(x, y)
         statistic, p = float(res.statistic), float(res.pvalue)
-        d_z = mean_diff / sd
+        d_z = mean_diff / float(np.std(d, ddof=1))
     return {"statistic": statistic, "p_value": p, "mean_diff": mean_diff, "cohens_dz": d_z, "n": n}
+
+
+def corrected_resampled_t_test(a: ArrayLike, b: ArrayLike, *, n_train: float, n_test: float) -> dict[str, Any]:
+    """Nadeau & Bengio's (2003) corrected resampled t-test of a vs b over J = k*r paired folds
+    (r repetitions of k-fold CV; Bouckaert & Frank 2004), two-sided.
+
+    t = mean(d) / sqrt((1/J + n_test/n_train) * var(d)), df = J - 1, where d = a - b per fold,
+    var has ddof=1, and n_train, n_test are the (mean) training and testing sizes of a fold.
+    The plain paired t-test uses 1/J alone: it assumes independent folds, but overlapping
+    training sets correlate them; n_test/n_train stands in for that correlation. With
+    n_test = 0 this is exactly the paired t-test. Degenerate differences are treated as in
+    `paired_t_test` (identical scores: statistic 0, p = 1). Fewer than 2 folds: ValueError
+    (no variance to estimate).
+    """
+    if not (n_train > 0 and n_test >= 0):
+        raise ValueError(f"need n_train > 0 and n_test >= 0, got n_train={n_train}, n_test={n_test}")
+    x, y = _paired(a, b, minimum=2)
+    d = x - y
+    j, mean_diff = d.size, float(np.mean(d))
+    factor = 1.0 / j + n_test / n_train
+    flat = _no_spread(x, y, d)
+    if flat is not None:
+        statistic, p = flat
+    else:
+        statistic = mean_diff / float(np.sqrt(factor * np.var(d, ddof=1)))
+        p = float(2 * stats.t.sf(abs(statistic), df=j - 1))
+    return {"statistic": float(statistic), "p_value": p, "mean_diff": mean_diff, "n": j, "df": j - 1,
+            "n_train": float(n_train), "n_test": float(n_test), "variance_factor": factor}
+
+
+def five_by_two_t_test(a: ArrayLike, b: ArrayLike) -> dict[str, Any]:
+    """Dietterich's (1998) 5x2cv paired t-test of a vs b, two-sided.
+
+    a and b hold 10 scores: 5 repetitions of 2-fold CV, repetition-major
+    ([rep 1 fold 1, rep 1 fold 2, rep 2 fold 1, ...]). With d_i^(j) = a - b in fold j of
+    repetition i, its mean m_i and s_i^2 = (d_i^(1) - m_i)^2 + (d_i^(2) - m_i)^2:
+    t = d_1^(1) / sqrt(mean_i s_i^2), df = 5. Only the first difference is the numerator, by
+    design. No spread (every s_i^2 = 0, up to rounding): d_1^(1) = 0 -> statistic 0, p = 1;
+    otherwise +/-inf, p = 0, as in `paired_t_test`.
+    """
+    x, y = _paired(a, b)
+    if x.size != 10:
+        raise ValueError(f"the 5x2cv test needs 10 paired scores (5 repetitions x 2 folds), got {x.size}")
+    d = (x - y).reshape(5, 2)
+    s2 = ((d - d.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+    first = float(d[0, 0])
+    tol = 8 * np.finfo(float).eps * max(np.max(np.abs(x)), np.max(np.abs(y)))
+    if np.sqrt(s2.mean()) <= tol:
+        statistic, p = (0.0, 1.0) if abs(first) <= tol else (float(np.copysign(np.inf, first)), 0.0)
+    else:
+        statistic = first / float(np.sqrt(s2.mean()))
+        p = float(2 * stats.t.sf(abs(statistic), df=5))
+    return {"statistic": float(statistic), "p_value": p, "mean_diff": float(d.mean()), "n": 10, "df": 5,
+            "s2": s2.tolist()}
 
 
 def wilcoxon_signed_rank(a: ArrayLike, b: ArrayLike) -> dict[str, Any]:
@@ -179,12 +257,31 @@ def _p(p: float) -> str:
     return _num(p) if p < 0.001 else f"={_num(p)}"
 
 
-def _statement(pair: dict[str, Any], means: dict[str, float], alpha: float) -> str:
-    t, w, mc = pair["t_test"], pair["wilcoxon"], pair["mcnemar"]
-    tests = (f"paired t p{_p(t['p_value'])}, Holm-adjusted {_num(t['p_adjusted'])}; "
-             f"Wilcoxon p{_p(w['p_value'])}, Holm-adjusted {_num(w['p_adjusted'])}")
-    if mc is not None:
-        tests += f"; McNemar p{_p(mc['p_value'])}, Holm-adjusted {_num(mc['p_adjusted'])}"
+# compare.test -> (the pair's result key, its name, why it decides: one plain sentence).
+TESTS: dict[str, tuple[str, str, str]] = {
+    "corrected_t": ("corrected_t", "corrected resampled t-test",
+                    "the folds' training sets overlap, so their score differences are correlated and the "
+                    "plain paired t-test is too eager; this test widens its variance by n_test/n_train "
+                    "to allow for that (Nadeau & Bengio 2003; Bouckaert & Frank 2004)."),
+    "paired_t": ("t_test", "paired t-test",
+                 "chosen by compare.test=paired_t; it treats the folds as independent although their "
+                 "training sets overlap, so it finds differences too often (Nadeau & Bengio 2003)."),
+    "wilcoxon": ("wilcoxon", "Wilcoxon signed-rank test",
+                 "chosen by compare.test=wilcoxon; it assumes no normal distribution, but like the paired "
+                 "t-test treats overlapping folds as independent, and with few folds it has little power."),
+    "five_by_two": ("five_by_two", "5x2cv paired t-test",
+                    "chosen by compare.test=five_by_two; within each of its 5 repetitions the two halves "
+                    "share no training data, which keeps its variance estimate honest (Dietterich 1998)."),
+}
+FAMILIES = ("corrected_t", "t_test", "wilcoxon", "five_by_two", "mcnemar")
+LABELS = {"corrected_t": "corrected t", "t_test": "paired t", "wilcoxon": "Wilcoxon",
+          "five_by_two": "5x2cv t", "mcnemar": "McNemar"}
+
+
+def _statement(pair: dict[str, Any], means: dict[str, float], alpha: float, deciding: str) -> str:
+    order = [deciding, *(f for f in FAMILIES if f != deciding)]
+    tests = "; ".join(f"{LABELS[f]} p{_p(pair[f]['p_value'])}, Holm-adjusted {_num(pair[f]['p_adjusted'])}"
+                      for f in order if pair.get(f) is not None)
     if pair["significant"]:
         hi, lo = pair["better"], pair["worse"]
         text = (f"{hi} is better than {lo}: mean {means[hi]:.3f} vs {means[lo]:.3f} ({tests}); "
@@ -193,11 +290,14 @@ def _statement(pair: dict[str, Any], means: dict[str, float], alpha: float) -> s
         a, b = pair["a"], pair["b"]
         text = (f"{a} and {b} are not significantly different at {alpha:g} "
                 f"(mean {means[a]:.3f} vs {means[b]:.3f}; {tests}).")
-    for name, res in (("Wilcoxon", w), ("McNemar", mc)):
+    for family in order[1:]:
+        res = pair.get(family)
         if res is not None and res["reject"] != pair["significant"]:
             verdict = "significant" if res["reject"] else "not significant"
+            name = LABELS[family][0].upper() + LABELS[family][1:]
             text += f" {name} disagrees: {verdict} (Holm-adjusted p{_p(res['p_adjusted'])})"
-            if name == "Wilcoxon" and not res["reject"] and 2 / 2 ** w["n_nonzero"] > alpha:
+            w = pair["wilcoxon"]
+            if family == "wilcoxon" and not res["reject"] and 2 / 2 ** w["n_nonzero"] > alpha:
                 text += (f"; with {w['n_nonzero']} non-zero fold differences it cannot reach "
                          f"p below {2 / 2 ** w['n_nonzero']:.3g}")
             text += "."
@@ -212,20 +312,28 @@ def compare_alternatives(
     *,
     confidence: float = 0.95,
     higher_is_better: bool = True,
+    test: str = "corrected_t",
+    repeats: int = 1,
+    n_train: float | None = None,
+    n_test: float | None = None,
 ) -> dict[str, Any]:
     """Summarise each design and compare every pair, with Holm correction per test family.
 
-    `scores[name]` holds one score per fold, folds in the same order for every design (paired).
-    Pairs are taken in the order of `scores` (itertools.combinations), so the output is stable.
-    Per pair: paired t-test and Wilcoxon over folds, and McNemar on per-sample correctness when
-    `predictions` (class indices on the shared test set given by `labels`) exist for both.
-    Holm is applied across all pairs separately within each family (t, Wilcoxon, McNemar).
+    `scores[name]` holds one score per fold, folds in the same order for every design (paired):
+    `repeats` repetitions of k-fold CV, repetition-major. Pairs are taken in the order of
+    `scores` (itertools.combinations), so the output is stable. Per pair: the corrected
+    resampled t-test (fold sizes `n_train`, `n_test`; without them the k-fold ratio
+    n_test/n_train = 1/(k-1)), the paired t-test and Wilcoxon over folds, the 5x2cv t-test when
+    the folds are 5 x 2, and McNemar on per-sample correctness when `predictions` (class
+    indices on the shared test set given by `labels`) exist for both. Holm is applied across
+    all pairs separately within each family.
 
-    Decision rule: a pair is "significant" iff its Holm-adjusted paired t-test p <= alpha. The
-    t-test is used because, with the usual 3-10 folds, the Wilcoxon test has almost no power
-    (exact p >= 0.0625 with 5 folds) and McNemar needs a shared test set and ignores fold
-    variation. Disagreeing tests are named in the statement so the reader can judge.
+    Decision rule: a pair is "significant" iff the Holm-adjusted p of the `test` (a key of
+    TESTS) is <= alpha; the others are reported beside it, and disagreeing ones are named in
+    the statement so the reader can judge. `five_by_two` needs 5 repetitions of 2 folds.
     """
+    if test not in TESTS:
+        raise ValueError(f"test={test!r} is not one of: {', '.join(TESTS)}")
     if not scores:
         raise ValueError("scores is empty: nothing to compare")
     data = {name: _vector(v, f"scores[{name!r}]") for name, v in scores.items()}
@@ -236,6 +344,16 @@ def compare_alternatives(
     n = n_folds.pop()
     if len(data) > 1 and n < 2:
         raise ValueError("paired tests need at least 2 folds per design")
+    if repeats < 1 or n % repeats:
+        raise ValueError(f"{n} scores per design are not {repeats} repetitions of the same number of folds")
+    k = n // repeats
+    five_by_two = (k, repeats) == (2, 5)
+    if test == "five_by_two" and not five_by_two:
+        raise ValueError(f"the 5x2cv test needs 5 repetitions of 2 folds, got {repeats} of {k}")
+    if (n_train is None) != (n_test is None):
+        raise ValueError("pass both n_train and n_test (a fold's training and testing sizes) or neither")
+    if n_train is None:
+        n_train, n_test = max(k - 1, 1), 1.0  # k-fold: each fold tests on 1/k and trains on (k-1)/k
     correct: dict[str, np.ndarray] = {}
     if (predictions is None) != (labels is None):
         raise ValueError("pass both predictions and labels (for McNemar) or neither")
@@ -256,26 +374,32 @@ def compare_alternatives(
         both = a in correct and b in correct
         pairs.append({
             "a": a, "b": b, "mean_diff": float(np.mean(data[a] - data[b])),
+            "corrected_t": corrected_resampled_t_test(data[a], data[b], n_train=n_train, n_test=n_test),
             "t_test": paired_t_test(data[a], data[b]),
             "wilcoxon": wilcoxon_signed_rank(data[a], data[b]),
+            "five_by_two": five_by_two_t_test(data[a], data[b]) if five_by_two else None,
             "mcnemar": mcnemar(correct[a], correct[b]) if both else None,
         })
-    for family in ("t_test", "wilcoxon", "mcnemar"):
+    for family in FAMILIES:
         members = [p[family] for p in pairs if p[family] is not None]
         for res, adj in zip(members, holm([r["p_value"] for r in members], alpha)):
             res["p_adjusted"], res["reject"] = adj["p_adjusted"], adj["reject"]
 
+    deciding, test_name, reason = TESTS[test]
     means = {name: float(np.mean(v)) for name, v in data.items()}
     for pair in pairs:
-        pair["significant"] = pair["t_test"]["reject"]
+        pair["significant"] = pair[deciding]["reject"]
         a_wins = sign * pair["mean_diff"] > 0
         winner, loser = (pair["a"], pair["b"]) if a_wins else (pair["b"], pair["a"])
         pair["better"] = winner if pair["significant"] else None
         pair["worse"] = loser if pair["significant"] else None
-        pair["statement"] = _statement(pair, means, alpha)
+        pair["statement"] = _statement(pair, means, alpha, deciding)
     return {
-        "alpha": alpha, "n_folds": n, "higher_is_better": higher_is_better,
-        "decision_rule": "Holm-adjusted paired t-test p <= alpha",
-        "summaries": {name: summarize(v, confidence) for name, v in data.items()},
+        "alpha": alpha, "n_folds": n, "folds": k, "repeats": repeats, "higher_is_better": higher_is_better,
+        "test": test, "deciding_key": deciding, "decision_rule": f"Holm-adjusted {test_name} p <= alpha",
+        "decision_reason": f"{test_name}: {reason}", "n_train": float(n_train), "n_test": float(n_test),
+        # Repeated folds: the corrected interval (see summarize); one repetition: the plain one.
+        "summaries": {name: summarize(v, confidence, variance_factor=1 / n + n_test / n_train if repeats > 1 else None)
+                      for name, v in data.items()},
         "pairs": pairs, "statements": [p["statement"] for p in pairs],
     }

@@ -1,7 +1,11 @@
 """Pure, seeded split functions and the index files the `split` stage writes.
 
-Everything here is a function of (labels, fractions, k, seed): no global RNG, no I/O
-except in `save_splits`/`load_splits`, so property tests can hammer it.
+Everything here is a function of (labels, fractions, k, repeats, seed): no global RNG, no
+I/O except in `save_splits`/`load_splits`, so property tests can hammer it.
+
+Repeated k-fold (`cv.repeats` = r > 1) deals train+val into k folds r times, each repetition
+with its own seed; the r x k folds are stored repetition-major (fold index = rep * k + i).
+With r = 1 nothing about the split, its files or their bytes differs from a plain k-fold.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pipeline.files import replacing_folder
 
 @dataclass(frozen=True)
 class Splits:
-    """Index arrays into the raw dataset. `folds[i]` is fold i's validation set."""
+    """Index arrays into the raw dataset. `folds[i]` is fold i's validation set; with
+    repetitions, fold i is fold i % k of repetition i // k."""
 
     train: np.ndarray
     val: np.ndarray
@@ -26,11 +31,18 @@ class Splits:
     folds: tuple[np.ndarray, ...]
     params: dict
 
+    @property
+    def repeats(self) -> int:
+        return int(self.params.get("repeats", 1))
+
     def fold(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(train, val) indices for fold i: val is fold i, train is every other fold."""
+        """(train, val) indices for fold i: val is fold i, train is every other fold of the
+        same repetition."""
         if not 0 <= i < len(self.folds):
             raise ConfigError(f"fold={i} is out of range: this split has {len(self.folds)} folds (0..{len(self.folds) - 1}).")
-        rest = [f for j, f in enumerate(self.folds) if j != i]
+        k = len(self.folds) // self.repeats
+        start = i // k * k
+        rest = [f for j, f in enumerate(self.folds[start:start + k], start) if j != i]
         return np.sort(np.concatenate(rest)), self.folds[i]
 
 
@@ -98,16 +110,30 @@ def stratified_folds(labels: np.ndarray, indices: np.ndarray, *, k: int, seed: i
     return tuple(np.sort(np.concatenate(f)).astype(np.int64) for f in folds)
 
 
+def fold_seed(seed: int, repetition: int) -> int:
+    """The seed dealing repetition `repetition`'s folds. Repetition 0 keeps seed + 1, the
+    plain k-fold's seed (so one repetition is the split it always was); the others hash
+    (seed, repetition), so no repetition's seed is another split seed's."""
+    if repetition == 0:
+        return seed + 1
+    return int(np.random.SeedSequence([seed, repetition]).generate_state(1)[0])
+
+
 def make_splits(
-    labels: np.ndarray, *, val_fraction: float, test_fraction: float, folds: int, seed: int
+    labels: np.ndarray, *, val_fraction: float, test_fraction: float, folds: int, seed: int, repeats: int = 1
 ) -> Splits:
-    """The full split: stratified train/val/test plus k folds over train+val."""
+    """The full split: stratified train/val/test plus `repeats` x k folds over train+val."""
+    if repeats < 1:
+        raise ConfigError(f"cv.repeats={repeats} must be at least 1.")
     train, val, test = stratified_split(labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     trainval = np.sort(np.concatenate([train, val]))
     # A derived seed keeps the folds independent of the train/val draw yet reproducible.
-    fold_arrays = stratified_folds(labels, trainval, k=folds, seed=seed + 1)
+    fold_arrays = tuple(f for r in range(repeats)
+                        for f in stratified_folds(labels, trainval, k=folds, seed=fold_seed(seed, r)))
     params = {"val_fraction": val_fraction, "test_fraction": test_fraction, "folds": folds, "seed": seed,
               "num_samples": int(len(labels))}
+    if repeats > 1:  # absent for one repetition: that split's files stay byte for byte as before
+        params["repeats"] = repeats
     return Splits(train, val, test, fold_arrays, params)
 
 
@@ -125,6 +151,10 @@ def save_splits(out_dir: Path, splits: Splits, labels: np.ndarray) -> None:
         "class_counts": {n: counts(getattr(splits, n)) for n in ("train", "val", "test")},
         "folds": [{"size": int(len(f)), "class_counts": counts(f)} for f in splits.folds],
     }
+    if splits.repeats > 1:
+        k = len(splits.folds) // splits.repeats
+        for i, entry in enumerate(summary["folds"]):
+            entry.update(repetition=i // k, fold=i % k)
     with replacing_folder(out_dir) as tmp:
         for name in ("train", "val", "test"):
             np.save(tmp / f"{name}.npy", getattr(splits, name))
@@ -143,7 +173,7 @@ def load_splits(split_dir: Path, *, expect: dict | None = None) -> Splits:
     try:
         arrays = {n: np.load(split_dir / f"{n}.npy") for n in ("train", "val", "test")}
         with np.load(split_dir / "folds.npz") as z:
-            folds = tuple(z[f"fold_{i}"] for i in range(params["folds"]))
+            folds = tuple(z[f"fold_{i}"] for i in range(params["folds"] * params.get("repeats", 1)))
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"Split files in {split_dir} are missing or corrupt ({err}); "
                         "run `dvc repro split` to remake them.") from err
@@ -151,8 +181,10 @@ def load_splits(split_dir: Path, *, expect: dict | None = None) -> Splits:
 
 
 def check_params(params: dict, expect: dict, split_dir: Path) -> None:
-    """DataError unless the split (of `split_dir`) was made with the `expect`ed parameters."""
-    diff = {k: (params.get(k), v) for k, v in expect.items() if params.get(k) != v}
+    """DataError unless the split (of `split_dir`) was made with the `expect`ed parameters.
+    A split without `repeats` has one repetition."""
+    made = {"repeats": 1, **params}
+    diff = {k: (made.get(k), v) for k, v in expect.items() if made.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: split has {a}, config asks {b}" for k, (a, b) in diff.items())
         raise DataError(f"The split in {split_dir} does not match the config ({detail}); "

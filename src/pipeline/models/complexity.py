@@ -1,8 +1,10 @@
-"""Parameter and multiply-accumulate (MAC) counters for model-size reporting."""
+"""Parameter and multiply-accumulate (MAC) counters and an inference-latency timer, for model-size reporting."""
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -71,3 +73,39 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
         for m, training in modes.items():
             m.training = training
     return total
+
+
+def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], *, batch_size: int = 64,
+                    warmup: int = 3, repeats: int = 10) -> float:
+    """Inference time per image in milliseconds: the median over `repeats` timed eval-mode
+    forward passes of one batch of `batch_size` inputs, after `warmup` untimed ones (which
+    pay for lazy allocation and kernel selection), divided by the batch size.
+
+    Measured on the model's device with the threads this process has (`torch.set_num_threads`),
+    so it is comparable between models measured the same way on the same machine, not across
+    machines. The input comes from a private generator, so the global random state (and with
+    it training) is untouched; each module's training flag is restored afterwards.
+    """
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"batch_size={batch_size} and repeats={repeats} must be >= 1, warmup={warmup} >= 0")
+    ref = next(model.parameters(), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    inputs = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    modes = {m: m.training for m in model.modules()}
+    times = []
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                sync()
+                start = time.perf_counter()
+                model(inputs)
+                sync()  # a CUDA call returns before the kernels end
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return statistics.median(times) / batch_size * 1000.0

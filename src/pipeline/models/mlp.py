@@ -44,3 +44,19 @@ def mlp(
         width = size
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+@register_model("mlp_narrow")
+def mlp_narrow(
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int | tuple[int, int],
+    hidden_sizes: Sequence[int] = (32,),
+    activation: str = "relu",
+    dropout: float = 0.0,
+    batch_norm: bool = False,
+) -> nn.Module:
+    """The MLP with one hidden layer of 32: the cheap end of accuracy against cost (conf/tune/pareto.yaml)."""
+    return mlp(in_channels=in_channels, num_classes=num_classes, image_size=image_size, hidden_sizes=hidden_sizes,
+               activation=activation, dropout=dropout, batch_norm=batch_norm)

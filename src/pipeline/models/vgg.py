@@ -130,6 +130,27 @@ def minivgg(
     return VGG(features, classifier)
 
 
+@register_model("minivgg_narrow", min_image_size=4)
+def minivgg_narrow(
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int | tuple[int, int],
+    widths: Sequence[int] = (8, 16),
+    fc_size: int = 64,
+    activation: str = "relu",
+    pooling: PoolSpec = "max",
+    batch_norm: bool = True,
+    dropout: float = 0.5,
+    conv_dropout: float = 0.25,
+) -> nn.Module:
+    """MiniVGG at a quarter of its widths (8 and 16 channels, a 64-unit head): accuracy against
+    cost (conf/tune/pareto.yaml)."""
+    return minivgg(in_channels=in_channels, num_classes=num_classes, image_size=image_size, widths=widths,
+                   fc_size=fc_size, activation=activation, pooling=pooling, batch_norm=batch_norm,
+                   dropout=dropout, conv_dropout=conv_dropout)
+
+
 # --- VGG-11..19 (Simonyan & Zisserman 2015, Table 1) -------------------------------------
 
 CFGS: dict[str, list[int | str]] = {

@@ -48,7 +48,7 @@ def load_data(cfg: DictConfig, layout: Layout, data: TrainingData | None = None)
                         f"declares {expected} (data.image_size, data.channels); fix the config or re-run fetch.")
     if cfg.data.num_classes is not None and len(raw.classes) != cfg.data.num_classes:
         raise DataError(f"{layout.raw} has {len(raw.classes)} classes but data.num_classes={cfg.data.num_classes}.")
-    check_params(data.splits.params, dict(cfg.data.split), layout.splits)
+    check_params(data.splits.params, {**cfg.data.split, "repeats": cfg.cv.repeats}, layout.splits)
     return data
 
 

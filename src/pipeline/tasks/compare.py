@@ -4,9 +4,12 @@ seeds, then test which differences are real.
 Alternatives come from `compare.grid`, a list of {key: [values]}, e.g.
 `[{model: [mlp, lenet5]}, {regularizer: [none, dropout]}]` gives four alternatives. Each is
 cross-validated by `cross_validate` (same split, same folds, same seed), then compared by
-`pipeline.analysis.stats.compare_alternatives`: paired t-test and Wilcoxon over folds,
-McNemar on the shared test set (each alternative predicts with its fold models' mean
-probabilities), Holm-corrected.
+`pipeline.analysis.stats.compare_alternatives`: the corrected resampled t-test, paired
+t-test and Wilcoxon over folds (and the 5x2cv t-test on 5 repetitions of 2 folds), McNemar
+on the shared test set (each alternative predicts with its fold models' mean probabilities),
+Holm-corrected. `compare.test` picks the one that decides; the report says which and why.
+`compare_cost.png` plots each alternative's mean score and interval against its parameters
+and MACs, marking the non-dominated ones.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.analysis.stats import compare_alternatives
-from pipeline.config import to_container
+from pipeline.analysis.stats import FAMILIES, LABELS, compare_alternatives
+from pipeline.config import fold_config, to_container
 from pipeline.data.splits import load_splits
 from pipeline.data.store import read_raw
 from pipeline.errors import ConfigError
@@ -30,6 +33,7 @@ from pipeline.layout import Layout
 from pipeline.tasks.common import write_json
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.server import check_tracking
+from pipeline.tuning.pareto import non_dominated
 from pipeline.tuning.space import GROUPS, apply_overrides, compose_block
 from pipeline.validation import prepare, refuse_resume
 
@@ -72,6 +76,12 @@ def _plan(cfg: DictConfig) -> tuple[DictConfig, list[tuple[str, Path, DictConfig
     no run started."""
     cfg = prepare(cfg)
     refuse_resume(cfg, "a comparison")
+    folds, repeats = cfg.data.split.folds, cfg.cv.repeats
+    if cfg.compare.test == "five_by_two" and (folds, repeats) != (2, 5):
+        raise ConfigError(f"compare.test=five_by_two is Dietterich's 5x2cv test: it needs data.split.folds=2 and "
+                          f"cv.repeats=5, got data.split.folds={folds} and cv.repeats={repeats}. Add "
+                          "`data.split.folds=2 cv.repeats=5` (the split stage remakes the folds), or use "
+                          "compare.test=corrected_t, which takes any folds and repetitions.")
     layout = Layout.from_cfg(cfg)
     planned = []
     for alt in alternatives(OmegaConf.to_container(cfg.compare.grid)):
@@ -91,7 +101,8 @@ def check_compare(cfg: DictConfig) -> DictConfig:
 
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
-    """Run the grid; writes reports/compare.md, reports/compare.json and a per-fold plot."""
+    """Run the grid; writes reports/compare.md, reports/compare.json, a per-fold plot and the
+    accuracy-against-cost figure."""
     from pipeline.tasks.cv import cross_validate
 
     cfg, planned = _plan(cfg)
@@ -102,46 +113,110 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                               tags={"dataset": cfg.data.name, "compare": "true"}) if cfg.tracking.enabled else None
     with parent if parent is not None else contextlib.nullcontext():
         scores, probs, extra = {}, {}, {}
-        for label, out, alt_cfg in planned:
+        for label, _out, alt_cfg in planned:
             start = time.perf_counter()
             result = cross_validate(alt_cfg, parent_run_id=parent.run_id if parent else None)
             elapsed = time.perf_counter() - start
             scores[label] = result[cfg.compare.metric]["values"]
-            fold_probs = [np.load(out / "cv" / f"fold_{i}" / "metrics" / "test_probs.npy") for i in range(result["folds"])]
+            fold_probs = [np.load(Path(fold_config(alt_cfg, i).paths.out_dir) / "metrics" / "test_probs.npy")
+                          for i in range(len(scores[label]))]
             probs[label] = np.mean(fold_probs, axis=0).argmax(axis=1)
             extra[label] = {"params": result["model/params"], "macs": result["model/macs"], "time_s": elapsed}
         raw = read_raw(layout.raw)
-        labels = raw.labels[load_splits(layout.splits).test]
+        splits = load_splits(layout.splits)
+        labels = raw.labels[splits.test]
+        # The corrected t-test's n_test / n_train: a fold's validation and training sizes. With
+        # compare.metric=test/* every fold model scores the same test split, which correlates
+        # the fold differences further than this allows for: prefer val/* to decide.
+        trainval = len(splits.train) + len(splits.val)
+        n_test = float(np.mean([len(f) for f in splits.folds]))
         stats = compare_alternatives(scores, probs, labels, alpha=cfg.compare.alpha,
-                                     confidence=cfg.cv.confidence, higher_is_better=cfg.compare.higher_is_better)
+                                     confidence=cfg.cv.confidence, higher_is_better=cfg.compare.higher_is_better,
+                                     test=cfg.compare.test, repeats=cfg.cv.repeats,
+                                     n_train=trainval - n_test, n_test=n_test)
         stats["extra"] = extra
+        stats["cost_front"] = cost_fronts(stats["summaries"], extra, higher_is_better=cfg.compare.higher_is_better)
         write_json(reports / "compare.json", stats)
         write_text(reports / "compare.md", markdown(stats, cfg.compare.metric))
         per_fold_png(scores, cfg.compare.metric, reports / "compare_folds.png")
+        cost_png(stats, cfg.compare.metric, reports / "compare_cost.png")
         if parent is not None:
-            for name in ("compare.md", "compare.json", "compare_folds.png"):
+            for name in ("compare.md", "compare.json", "compare_folds.png", "compare_cost.png"):
                 parent.log_artifact(reports / name)
     return stats
 
 
 def markdown(stats: dict[str, Any], metric: str) -> str:
     """A table a person can read, then the pairwise tests and plain statements."""
-    lines = [f"# Comparison on {metric} ({stats['n_folds']} folds, alpha {stats['alpha']}, Holm-corrected)", "",
+    folds = f"{stats['folds']} folds" + (f" x {stats['repeats']} repetitions" if stats["repeats"] > 1 else "")
+    lines = [f"# Comparison on {metric} ({folds}, alpha {stats['alpha']}, Holm-corrected)", "",
+             f"Decided by the {stats['decision_reason']} The other tests are shown for reference.", "",
              "| alternative | mean ± std | 95% CI | parameters | MACs | training time (s) |",
              "|---|---|---|---|---|---|"]
     for name, s in stats["summaries"].items():
         e = stats["extra"][name]
         lines.append(f"| {name} | {s['mean']:.4f} ± {s['std']:.4f} | {s['ci_low']:.4f} – {s['ci_high']:.4f} | "
                      f"{int(e['params']):,} | {int(e['macs']):,} | {e['time_s']:.1f} |")
-    lines += ["", "| A | B | mean diff | paired t p (Holm) | Wilcoxon p (Holm) | McNemar p (Holm) | effect (d_z) |",
-              "|---|---|---|---|---|---|---|"]
+    # Every test computed for these folds, the deciding one first and marked.
+    shown = [f for f in (stats["deciding_key"], *FAMILIES) if any(p.get(f) for p in stats["pairs"])]
+    shown = list(dict.fromkeys(shown))
+    heads = [f"{LABELS[f]} p (Holm){' — decides' if f == stats['deciding_key'] else ''}" for f in shown]
+    lines += ["", f"| A | B | mean diff | {' | '.join(heads)} | effect (d_z) |", "|---" * (len(heads) + 4) + "|"]
     for pair in stats["pairs"]:
-        t, w, m = pair["t_test"], pair["wilcoxon"], pair.get("mcnemar")
-        mc = f"{m['p_value']:.3g} ({m['p_adjusted']:.3g})" if m else "-"
-        lines.append(f"| {pair['a']} | {pair['b']} | {pair['mean_diff']:+.4f} | {t['p_value']:.3g} ({t['p_adjusted']:.3g}) "
-                     f"| {w['p_value']:.3g} ({w['p_adjusted']:.3g}) | {mc} | {t['cohens_dz']:.2f} |")
+        cells = [f"{r['p_value']:.3g} ({r['p_adjusted']:.3g})" if (r := pair.get(f)) else "-" for f in shown]
+        lines.append(f"| {pair['a']} | {pair['b']} | {pair['mean_diff']:+.4f} | {' | '.join(cells)} "
+                     f"| {pair['t_test']['cohens_dz']:.2f} |")
     lines += ["", "## Conclusions", "", *[f"- {s}" for s in stats["statements"]], ""]
+    if "cost_front" in stats:
+        front = stats["cost_front"]
+        lines += ["## Accuracy against cost", "",
+                  "Non-dominated alternatives (no other has a better mean at no greater cost): "
+                  f"against parameters {', '.join(front['params'])}; against MACs {', '.join(front['macs'])}.", "",
+                  f"![mean {metric} with its interval against parameters and MACs](compare_cost.png)", ""]
     return "\n".join(lines)
+
+
+def cost_fronts(summaries: dict[str, dict[str, float]], extra: dict[str, dict[str, float]], *,
+                higher_is_better: bool) -> dict[str, list[str]]:
+    """{"params": [...], "macs": [...]}: the alternatives whose mean score no other beats at
+    no greater cost (parameters, multiply-accumulates), in the grid's order."""
+    names = list(summaries)
+    modes = ["max" if higher_is_better else "min", "min"]
+    fronts = {}
+    for cost in ("params", "macs"):
+        flags = non_dominated([(summaries[n]["mean"], extra[n][cost]) for n in names], modes)
+        fronts[cost] = [n for n, on in zip(names, flags) if on]
+    return fronts
+
+
+def cost_png(stats: dict[str, Any], metric: str, path: Path) -> Path:
+    """Each alternative's mean score with its confidence interval against its parameters and
+    its MACs (one panel each), the non-dominated ones (`stats["cost_front"]`) in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.reports.figures import save_figure
+
+    summaries, extra = stats["summaries"], stats["extra"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (cost, label) in zip(axes, (("params", "parameters"), ("macs", "MACs per image"))):
+        front = set(stats["cost_front"][cost])
+        for name, s in summaries.items():
+            x, on = float(extra[name][cost]), name in front
+            ax.errorbar([x], [s["mean"]], yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], fmt="o",
+                        color="tab:red" if on else "tab:gray", capsize=4, ms=8 if on else 6)
+            ax.annotate(name + (" *" if on else ""), (x, s["mean"]), fontsize=8, xytext=(5, 5),
+                        textcoords="offset points")
+        xs = [float(extra[n][cost]) for n in summaries]
+        if min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        confidence = next(iter(summaries.values()))["confidence"]
+        ax.set(xlabel=label, ylabel=f"mean {metric} ({confidence:.0%} interval)",
+               title=f"{metric} against {label} (* non-dominated)")
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path)
 
 
 def per_fold_png(scores: dict[str, list[float]], metric: str, path: Path) -> Path:

@@ -2,7 +2,8 @@
 intervals, tracked as an MLflow parent run with one child run per fold.
 
 Fold i trains on the other k-1 folds and validates on fold i (`data.fold`); the test split
-is never seen during training. Folds run one after another, or in parallel as Ray tasks
+is never seen during training. With `cv.repeats` = r > 1 the split holds r independent
+k-fold partitions and r x k models are trained, labelled by repetition and fold. Folds run one after another, or in parallel as Ray tasks
 (`cv.parallel`, on the Ray `tune.address` names, as sweeps do), with identical results for
 the same seed: each fold is seeded and deterministic on its own. Parallel folds get the data
 from the driver through Ray's object store, so they need no access to the data folders.
@@ -24,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis.stats import summarize
-from pipeline.config import flatten, fold_config, to_container
+from pipeline.config import flatten, fold_config, fold_position, to_container
 from pipeline.layout import Layout
 from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
@@ -46,8 +47,11 @@ def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None,
     from pipeline.tasks.evaluate import evaluate
     from pipeline.tasks.train import train
 
-    fold_cfg = fold_config(OmegaConf.create(cfg), fold)
-    metrics = train(fold_cfg, parent_run_id=parent_run_id, run_tags={"fold": str(fold)}, record=record, data=data)
+    plain = OmegaConf.create(cfg)
+    fold_cfg = fold_config(plain, fold)
+    rep, i = fold_position(plain, fold)
+    tags = {"fold": str(i), **({"repetition": str(rep)} if cfg["cv"]["repeats"] > 1 else {})}
+    metrics = train(fold_cfg, parent_run_id=parent_run_id, run_tags=tags, record=record, data=data)
     metrics.update(evaluate(fold_cfg, run=record, data=data))
     return {"fold": fold, **metrics}
 
@@ -140,13 +144,15 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
     refuse_resume(cfg, "cross-validation")
     check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
-    folds = list(range(cfg.data.split.folds))
+    repeats = cfg.cv.repeats
+    folds = list(range(cfg.data.split.folds * repeats))
     plain = to_container(cfg)
     parent = None
     if cfg.tracking.enabled:
         run_name = cfg.tracking.run_name or f"cv-{cfg.name}-{cfg.model.name}-{cfg.data.name}"
         parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=run_name, parent_run_id=parent_run_id,
-                                  tags={"dataset": cfg.data.name, "model": cfg.model.name, "cv_folds": str(len(folds))})
+                                  tags={"dataset": cfg.data.name, "model": cfg.model.name, "cv_folds": str(cfg.data.split.folds),
+                                        **({"cv_repeats": str(repeats)} if repeats > 1 else {})})
     with parent if parent is not None else contextlib.nullcontext():
         if parent is not None:
             parent.log_params(flatten(plain))
@@ -156,9 +162,14 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
         else:
             results = [run_fold(plain, fold, parent_id) for fold in folds]
         results.sort(key=lambda r: r["fold"])
-        summary = {key: summarize([r[key] for r in results], confidence=cfg.cv.confidence)
+        # Repeated folds share data: their interval is the corrected one (a fold tests on one
+        # of k parts and trains on k - 1); one repetition keeps the plain t-interval.
+        factor = 1 / len(folds) + 1 / (cfg.data.split.folds - 1) if repeats > 1 else None
+        summary = {key: summarize([r[key] for r in results], confidence=cfg.cv.confidence, variance_factor=factor)
                    for key in CV_METRICS if all(key in r for r in results)}
-        out = {"folds": len(folds), "confidence": cfg.cv.confidence,
+        # "folds" is per repetition; the values run repetition-major (rep * folds + i).
+        out = {"folds": cfg.data.split.folds, **({"repeats": repeats} if repeats > 1 else {}),
+               "confidence": cfg.cv.confidence,
                "model/params": results[0]["model/params"], "model/macs": results[0]["model/macs"], **summary}
         write_json(layout.metrics / "cv.json", file_row(out))
         if parent is not None:

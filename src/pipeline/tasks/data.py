@@ -21,13 +21,13 @@ def fetch(cfg: DictConfig) -> dict:
 
 
 def split(cfg: DictConfig) -> dict:
-    """Write `data/splits/<dataset>/` (train/val/test and k folds); returns split sizes."""
+    """Write `data/splits/<dataset>/` (train/val/test and cv.repeats x k folds); returns split sizes."""
     cfg = prepare(cfg)
     layout = Layout.from_cfg(cfg)
     raw = read_raw(layout.raw)
     s = cfg.data.split
     splits = make_splits(raw.labels, val_fraction=s.val_fraction, test_fraction=s.test_fraction,
-                         folds=s.folds, seed=s.seed)
+                         folds=s.folds, seed=s.seed, repeats=cfg.cv.repeats)
     save_splits(layout.splits, splits, raw.labels)
     return {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test), "folds": len(splits.folds)}
 

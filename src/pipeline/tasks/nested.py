@@ -57,6 +57,12 @@ def check_nested(cfg: DictConfig) -> None:
         raise ConfigError("cv.nested=true with cv.parallel=true: nested CV runs its outer folds one after another, "
                           "each fold's sweep already in parallel on Ray (tune.max_concurrent_trials); "
                           "set cv.parallel=false.")
+    if cfg.cv.get("repeats", 1) > 1:
+        raise ConfigError(f"cv.nested=true with cv.repeats={cfg.cv.repeats}: the outer folds are one k-fold "
+                          "partition (data.split.folds); set cv.repeats=1.")
+    if cfg.tune.get("objectives"):
+        raise ConfigError("cv.nested=true with tune.objectives: each outer fold's sweep must choose one "
+                          "configuration by one score (its inner k-fold mean); drop tune.objectives.")
     if cfg.data.fold is not None:
         raise ConfigError(f"cv.nested=true runs every outer fold itself, but data.fold={cfg.data.fold} is set: "
                           "drop the data.fold override (data.fold=null).")

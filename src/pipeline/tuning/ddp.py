@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pipeline.training.metrics import EPOCH_METRICS
 from pipeline.tuning.ray_init import Shared
-from pipeline.tuning.trial import CKPT_FILE, META_FILE, TrainFn, rescale_lr
+from pipeline.tuning.trial import CKPT_FILE, META_FILE, TrainFn, rescale_lr, tune_iteration
 
 ANSWER_TIMEOUT_S = 3600.0  # rank 0 waits this long for the trial to take an epoch's report
 POLL_S = 0.5
@@ -70,7 +70,7 @@ class WorkerReporter(Callback):
             if key in logged:
                 value = torch.as_tensor(float(logged[key]), dtype=torch.float64, device=strategy.root_device)
                 metrics[key] = float(strategy.reduce(value, reduce_op="mean"))
-        metrics["epoch"] = trainer.current_epoch
+        metrics.update(tune_iteration(trainer.current_epoch))
         diverged = not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train/loss", "val/loss"))
         metrics["diverged"] = int(diverged)
         metrics.update(rank=trainer.global_rank, world_size=trainer.world_size, train_batches=self._batches,

@@ -77,10 +77,29 @@ def _search(plan: Plan) -> tuple[Any, int | None]:
 
     limit = plan.tune.get("max_concurrent_trials")
     seed = int(plan.cfg.seed)
-    if plan.tune["search_alg"] == "optuna":
+    if plan.tune["search_alg"] in ("optuna", "nsga2"):
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=seed), limit
+        if plan.tune["search_alg"] == "nsga2":
+            # At least two generations within the sweep: the first is sampled at random.
+            population = max(2, min(50, int(plan.tune["num_samples"]) // 2))
+            sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+        elif not plan.objectives:
+            sampler = optuna.samplers.TPESampler(seed=seed)
+        else:
+            # Multi-objective TPE. Its first n_startup_trials are random (Optuna's default: 10,
+            # all of a 10-trial sweep); a third of the sweep leaves most trials to TPE.
+            startup = max(2, min(10, int(plan.tune["num_samples"]) // 3))
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+        objectives = plan.objectives
+        if not objectives:
+            return OptunaSearch(sampler=sampler), limit
+        # Optuna is told each trial's last report, the first objective at its last epoch
+        # (it takes no per-epoch values with several objectives); pareto.csv ranks trials
+        # by their best epoch, as for one objective.
+        return OptunaSearch(metric=[m for m, _ in objectives], mode=[d for _, d in objectives],
+                            sampler=sampler), limit
     return BasicVariantGenerator(max_concurrent=limit or 0, random_state=seed), None
 
 
@@ -146,6 +165,7 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
     on `data` (train's `data=`) if given; the sweep's MLflow parent nests under `parent_run_id`."""
     from ray import tune
 
+    from pipeline.tuning.recovery import driver_id, record_reported_callback
     from pipeline.tuning.trial import run_trial
 
     folder, restore = _experiment(plan)
@@ -159,7 +179,7 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, train=train, base=plan.base, blocks=plan.blocks, callbacks=list(trial_callbacks),
                              experiment=path.removeprefix("file://") if plan.storage_is_local else None, ddp=ddp,
-                             data=data),
+                             data=data, driver=driver_id()),
         resources)
     if restore:
         print(f"Resuming the sweep in {path}")
@@ -169,14 +189,20 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
     callbacks: list[Any] = [_json_logger()]  # result.json: per-trial curves for the outputs
     if plan.cfg.tracking.enabled:
         callbacks.append(_mlflow_callback(plan, path, parent_run_id))
+    callbacks.append(record_reported_callback())  # each result's checkpoint, where retries resume
     search_alg, limit = _search(plan)
-    tune_config = tune.TuneConfig(metric=plan.tune["metric"], mode=plan.tune["mode"], search_alg=search_alg,
+    # Several objectives: the search algorithm holds them (Tune's own metric is one name), the
+    # scheduler is FIFO (plan: nothing can stop trials on several metrics).
+    single = not plan.objectives
+    tune_config = tune.TuneConfig(metric=plan.tune["metric"] if single else None,
+                                  mode=plan.tune["mode"] if single else None, search_alg=search_alg,
                                   scheduler=_scheduler(plan), num_samples=1 if plan.tune["search_alg"] == "grid"
                                   else plan.tune["num_samples"], max_concurrent_trials=limit,
                                   time_budget_s=plan.tune.get("time_budget_s"), reuse_actors=True)
     metric = plan.tune["metric"]  # with tune.cv: the running mean over the folds done
-    reporter = tune.CLIReporter(metric_columns={"training_iteration": f"{plan.step_key}s", metric: metric,
-                                                "val/loss": "val/loss", "train/loss": "train/loss"},
+    columns = {"training_iteration": f"{plan.step_key}s", metric: metric, "val/loss": "val/loss",
+               "train/loss": "train/loss", **{m: m for m, _ in plan.objectives}}
+    reporter = tune.CLIReporter(metric_columns=columns,
                                 parameter_columns=list(plan.space), max_report_frequency=10,
                                 max_progress_rows=30)  # sort_by_metric fails on metric-less trials
     run_config = tune.RunConfig(

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import check_bool, check_choice, check_number, to_container
 from pipeline.errors import ConfigError
 from pipeline.training.metrics import LEARNING_CURVES
+from pipeline.tuning.pareto import Objective, check_multi_objective, parse_objectives
 from pipeline.tuning.space import (
     GROUPS,
     Dist,
@@ -24,7 +25,8 @@ from pipeline.tuning.space import (
 )
 from pipeline.validation import prepare
 
-SEARCH_ALGS = ("random", "grid", "optuna")
+# optuna: Optuna's TPE (multi-objective with tune.objectives); nsga2: Optuna's NSGA-II.
+SEARCH_ALGS = ("random", "grid", "optuna", "nsga2")
 TRIAL_SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")  # Ray Tune's, not the lr schedules
 
 
@@ -49,6 +51,11 @@ class Plan:
     def step_key(self) -> str:
         """The key numbering a trial's reports: `epoch`, or `fold` with `tune.cv`."""
         return "fold" if self.tune.get("cv") else "epoch"
+
+    @property
+    def objectives(self) -> list[Objective]:
+        """[(metric, mode), ...] of a multi-objective sweep (`tune.objectives`); [] for one."""
+        return parse_objectives(self.tune.get("objectives"))
 
     @property
     def storage_is_local(self) -> bool:
@@ -119,12 +126,13 @@ def _check_space_against_search(tune: dict[str, Any], space: dict[str, Dist]) ->
             if not dist.categorical:
                 raise ConfigError(f"tune.space.{key}={dist}: search_alg=grid tries listed values only; "
                                   "use choice[...] or grid[...] (or search_alg=random).")
-    if tune["search_alg"] == "optuna":
+    if tune["search_alg"] in ("optuna", "nsga2"):
         if tune["scheduler"] == "pbt":
             raise ConfigError("tune.scheduler=pbt changes configs during trials: use search_alg=random or grid.")
         for key, dist in space.items():
             if dist.kind == "grid":
-                raise ConfigError(f"tune.space.{key}={dist}: optuna cannot search grid[...]; use choice[...].")
+                raise ConfigError(f"tune.space.{key}={dist}: {tune['search_alg']} cannot search grid[...]; "
+                                  "use choice[...].")
     if tune["scheduler"] == "pbt":
         mutate = list(tune["pbt"].get("mutate") or [])
         mutable = pbt_keys()
@@ -172,6 +180,9 @@ def plan_sweep(cfg: DictConfig) -> Plan:
     cfg = prepare(cfg)
     _check_tune_block(cfg)
     tune = to_container(cfg.tune)
+    objectives = parse_objectives(tune.get("objectives"))
+    if objectives:
+        check_multi_objective(tune, objectives)
     space = parse_space(cfg.tune.space)
     fixed = flat_mapping(cfg.tune.get("fixed"), "tune.fixed")
     for key in fixed:

@@ -18,6 +18,7 @@ from pipeline.errors import STOPPED
 from pipeline.files import write_text, write_with
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.training.metrics import LEARNING_CURVES, file_key, file_row
+from pipeline.tuning.pareto import front_key, log_front, mark_front, objective_values, write_pareto
 from pipeline.tuning.plan import Plan
 from pipeline.tuning.space import trial_config
 
@@ -75,7 +76,8 @@ def _summarize(plan: Plan, trial: Any, status: str, rows: list[dict[str, Any]], 
             "value": best[metric] if best else math.nan, "epoch": int(best[step_key]) if best else -1,
             "val/loss": best.get("val/loss", math.nan) if best else math.nan, "epochs": epochs,
             "diverged": diverged, "stop_reason": reason, "failures": trial.num_failures, "node": node,
-            "run_id": run_ids.get(trial.trial_id, ""), "path": trial.path}
+            "run_id": run_ids.get(trial.trial_id, ""), "path": trial.path,
+            "objectives": objective_values(best, plan.objectives)}
 
 
 def collect(plan: Plan, path: str, *, all_ended: bool = False) -> Outcome:
@@ -104,12 +106,17 @@ def collect(plan: Plan, path: str, *, all_ended: bool = False) -> Outcome:
             point.update({k: r[k] if _finite(r.get(k)) else None for k in LEARNING_CURVES})
             outcome.curves.append(point)
     sign = 1 if plan.tune["mode"] == "max" else -1
+    if plan.objectives:
+        mark_front(outcome.trials, plan.objectives)
     candidates = [t for t in outcome.trials if _finite(t["value"])]
     if plan.tune.get("cv") and any(t["epochs"] == plan.steps for t in candidates):
         # A mean over every fold beats one over the first few (a trial ASHA stopped).
         candidates = [t for t in candidates if t["epochs"] == plan.steps]
+    if plan.objectives:  # the front member best on the first objective (pipeline.tuning.pareto)
+        candidates = [t for t in candidates if t["on_front"]]
     if candidates:
-        best = max(candidates, key=lambda t: (sign * t["value"], -t["val/loss"]))
+        best = max(candidates, key=lambda t: front_key(t, plan.objectives) if plan.objectives
+                   else (sign * t["value"], -t["val/loss"]))
         overrides = {**plan.fixed, **best["config"]}
         config = trial_config(plan.base, best["config"], plan.blocks)
         config["paths"]["out_dir"] = best["path"]
@@ -118,6 +125,8 @@ def collect(plan: Plan, path: str, *, all_ended: bool = False) -> Outcome:
             "value": float(best["value"]), **({"folds": best["epochs"]} if plan.tune.get("cv") else {"epoch": best["epoch"]}),
             "sweep": plan.tune["name"],
             "experiment": path, "mlflow_parent_run_id": ids["parent"], "mlflow_run_id": best["run_id"] or None,
+            **({"objectives": best["objectives"],
+                "pareto_front": [t["trial_id"] for t in outcome.trials if t["on_front"]]} if plan.objectives else {}),
             "overrides": plain(overrides),
             "config": OmegaConf.to_container(OmegaConf.create(config), resolve=True)}
     return outcome
@@ -143,10 +152,18 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
     write_text(out / "trials.csv", table.getvalue())
     write_text(out / "curves.json", json.dumps([file_row(c) for c in outcome.curves], indent=1) + "\n")
     curves_png(outcome, plan.tune["metric"], out / "curves.png", plan.step_key)
+    if plan.objectives:
+        write_pareto(out, outcome.trials, plan.objectives, keys)
+    else:  # a multi-objective sweep's, not this one's
+        for name in ("pareto.csv", "pareto.png"):
+            (out / name).unlink(missing_ok=True)
     best_file = out / "best.yaml"
     if outcome.best is not None and final:
         header = ("# The best trial of the last sweep (pipeline tune / the DVC tune stage). The train\n"
                   "# stage applies `overrides` (group keys take their block from `config`) when tune.use_best.\n")
+        if plan.objectives:
+            header += ("# Several objectives (tune.objectives): the trial on the Pareto front (pareto.csv) best on\n"
+                       "# the first objective, ties broken by the next objectives in order, then val/loss.\n")
         # Whole or not at all (a driver killed while writing): the train stage reads it.
         write_text(best_file, header + yaml.safe_dump(plain(outcome.best), sort_keys=False))
     else:
@@ -201,6 +218,8 @@ def finish_parent(plan: Plan, outcome: Outcome, path: str, *, interrupted: bool,
     for name in ("trials.csv", "curves.json", "curves.png", "best.yaml"):
         if (plan.results / name).exists():
             parent.log_artifact(plan.results / name)
+    if plan.objectives:
+        log_front(runs, plan.results, outcome.trials, plan.objectives)
     if outcome.best is not None:
         parent.set_tags({"best_trial_id": outcome.best["trial_id"], f"best_{metric}": f"{outcome.best['value']:.6g}",
                          "best_run_id": outcome.best["mlflow_run_id"] or ""})

@@ -20,15 +20,15 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from pipeline.training.metrics import EPOCH_METRICS
+from pipeline.tuning.pareto import cost_probe, measure_costs
 from pipeline.tuning.ray_init import Shared
+from pipeline.tuning.recovery import CKPT_FILE, META_FILE, resume_checkpoint
 from pipeline.tuning.space import trial_config
 
 # `pipeline.tasks.train.train`: (cfg, *, callbacks, ckpt_path, trainer_kwargs, figures, data) -> metrics.
 # Passed in rather than imported, since the tasks sit above this library.
 TrainFn = Callable[..., dict[str, float]]
 
-CKPT_FILE = "last.ckpt"
-META_FILE = "trial_meta.json"  # beside the checkpoint: the lr it was trained with
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group rates torch schedulers keep
 
 
@@ -39,22 +39,28 @@ class TuneReporter(Callback):
     so the epoch's metrics are final. A non-finite training loss ends the trial with a last
     report of `diverged: 1` and `val/acc` NaN, so the trial is never the best.
     `lr_scale` rescales the restored optimizer's rates when PBT changed `optimizer.lr`.
+    `costs` (`pareto.measure_costs`' keyword arguments): the model's costs, measured once at
+    the start, go with every report (what `tune.objectives` ranks on besides accuracy).
     """
 
-    def __init__(self, *, lr: float = 0.0, lr_scale: float = 1.0) -> None:
-        self.lr, self.lr_scale = lr, lr_scale
+    def __init__(self, *, lr: float = 0.0, lr_scale: float = 1.0, costs: Mapping[str, Any] | None = None) -> None:
+        self.lr, self.lr_scale, self.costs = lr, lr_scale, costs
         self._first = True
+        self._measured: dict[str, float] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.lr_scale != 1.0:  # after the checkpoint's optimizer state was restored
             rescale_lr(trainer, self.lr_scale)
+        if self.costs is not None:
+            self._measured = measure_costs(pl_module.net, **self.costs)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from ray import tune
 
         logged = trainer.callback_metrics
         metrics: dict[str, Any] = {k: float(logged[k]) for k in EPOCH_METRICS if k in logged}
-        metrics["epoch"] = trainer.current_epoch
+        metrics.update(tune_iteration(trainer.current_epoch))
+        metrics.update(self._measured)
         diverged = not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train/loss", "val/loss"))
         metrics["diverged"] = int(diverged)
         if self._first:  # Tune adds node_ip and hostname to every result itself
@@ -72,6 +78,21 @@ class TuneReporter(Callback):
             trainer.save_checkpoint(Path(folder) / CKPT_FILE)
             (Path(folder) / META_FILE).write_text(json.dumps({"lr": self.lr, "epoch": trainer.current_epoch}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def tune_iteration(epoch: int) -> dict[str, int]:
+    """The epoch, and Tune's `training_iteration` set from it (Tune counts reports since its
+    last commit otherwise): a trial that resumes from a checkpoint Tune had not committed
+    (`recovery.resume_checkpoint`) keeps its iterations equal to its epochs, as ASHA's and
+    HyperBand's rungs and the stop at `tune.max_epochs` expect."""
+    return {"epoch": epoch, "training_iteration": epoch + 1}
+
+
+def _own_checkpoint(driver: str) -> Any:
+    """The checkpoint this (re)started trial resumes from (None on a first start)."""
+    from ray import tune
+
+    return resume_checkpoint(tune.get_checkpoint(), Path(tune.get_context().get_trial_dir()).name, driver)
 
 
 def rescale_lr(trainer: L.Trainer, factor: float) -> None:
@@ -109,14 +130,15 @@ def _trial_dir(experiment: str | None) -> Path:
 
 def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any], blocks: Mapping[str, Any],
               experiment: str | None = None, callbacks: Sequence[Callback] = (),
-              ddp: Mapping[str, Any] | None = None, data: Shared | None = None) -> None:
+              ddp: Mapping[str, Any] | None = None, data: Shared | None = None, driver: str = "") -> None:
     """The Tune function trainable, fitting with `train`. `config` holds the sampled `{dotted key: value}`; `base`
     is the sweep's resolved config (absolute paths, tracking off, trainer.max_epochs set);
     `experiment` the experiment folder when storage is a file system path. With `tune.cv`
     the trial trains every fold (`pipeline.tuning.cv_trial`). With `ddp`
     (`workers`, `cpu`, `gpu`, `storage`: `tune.workers > 1`) the trial holds no resources and
     trains with a Ray Train TorchTrainer of `workers` DDP ranks (`pipeline.tuning.ddp`).
-    `data` holds what every trial trains on (train's `data=`), read by the driver."""
+    `data` holds what every trial trains on (train's `data=`), read by the driver; `driver`
+    is the driver's `recovery.driver_id()`, whose records a retried trial may resume from."""
     import torch
     from omegaconf import OmegaConf
     from ray import tune
@@ -132,7 +154,7 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
     plain = trial_config(base, config, blocks)
     plain["paths"]["out_dir"] = str(_trial_dir(experiment))
     if ddp:
-        _run_ddp_trial(plain, train, ddp, callbacks, data)  # each rank gets the data itself
+        _run_ddp_trial(plain, train, ddp, callbacks, data, driver)  # each rank gets the data itself
         return
     loaded = data.get() if data is not None else None
     if plain["trainer"].get("accelerator", "auto") == "auto":
@@ -149,14 +171,15 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
     # (Lookahead keeps its rate in optimizer.base.lr.)
     lr = float(OmegaConf.select(cfg, "optimizer.lr", default=None) or OmegaConf.select(cfg, "optimizer.base.lr") or 0)
 
-    checkpoint = tune.get_checkpoint()
+    costs = cost_probe(plain)
+    checkpoint = _own_checkpoint(driver)
     if checkpoint is None:
-        train(cfg, callbacks=[TuneReporter(lr=lr), *callbacks], figures=False, data=loaded)
+        train(cfg, callbacks=[TuneReporter(lr=lr, costs=costs), *callbacks], figures=False, data=loaded)
         return
     with checkpoint.as_directory() as folder:
         meta_file = Path(folder) / META_FILE
         old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
-        reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0)
+        reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0, costs=costs)
         train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE), figures=False,
               data=loaded)
 
@@ -168,14 +191,12 @@ def _lr(plain: Mapping[str, Any]) -> float:
 
 
 def _run_ddp_trial(plain: dict[str, Any], train: TrainFn, ddp: Mapping[str, Any],
-                   callbacks: Sequence[Callback], data: Shared | None) -> None:
-    from ray import tune
-
+                   callbacks: Sequence[Callback], data: Shared | None, driver: str) -> None:
     from pipeline.tuning.ddp import run_ddp
 
     lr = _lr(plain)
     lr_scale = 1.0
-    checkpoint = tune.get_checkpoint()
+    checkpoint = _own_checkpoint(driver)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             meta_file = Path(folder) / META_FILE
