@@ -127,11 +127,15 @@ def test_a_trial_without_a_comparable_vector_is_not_tested():
     assert s.p_values["t9"] is None and "t9" not in s.indistinguishable and s.chosen == "t2"
 
 
-def test_loss_metric_is_not_tested_with_accuracy_vectors():
-    """mode min on val/loss: McNemar compares accuracies, not losses: exact ties only."""
+def test_ranking_by_loss_picks_the_lowest_and_records_who_is_as_accurate():
+    """mode min on val/loss: the top trial is the pick; McNemar on the accuracies says that
+    t2 is as accurate (t2 misses 3 and 7, t3 misses 0-5: only t3 gets sample 7, only t2
+    gets 0, 1, 2, 4, 5: p = 2 P(X <= 1 | 6) = 14/64), t0 and t1 are not (they alone get
+    0-5: p = 2 / 64); val/loss does not saturate."""
     s = select(TRIALS, metric="val/loss", mode="min")
-    assert s.top == "t3" and s.test == "none" and s.indistinguishable == ("t3",) and s.chosen == "t3"
-    assert s.saturated == ""
+    assert s.top == s.chosen == "t3" and s.test == "mcnemar_exact"
+    assert s.p_values == pytest.approx({"t0": 0.03125, "t1": 0.03125, "t2": 2 * (1 + 6) / 64, "t3": 1.0})
+    assert s.indistinguishable == ("t3", "t2") and s.saturated == ""
 
 
 def test_missing_loss_sorts_last_and_one_trial_is_its_own_pick():
@@ -162,9 +166,17 @@ def test_choose_best_warns_when_the_metric_saturates(caplog):
     assert "val/acc saturates on this validation split" in record.getMessage()
     assert "picked t2 among them by the lowest val/loss" in record.getMessage()
     caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):  # t2 and t3 alone: tied (p = 14/64), not saturated
+        best, _ = choose_best(tune, summaries[2:])
+    assert best["trial_id"] == "t3" and [r.getMessage() for r in caplog.records] == [
+        "1 other trial(s) are statistically indistinguishable from the top trial t2 by val/acc (exact McNemar "
+        "test, alpha 0.05, 20 validation samples); picked t3 among them by the lowest val/loss."]
+    caplog.clear()
+    winner = {"trial_id": "a", "value": 0.9, "val/loss": 0.3, "correct": vector(N, [0, 1])}
+    loser = {"trial_id": "b", "value": 0.5, "val/loss": 0.1, "correct": vector(N, list(range(10)))}  # p = 2 / 256
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        best, _ = choose_best(tune, summaries[2:])  # t2 against t3 alone: a measured winner
-    assert best["trial_id"] == "t2" and not caplog.records
+        best, _ = choose_best(tune, [winner, loser])
+    assert best["trial_id"] == "a" and not caplog.records  # a measured winner: nothing to warn about
 
 
 @pytest.mark.parametrize("override, message", [

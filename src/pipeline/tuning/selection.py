@@ -3,12 +3,14 @@
 A validation split of a few hundred images cannot tell 0.996 from 1.000 (one image), yet
 taking the maximum picks one of them as if it could. So each trial reports which validation
 samples its best epoch classified correctly (`pipeline.tuning.predictions`, packed into the
-result under `CORRECT_KEY`); after the sweep, an exact McNemar test of every trial against the top one
-(the highest metric) says which the split cannot tell apart from it at `alpha`, and among
-those the pick is the one with the lowest validation loss, which keeps ranking where
-accuracy has run out of samples to count. With `tune.cv` it is the mean of the folds' val/loss.
-A saturated metric (the best within one sample of 100%, or several trials sharing the
-maximum) is named, so nobody mistakes the pick for a measured winner.
+result under `CORRECT_KEY`); after the sweep, an exact McNemar test of every trial against
+the top one (by the sweep's metric) says which the split cannot tell apart from it by
+accuracy at `alpha`, and among those the pick is the one with the lowest validation loss,
+which keeps ranking where accuracy has run out of samples to count (with `tune.cv`, the
+folds' mean val/loss). When the sweep ranks by val/loss itself, the top trial is the pick
+and the test records which trials are as accurate. A saturated accuracy (the best within
+one sample of 100%, or several trials sharing the best value) is named, so nobody mistakes
+the pick for a measured winner.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import numpy as np
 
 CORRECT_KEY = "val_correct"  # in a trial's results: "<n>:<base64 of the packed correctness bits>"
 TIE_BREAKS = ("val/loss", "none")  # tune.selection.tie_break
-PAIRED_METRICS = ("val/acc",)  # metrics whose trials the correctness vectors can compare
 
 
 def pack(correct: np.ndarray) -> str:
@@ -117,16 +118,16 @@ def select(candidates: Sequence[Candidate], *, metric: str, mode: str, alpha: fl
     """The trial to keep among `candidates` (at least one), and why.
 
     `top` is the best by the metric (an exact tie goes to the lower val/loss, then the
-    trial id). With `metric` in PAIRED_METRICS and a correctness vector for `top`, every
-    trial with a vector of the same length is tested against `top` (exact McNemar) and is
-    indistinguishable from it when p >= alpha; otherwise (no vectors, another metric) only
-    an exact tie on the metric is. The pick is the indistinguishable trial with the lowest
-    val/loss (`tie_break="val/loss"`), or `top` itself (`"none"`)."""
+    trial id). With a correctness vector for `top`, every trial with a vector of the same
+    length is tested against `top` (exact McNemar on the two accuracies) and is
+    indistinguishable from it when p >= alpha; a trial without one (`tune.cv`, DDP trials)
+    only when it ties the metric exactly. The pick is the indistinguishable trial with the
+    lowest val/loss (`tie_break="val/loss"`), or `top` itself (`"none"`)."""
     if not candidates:
         raise ValueError("select() needs at least one candidate")
     sign = 1 if mode == "max" else -1
     top = min(candidates, key=lambda c: (-sign * c.value, _loss(c), c.trial_id))
-    paired = metric in PAIRED_METRICS and top.correct is not None
+    paired = top.correct is not None
     p_values: dict[str, float | None] = {}
     tied = []
     for c in candidates:
