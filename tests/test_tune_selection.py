@@ -172,6 +172,13 @@ def test_choose_best_warns_when_the_metric_saturates(caplog):
         "1 other trial(s) are statistically indistinguishable from the top trial t2 by val/acc (exact McNemar "
         "test, alpha 0.05, 20 validation samples); picked t3 among them by the lowest val/loss."]
     caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):  # t0 and t1 share 1.0: t1, lower loss, is top and pick
+        best, _ = choose_best(tune, summaries[:2])
+    assert best["trial_id"] == "t1" and caplog.records[0].getMessage().endswith(
+        "1 other trial(s) are statistically indistinguishable from the top trial t1 by val/acc (exact McNemar test, "
+        "alpha 0.05, 20 validation samples); kept it: it also has the lowest val/loss among them. A k-fold mean "
+        "(tune.cv=true) or a larger validation split ranks them on more samples.")
+    caplog.clear()
     winner = {"trial_id": "a", "value": 0.9, "val/loss": 0.3, "correct": vector(N, [0, 1])}
     loser = {"trial_id": "b", "value": 0.5, "val/loss": 0.1, "correct": vector(N, list(range(10)))}  # p = 2 / 256
     with caplog.at_level(logging.WARNING, logger="pipeline"):

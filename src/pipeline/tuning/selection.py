@@ -160,4 +160,6 @@ def explain(selection: Selection, metric: str) -> str:
             f"by {metric} ({how})")
     if selection.chosen != selection.top:
         text += f"; picked {selection.chosen} among them by the lowest {selection.tie_break}"
+    elif others and selection.tie_break != "none":
+        text += f"; kept it: it also has the lowest {selection.tie_break} among them"
     return text
