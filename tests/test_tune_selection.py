@@ -205,8 +205,9 @@ def test_sweep_records_which_trials_the_validation_split_cannot_tell_apart(local
     from pipeline.tasks.data import ensure_data
     from pipeline.tasks.tune import tune
 
+    # Ranked by accuracy, so that the tie-break on val/loss has ties to break.
     cfg = cfg_factory(["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.num_samples=4",
-                       "tune.max_epochs=2", "tune.scheduler=fifo"])
+                       "tune.max_epochs=2", "tune.scheduler=fifo", "tune.metric=val/acc", "tune.mode=max"])
     ensure_data(cfg)
     best = tune(cfg)
 
