@@ -72,7 +72,7 @@ def sweep(tmp: Path, args: argparse.Namespace, scheduler: str) -> dict:
     cfg = sweep_cfg(tmp, [
         f"model={args.model}", "tune=lr_decay_dropout", "~tune.space",
         f'+tune.space={{optimizer.lr: "grid[{LRS}]", regularizer.dropout: "grid[{DROPOUTS}]"}}',
-        "tune.search_alg=grid", f"tune.scheduler={scheduler}", f"tune.max_epochs={args.epochs}",
+        "tune.search_alg=grid", "tune.metric=val/acc", "tune.mode=max", f"tune.scheduler={scheduler}", f"tune.max_epochs={args.epochs}",
         f"tune.asha.grace_period={args.grace_period}", f"tune.asha.reduction_factor={args.reduction_factor}",
         "tune.asha.brackets=1", f"tune.num_cpus={CPUS}", "tune.max_concurrent_trials=2",
         "tune.resources.cpu=1", "tune.resources.gpu=0", f"data.split.val_fraction={args.val_fraction}"])

@@ -124,7 +124,8 @@ def main() -> None:
     began = time.perf_counter()
     with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
         cfg = sweep_cfg(Path(tmp).resolve(), [
-            f"model={args.model}", "tune=lr_decay_dropout", "tune.scheduler=fifo", "tune.search_alg=random",
+            f"model={args.model}", "tune=lr_decay_dropout", "tune.metric=val/acc", "tune.mode=max", "tune.scheduler=fifo",
+            "tune.search_alg=random",
             f"tune.num_samples={args.trials}", f"tune.max_epochs={args.epochs}", f"tune.num_cpus={CPUS}",
             f"tune.max_concurrent_trials={concurrency}", "tune.resources.cpu=1", "tune.resources.gpu=0"])
         ensure_data(cfg)

@@ -34,7 +34,7 @@ from test_signals import _run_statuses, _wait_for_an_epoch
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EPOCHS, TRIALS = 3, 4
-SWEEP = ["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.search_alg=random",
+SWEEP = ["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.search_alg=random", "tune.metric=val/acc", "tune.mode=max",
          f"tune.num_samples={TRIALS}", "tune.scheduler=fifo", f"tune.max_epochs={EPOCHS}",
          *sweeps.space(**{"optimizer.lr": "loguniform(1e-3, 1e-1)"})]
 STAGE = [sys.executable, "-m", "pipeline.cli.stages", "tune"]

@@ -33,7 +33,7 @@ from pipeline.tuning.ray_init import job_env
 from procs import BIN, project_env
 
 # One split (two folds) for both.
-SWEEP = ["model=mlp", "data.split.folds=2", "tune.num_cpus=2", "tune.max_concurrent_trials=2",
+SWEEP = ["model=mlp", "data.split.folds=2", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.metric=val/acc", "tune.mode=max",
          "tune.num_samples=2", "tune.max_epochs=2", "tune.scheduler=fifo"]
 CV = ["model=mlp", "data.split.folds=2", "trainer.max_epochs=2", "cv.parallel=true"]
 FAIL_FAST_S = 120  # a refused connection used to cost four minutes of MLflow's retries

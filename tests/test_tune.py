@@ -27,7 +27,7 @@ from pipeline.tasks.tune import tune
 from pipeline.tuning.driver import SweepInterrupted
 from pipeline.tuning.plan import plan_sweep
 
-MLP = ["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2"]
+MLP = ["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.metric=val/acc", "tune.mode=max"]  # ranked by accuracy
 
 
 # ---------------------------------------------------------------------------- before Ray

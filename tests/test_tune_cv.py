@@ -24,7 +24,8 @@ from pipeline.tuning.driver import _scheduler
 from pipeline.tuning.plan import plan_sweep
 
 FOLDS = 3
-CV = ["model=mlp", "tune.cv=true", f"data.split.folds={FOLDS}", "tune.num_cpus=2", "tune.max_concurrent_trials=2"]
+CV = ["model=mlp", "tune.cv=true", f"data.split.folds={FOLDS}", "tune.num_cpus=2", "tune.max_concurrent_trials=2",
+      "tune.metric=val/acc", "tune.mode=max"]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -27,7 +27,7 @@ from pipeline.training.module import Classifier
 from pipeline.validation import prepare
 
 DDP = ["model=mlp", "tune.num_cpus=2", "tune.workers=2", "tune.resources.cpu=1", "tune.num_samples=1",
-       "tune.scheduler=fifo"]
+       "tune.scheduler=fifo", "tune.metric=val/acc", "tune.mode=max"]
 
 
 @pytest.mark.integration

@@ -17,7 +17,7 @@ from pipeline.tasks.tune import tune
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-MLP = ["model=mlp", "tune.num_cpus=2"]
+MLP = ["model=mlp", "tune.num_cpus=2", "tune.metric=val/acc", "tune.mode=max"]  # ranked by accuracy
 
 
 def _trial_configs(experiment: str) -> dict[str, dict]:

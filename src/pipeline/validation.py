@@ -50,11 +50,13 @@ KEYS: dict[str, tuple[str, ...]] = {
     "paths": ("root", "data_dir", "download_dir", "out_dir"),
     "tune": ("name", "space", "fixed", "num_samples", "search_alg", "scheduler", "asha", "hyperband", "pbt", "metric",
              "mode", "max_epochs", "max_concurrent_trials", "resources", "workers", "num_cpus", "address",
-             "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv", "objectives"),
+             "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv", "objectives",
+             "selection"),
     "tune.asha": ("grace_period", "reduction_factor", "brackets"),
     "tune.hyperband": ("reduction_factor",),
     "tune.pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate"),
     "tune.resources": ("cpu", "gpu"),
+    "tune.selection": ("alpha", "tie_break"),
 }
 # The tests `compare.test` may pick: those of pipeline.analysis.stats.TESTS (which sits above
 # this module; a test checks the two agree).

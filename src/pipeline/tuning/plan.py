@@ -14,6 +14,7 @@ from pipeline.config import check_bool, check_choice, check_number, to_container
 from pipeline.errors import ConfigError
 from pipeline.training.metrics import LEARNING_CURVES
 from pipeline.tuning.pareto import Objective, check_multi_objective, parse_objectives
+from pipeline.tuning.selection import TIE_BREAKS
 from pipeline.tuning.space import (
     GROUPS,
     Dist,
@@ -78,6 +79,8 @@ def _check_tune_block(cfg: DictConfig) -> None:
     check_number(cfg, "tune.max_failures", integer=True, low=-1)
     for key in ("resume", "use_best", "cv"):
         check_bool(cfg, f"tune.{key}")
+    check_number(cfg, "tune.selection.alpha", low=0, high=1, low_open=True, high_open=True)
+    check_choice(cfg, "tune.selection.tie_break", TIE_BREAKS)
     for key in ("address", "storage_path"):
         value = cfg.tune.get(key)
         if value is not None and not isinstance(value, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,10 @@ from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.training.metrics import LEARNING_CURVES, file_key, file_row
 from pipeline.tuning.pareto import front_key, log_front, mark_front, objective_values, write_pareto
 from pipeline.tuning.plan import Plan
+from pipeline.tuning.selection import CORRECT_KEY, Candidate, Selection, explain, select, unpack
 from pipeline.tuning.space import trial_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Outcome:
     trials: list[dict[str, Any]] = field(default_factory=list)   # one summary per trial
     curves: list[dict[str, Any]] = field(default_factory=list)   # one row per trial and epoch
     best: dict[str, Any] | None = None
+    selection: Selection | None = None  # how `best` was picked among the trials
 
 
 def _finite(value: Any) -> bool:
@@ -77,7 +82,8 @@ def _summarize(plan: Plan, trial: Any, status: str, rows: list[dict[str, Any]], 
             "val/loss": best.get("val/loss", math.nan) if best else math.nan, "epochs": epochs,
             "diverged": diverged, "stop_reason": reason, "failures": trial.num_failures, "node": node,
             "run_id": run_ids.get(trial.trial_id, ""), "path": trial.path,
-            "objectives": objective_values(best, plan.objectives)}
+            "objectives": objective_values(best, plan.objectives),
+            "correct": unpack(best.get(CORRECT_KEY)) if best else None}  # the best epoch's, for `select`
 
 
 def collect(plan: Plan, path: str, *, all_ended: bool = False) -> Outcome:
@@ -105,7 +111,6 @@ def collect(plan: Plan, path: str, *, all_ended: bool = False) -> Outcome:
             point = {"trial_id": trial.trial_id, "step": int(r[plan.step_key]), plan.step_key: int(r[plan.step_key])}
             point.update({k: r[k] if _finite(r.get(k)) else None for k in LEARNING_CURVES})
             outcome.curves.append(point)
-    sign = 1 if plan.tune["mode"] == "max" else -1
     if plan.objectives:
         mark_front(outcome.trials, plan.objectives)
     candidates = [t for t in outcome.trials if _finite(t["value"])]
@@ -115,14 +120,18 @@ def collect(plan: Plan, path: str, *, all_ended: bool = False) -> Outcome:
     if plan.objectives:  # the front member best on the first objective (pipeline.tuning.pareto)
         candidates = [t for t in candidates if t["on_front"]]
     if candidates:
-        best = max(candidates, key=lambda t: front_key(t, plan.objectives) if plan.objectives
-                   else (sign * t["value"], -t["val/loss"]))
+        if plan.objectives:  # the Pareto front's rule, not the one-metric selection
+            best = max(candidates, key=lambda t: front_key(t, plan.objectives))
+        else:
+            best, outcome.selection = choose_best(plan.tune, candidates)
         overrides = {**plan.fixed, **best["config"]}
         config = trial_config(plan.base, best["config"], plan.blocks)
         config["paths"]["out_dir"] = best["path"]
         outcome.best = {
             "trial_id": best["trial_id"], "metric": plan.tune["metric"], "mode": plan.tune["mode"],
             "value": float(best["value"]), **({"folds": best["epochs"]} if plan.tune.get("cv") else {"epoch": best["epoch"]}),
+            "val/loss": float(best["val/loss"]),
+            **({"selection": outcome.selection.summary()} if outcome.selection else {}),
             "sweep": plan.tune["name"],
             "experiment": path, "mlflow_parent_run_id": ids["parent"], "mlflow_run_id": best["run_id"] or None,
             **({"objectives": best["objectives"],
@@ -130,6 +139,23 @@ def collect(plan: Plan, path: str, *, all_ended: bool = False) -> Outcome:
             "overrides": plain(overrides),
             "config": OmegaConf.to_container(OmegaConf.create(config), resolve=True)}
     return outcome
+
+
+def choose_best(tune: dict[str, Any], candidates: list[dict[str, Any]]) -> tuple[dict[str, Any], Selection]:
+    """The trial summary to keep among `candidates` (`collect`'s, each with a finite value)
+    by the `tune` block's metric, mode and selection rules (`pipeline.tuning.selection`),
+    with a warning when the metric could not rank the trials it was picked among."""
+    metric, rules = tune["metric"], tune["selection"]
+    selection = select([Candidate(t["trial_id"], float(t["value"]), float(t["val/loss"]), t["correct"])
+                        for t in candidates], metric=metric, mode=tune["mode"],
+                       alpha=float(rules["alpha"]), tie_break=rules["tie_break"])
+    if selection.saturated:
+        log.warning("%s saturates on this validation split (%s), so it cannot rank these trials: %s. A k-fold "
+                    "mean (tune.cv=true) or a larger validation split ranks them on more samples.",
+                    metric, selection.saturated, explain(selection, metric))
+    elif selection.chosen != selection.top:
+        log.warning("%s.", explain(selection, metric))
+    return next(t for t in candidates if t["trial_id"] == selection.chosen), selection
 
 
 def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
@@ -143,12 +169,20 @@ def write_outputs(plan: Plan, outcome: Outcome, *, final: bool = True) -> None:
                else [f"best_{metric}", "best_epoch", "epochs"])
     table = io.StringIO(newline="")
     writer = csv.writer(table)
+    # val_loss: at the best epoch (the folds' mean with tune.cv), the tie-break among trials
+    # the validation split cannot tell apart (`indistinguishable`: 1 when `mcnemar_p` >= alpha
+    # against the top trial, or tied exactly; `selected`: the trial best.yaml keeps).
     writer.writerow(["trial_id", "status", *keys, *columns, "diverged",
-                     "stop_reason", "failures", "node", "mlflow_run_id"])
+                     "stop_reason", "failures", "node", "mlflow_run_id", "val_loss", "mcnemar_p",
+                     "indistinguishable", "selected"])
+    chosen = outcome.selection
     for t in outcome.trials:
+        p = chosen.p_values.get(t["trial_id"]) if chosen else None
         writer.writerow([t["trial_id"], t["status"], *(plain(t["config"].get(k, "")) for k in keys),
                          t["value"], t["epoch"], t["epochs"], int(t["diverged"]), t["stop_reason"],
-                         t["failures"], t["node"], t["run_id"]])
+                         t["failures"], t["node"], t["run_id"], t["val/loss"], "" if p is None else p,
+                         int(t["trial_id"] in chosen.indistinguishable) if chosen else "",
+                         int(t["trial_id"] == chosen.chosen) if chosen else ""])
     write_text(out / "trials.csv", table.getvalue())
     write_text(out / "curves.json", json.dumps([file_row(c) for c in outcome.curves], indent=1) + "\n")
     curves_png(outcome, plan.tune["metric"], out / "curves.png", plan.step_key)
@@ -224,9 +258,30 @@ def finish_parent(plan: Plan, outcome: Outcome, path: str, *, interrupted: bool,
         parent.set_tags({"best_trial_id": outcome.best["trial_id"], f"best_{metric}": f"{outcome.best['value']:.6g}",
                          "best_run_id": outcome.best["mlflow_run_id"] or ""})
         parent.log_metrics({f"best/{metric}": outcome.best["value"]})
+    if outcome.selection is not None:
+        _log_selection(runs, outcome.selection)
     if interrupted:
         parent.set_tags({"interrupted": "true"})
     parent.finish("KILLED" if interrupted else "FINISHED")
+
+
+def _log_selection(runs: Any, selection: Selection) -> None:
+    """The parent's tags say how the best trial was picked; each child whether it is
+    indistinguishable from the top trial (and its McNemar p-value against it)."""
+    tied = selection.indistinguishable
+    runs.parent.set_tags({"top_trial_id": selection.top, "selection_test": selection.test,
+                          "selection_tie_break": selection.tie_break,
+                          "indistinguishable_trials": ",".join(tied)[:5000],
+                          "saturated": selection.saturated or "false"})
+    runs.parent.log_metrics({"selection/indistinguishable": len(tied), "selection/alpha": selection.alpha,
+                             **({"selection/n_val": selection.n_val} if selection.n_val else {})})
+    for trial_id, p in selection.p_values.items():
+        child = runs.child(trial_id)
+        if child is not None:
+            child.set_tags({"indistinguishable_from_top": str(trial_id in tied).lower(),
+                            "selected": str(trial_id == selection.chosen).lower()})
+            if p is not None:
+                child.log_metrics({"selection/mcnemar_p": p})
 
 
 def abort_tree(plan: Plan, path: str, error: BaseException) -> None:

@@ -21,8 +21,10 @@ from lightning.pytorch.callbacks import Callback
 
 from pipeline.training.metrics import EPOCH_METRICS
 from pipeline.tuning.pareto import cost_probe, measure_costs
+from pipeline.tuning.predictions import ValPredictions
 from pipeline.tuning.ray_init import Shared
 from pipeline.tuning.recovery import CKPT_FILE, META_FILE, resume_checkpoint
+from pipeline.tuning.selection import CORRECT_KEY
 from pipeline.tuning.space import trial_config
 
 # `pipeline.tasks.train.train`: (cfg, *, callbacks, ckpt_path, trainer_kwargs, figures, data) -> metrics.
@@ -32,18 +34,20 @@ TrainFn = Callable[..., dict[str, float]]
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group rates torch schedulers keep
 
 
-class TuneReporter(Callback):
+class TuneReporter(ValPredictions):
     """Reports each epoch's metrics to Ray Tune with a full Lightning checkpoint.
 
     Runs after `EpochRecorder` (Lightning keeps callbacks' order, checkpoint callbacks last),
     so the epoch's metrics are final. A non-finite training loss ends the trial with a last
-    report of `diverged: 1` and `val/acc` NaN, so the trial is never the best.
+    report of `diverged: 1` and `val/acc` NaN, so the trial is never the best. Each report
+    also carries which validation samples the epoch got right (`predictions.ValPredictions`).
     `lr_scale` rescales the restored optimizer's rates when PBT changed `optimizer.lr`.
     `costs` (`pareto.measure_costs`' keyword arguments): the model's costs, measured once at
     the start, go with every report (what `tune.objectives` ranks on besides accuracy).
     """
 
     def __init__(self, *, lr: float = 0.0, lr_scale: float = 1.0, costs: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
         self.lr, self.lr_scale, self.costs = lr, lr_scale, costs
         self._first = True
         self._measured: dict[str, float] = {}
@@ -63,6 +67,8 @@ class TuneReporter(Callback):
         metrics.update(self._measured)
         diverged = not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train/loss", "val/loss"))
         metrics["diverged"] = int(diverged)
+        if self.packed() is not None:
+            metrics[CORRECT_KEY] = self.packed()
         if self._first:  # Tune adds node_ip and hostname to every result itself
             import ray
 
