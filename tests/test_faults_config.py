@@ -140,7 +140,7 @@ def _composed_keys() -> dict[str, set[str]]:
 KEYS = _composed_keys()
 # Keys a block takes that conf/ does not spell out: builders' own arguments and registered
 # regularizers (models and optimizers of the cases' base configs).
-EXTRA = {"model": {*model_defaults("mlp"), *model_defaults("minivgg"), *model_defaults("lenet5")},
+EXTRA = {"model": {*model_defaults("mlp"), *model_defaults("minivgg"), *model_defaults("lenet5"), "input_size"},
          "regularizer": set(regularizer_defaults()),
          "optimizer": set(OPTIMIZERS["adam"].keys),
          "scheduler": scheduler_keys("step") | {"decay"}}

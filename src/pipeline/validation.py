@@ -61,6 +61,8 @@ KEYS: dict[str, tuple[str, ...]] = {
 # The tests `compare.test` may pick: those of pipeline.analysis.stats.TESTS (which sits above
 # this module; a test checks the two agree).
 COMPARE_TESTS = ("corrected_t", "paired_t", "wilcoxon", "five_by_two")
+# A model block's key that is no builder argument: the input size its design is meant for.
+INPUT_SIZE = "input_size"
 # Checkpoints and early stopping keep the epoch where it is highest.
 OPTIMIZED_METRICS = ("val/acc", "train/acc")
 
@@ -209,7 +211,9 @@ def _validate_model(cfg: DictConfig) -> None:
     from pipeline.models.layers import NORMS
 
     name = check_choice(cfg, "model.name", list_models())
-    check_keys(cfg, "model", ["name", *model_defaults(name)])
+    check_keys(cfg, "model", ["name", INPUT_SIZE, *model_defaults(name)])
+    if INPUT_SIZE in cfg.model:
+        check_number(cfg, f"model.{INPUT_SIZE}", integer=True, low=1, optional=True)
     if "dropout" in cfg.model:
         check_number(cfg, "model.dropout", low=0, high=1, high_open=True)
     if "batch_norm" in cfg.model and not isinstance(cfg.model.batch_norm, str):
@@ -239,7 +243,7 @@ def model_args(cfg: DictConfig, *, num_classes: int) -> dict[str, Any]:
     from pipeline.models import model_defaults
     from pipeline.training.regularizers import Regularizers
 
-    kwargs = {k: v for k, v in to_container(cfg.model).items() if k != "name"}
+    kwargs = {k: v for k, v in to_container(cfg.model).items() if k not in ("name", INPUT_SIZE)}
     # Regularizers that are model options override the model's own values when set (null keeps
     # them). Switching off an option the model does not have (regularizer=none on an MLP without
     # conv dropout) asks for nothing; switching it on is the builder's error, naming the option.
@@ -257,11 +261,29 @@ def prepare(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(str(err)) from err
     cfg = _complete_regularizer(cfg)
+    cfg = _intended_input(cfg)
     validate(cfg)
     cfg = resolve_paths(cfg)
     if cfg.trainer.get("resume_from") is not None:
         with open_dict(cfg):
             cfg.trainer.resume_from = str(Path(cfg.trainer.resume_from).expanduser().resolve())
+    return cfg
+
+
+def _intended_input(cfg: DictConfig) -> DictConfig:
+    """A copy that resizes to the size the model's design declares (`model.input_size`, e.g.
+    LeNet-5's 32 px) when `data.resize` is null: a design judged on inputs it was not built
+    for (LeNet-5 on 8x8 digits) loses to one that takes any size, and a comparison would
+    measure the input, not the design. An explicit `data.resize` wins; `model.input_size=null`
+    keeps the data's own size."""
+    model, data = cfg.get("model"), cfg.get("data")
+    size = model.get(INPUT_SIZE) if OmegaConf.is_dict(model) else None
+    valid = isinstance(size, int) and not isinstance(size, bool) and size >= 1  # else validate names the key
+    if not valid or not OmegaConf.is_dict(data) or data.get("resize") is not None or size == data.get("image_size"):
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.data.resize = size
     return cfg
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,13 @@ from pipeline.layout import Layout
 from pipeline.tasks.common import write_json
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.server import check_tracking
+from pipeline.training.metrics import read_curves
+from pipeline.training.regularizers.early_stopping import still_improving
 from pipeline.tuning.pareto import non_dominated
 from pipeline.tuning.space import GROUPS, apply_overrides, compose_block
 from pipeline.validation import prepare, refuse_resume
+
+log = logging.getLogger(__name__)
 
 
 def alternatives(grid: list[dict[str, list]] | dict[str, list]) -> list[dict[str, Any]]:
@@ -121,7 +126,9 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
             fold_probs = [np.load(Path(fold_config(alt_cfg, i).paths.out_dir) / "metrics" / "test_probs.npy")
                           for i in range(len(scores[label]))]
             probs[label] = np.mean(fold_probs, axis=0).argmax(axis=1)
-            extra[label] = {"params": result["model/params"], "macs": result["model/macs"], "time_s": elapsed}
+            extra[label] = {"params": result["model/params"], "macs": result["model/macs"], "time_s": elapsed,
+                            **training_budget(alt_cfg, [Path(fold_config(alt_cfg, i).paths.out_dir)
+                                                       for i in range(len(scores[label]))])}
         raw = read_raw(layout.raw)
         splits = load_splits(layout.splits)
         labels = raw.labels[splits.test]
@@ -136,6 +143,11 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                                      n_train=trainval - n_test, n_test=n_test)
         stats["extra"] = extra
         stats["cost_front"] = cost_fronts(stats["summaries"], extra, higher_is_better=cfg.compare.higher_is_better)
+        stats["budget_warnings"] = budget_warnings(extra)
+        for warning in stats["budget_warnings"]:
+            log.warning(warning)
+        if parent is not None and stats["budget_warnings"]:
+            parent.set_tags({"still_improving": ",".join(n for n, e in extra.items() if e["still_improving"])})
         write_json(reports / "compare.json", stats)
         write_text(reports / "compare.md", markdown(stats, cfg.compare.metric))
         per_fold_png(scores, cfg.compare.metric, reports / "compare_folds.png")
@@ -144,6 +156,53 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
             for name in ("compare.md", "compare.json", "compare_folds.png", "compare_cost.png"):
                 parent.log_artifact(reports / name)
     return stats
+
+
+def training_budget(cfg: DictConfig, fold_dirs: list[Path]) -> dict[str, Any]:
+    """Each fold's epochs run and best epoch, and the folds still improving at their last
+    epoch (`still_improving`: the epoch budget, not early stopping, ended them)."""
+    stop = cfg.regularizer.early_stopping
+    epochs, best, improving = [], [], []
+    for fold, folder in enumerate(fold_dirs):
+        values = [r[cfg.optimized_metric] for r in read_curves(folder / "plots" / "train_curves.json")
+                  if cfg.optimized_metric in r]
+        epochs.append(len(values))
+        best.append(int(np.argmax(values)) if values else -1)
+        if still_improving(values, max_epochs=cfg.trainer.max_epochs, patience=stop.patience, min_delta=stop.min_delta):
+            improving.append(fold)
+    return {"input_px": int(cfg.data.resize or cfg.data.image_size), "max_epochs": int(cfg.trainer.max_epochs),
+            "patience": int(stop.patience),
+            "early_stopping": bool(stop.enabled), "epochs": epochs, "best_epoch": best, "still_improving": improving}
+
+
+def budget_warnings(extra: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per alternative with folds still improving at their last epoch."""
+    lines = []
+    for name, e in extra.items():
+        if not e["still_improving"]:
+            continue
+        folds = ", ".join(map(str, e["still_improving"]))
+        why = "so early stopping had not ended it" if e["early_stopping"] else "(early stopping is off)"
+        lines.append(f"{name} was still improving at its last epoch in {len(e['still_improving'])} of {len(e['epochs'])} "
+                     f"folds ({folds}): all {e['max_epochs']} epochs ran and it last improved within the last "
+                     f"{max(e['patience'], 1)}, {why}. Its score measures the epoch budget, not the design: "
+                     "raise trainer.max_epochs until early stopping ends every fold.")
+    return lines
+
+
+def budget_markdown(stats: dict[str, Any]) -> list[str]:
+    """The training-budget section of compare.md: epochs per fold, then the warnings."""
+    lines = ["## Training budget", "", "| alternative | input (px) | epochs run per fold (best epoch) | max_epochs "
+             "| ended before max_epochs |", "|---|---|---|---|---|"]
+    for name, e in stats["extra"].items():
+        runs = ", ".join(f"{n} ({b})" for n, b in zip(e["epochs"], e["best_epoch"]))
+        stopped = sum(n < e["max_epochs"] for n in e["epochs"])
+        lines.append(f"| {name} | {e['input_px']} | {runs} | {e['max_epochs']} | {stopped} of {len(e['epochs'])} |")
+    warnings = stats.get("budget_warnings") or []
+    lines += ["", *(f"- **Warning:** {w}" for w in warnings)] if warnings else [
+        "", "No alternative was still improving at its last epoch (every fold ended before max_epochs, or had not "
+        "improved over its last `patience` epochs): the scores compare designs, not epoch budgets."]
+    return [*lines, ""]
 
 
 def markdown(stats: dict[str, Any], metric: str) -> str:
@@ -166,7 +225,8 @@ def markdown(stats: dict[str, Any], metric: str) -> str:
         cells = [f"{r['p_value']:.3g} ({r['p_adjusted']:.3g})" if (r := pair.get(f)) else "-" for f in shown]
         lines.append(f"| {pair['a']} | {pair['b']} | {pair['mean_diff']:+.4f} | {' | '.join(cells)} "
                      f"| {pair['t_test']['cohens_dz']:.2f} |")
-    lines += ["", "## Conclusions", "", *[f"- {s}" for s in stats["statements"]], ""]
+    lines += ["", *budget_markdown(stats)]
+    lines += ["## Conclusions", "", *[f"- {s}" for s in stats["statements"]], ""]
     if "cost_front" in stats:
         front = stats["cost_front"]
         lines += ["## Accuracy against cost", "",

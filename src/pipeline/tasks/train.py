@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +33,11 @@ from pipeline.training.callbacks import BestCheckpoint, EpochRecorder, RandomSta
 from pipeline.training.fit import fit
 from pipeline.training.metrics import file_row
 from pipeline.training.module import Classifier
+from pipeline.training.schedules import MULTIPLIERS, lr_multiplier
 from pipeline.tuning.best import apply_best
 from pipeline.validation import model_args, prepare
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
@@ -58,6 +62,10 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     """
     cfg, tuned_tags = apply_best(cfg)
     cfg = prepare(cfg)
+    if "tuned_max_epochs" in tuned_tags:
+        mismatch = budget_mismatch(cfg, int(tuned_tags["tuned_max_epochs"]))
+        if mismatch:
+            log.warning(mismatch)
     if record is None:  # a recorded run (a parallel fold) never talks to the server
         check_tracking(cfg.tracking, cfg.paths.root)
     quiet()
@@ -115,6 +123,33 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
             if recorder.diverged:
                 run.set_tags({"diverged": "true"})
     return metrics
+
+
+def budget_mismatch(cfg: DictConfig, tuned_epochs: int) -> str | None:
+    """What is wrong when this run's epoch budget is not the one the sweep tuned at (None if it is).
+
+    The tuned values (learning rate, decay, dropout, ...) won among trials of `tuned_epochs`
+    epochs; applied over another budget, the schedule runs where no trial went (or stops
+    before where they went), and the sweep's ranking says nothing about that run.
+    """
+    epochs = int(cfg.trainer.max_epochs)
+    if epochs == tuned_epochs:
+        return None
+    sched = {k: v for k, v in to_container(cfg.scheduler).items() if k != "name"}
+    name = cfg.scheduler.name
+    shape = ""
+    if name in MULTIPLIERS and name != "none":
+        f = lr_multiplier(name, max_epochs=epochs, **sched)
+        g = lr_multiplier(name, max_epochs=tuned_epochs, **sched)
+        shape = (f" (learning rate x{g(tuned_epochs - 1):.3g} of its start at the trials' last epoch, "
+                 f"x{f(epochs - 1):.3g} at this run's)")
+    how = (f"stretches the {name} learning-rate schedule tuned for a shorter run{shape}"
+           if epochs > tuned_epochs else f"cuts short the {name} learning-rate schedule the sweep tuned{shape}")
+    return (f"This run trains up to {epochs} epochs (trainer.max_epochs) with hyperparameters a sweep chose "
+            f"among {tuned_epochs}-epoch trials (tune.max_epochs): it {how}, and the sweep did not test them "
+            f"at this budget. Tune at it (tune.max_epochs={epochs}; by default tune.max_epochs follows "
+            f"trainer.max_epochs), train at the sweep's (trainer.max_epochs={tuned_epochs}), "
+            "or ignore the sweep (tune.use_best=false).")
 
 
 def configured_module(cfg: DictConfig, dm: ArrayDataModule, *, num_classes: int) -> Classifier:

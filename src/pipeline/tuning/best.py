@@ -46,6 +46,9 @@ def apply_best(cfg: DictConfig) -> tuple[DictConfig, dict[str, str]]:
     print(f"Using the tuned hyperparameters of trial {best.get('trial_id')} "
           f"({best.get('metric')}={best.get('value')}) from {path}: {shown} (tune.use_best=false ignores them)")
     tags = {"tuned_trial": str(best.get("trial_id"))}
+    trial_epochs = config.get("trainer", {}).get("max_epochs") if isinstance(config.get("trainer"), dict) else None
+    if trial_epochs is not None:  # the budget the sweep tuned at (the train task checks it against its own)
+        tags["tuned_max_epochs"] = str(trial_epochs)
     if best.get("mlflow_parent_run_id"):
         tags["tuned_from"] = str(best["mlflow_parent_run_id"])
     return cfg, tags

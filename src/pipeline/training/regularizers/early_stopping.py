@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
@@ -34,3 +36,25 @@ class EarlyStopping(Regularizer):
 
         return [Stop(monitor=monitor, mode=mode, patience=self.value["patience"],
                      min_delta=self.value["min_delta"], check_finite=True)]
+
+
+def still_improving(values: Sequence[float], *, max_epochs: int, patience: int, min_delta: float = 0.0,
+                    mode: str = "max") -> bool:
+    """Whether a run that recorded `values` (its monitored metric, one per epoch) was cut by its
+    epoch budget while still improving: it ran all `max_epochs` epochs, and its last improvement
+    (by more than `min_delta`, as Lightning's EarlyStopping counts one) came within its last
+    `max(patience, 1)` epochs, so early stopping with that patience had not ended it.
+
+    Then more epochs might have helped, and comparing such runs compares budgets, not designs.
+    A run early stopping ended (or that diverged: a non-finite value ends it early) was not.
+    """
+    if len(values) < max_epochs:
+        return False
+    sign = 1.0 if mode == "max" else -1.0
+    best, last_improvement = -math.inf, -1
+    for epoch, value in enumerate(values):
+        if not math.isfinite(value):
+            return False
+        if sign * value - min_delta > best:
+            best, last_improvement = sign * value, epoch
+    return len(values) - 1 - last_improvement < max(patience, 1)
