@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from torch import nn
@@ -46,17 +47,5 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-@register_model("mlp_narrow")
-def mlp_narrow(
-    *,
-    in_channels: int,
-    num_classes: int,
-    image_size: int | tuple[int, int],
-    hidden_sizes: Sequence[int] = (32,),
-    activation: str = "relu",
-    dropout: float = 0.0,
-    batch_norm: bool = False,
-) -> nn.Module:
-    """The MLP with one hidden layer of 32: the cheap end of accuracy against cost (conf/tune/pareto.yaml)."""
-    return mlp(in_channels=in_channels, num_classes=num_classes, image_size=image_size, hidden_sizes=hidden_sizes,
-               activation=activation, dropout=dropout, batch_norm=batch_norm)
+# The MLP with one hidden layer of 32: the cheap end of accuracy against cost (conf/tune/pareto.yaml).
+mlp_narrow = register_model("mlp_narrow")(functools.partial(mlp, hidden_sizes=(32,)))

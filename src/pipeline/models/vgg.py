@@ -12,6 +12,7 @@ Each is a tiny builder over the family function :func:`vgg`, made by ``_vgg``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -130,25 +131,10 @@ def minivgg(
     return VGG(features, classifier)
 
 
-@register_model("minivgg_narrow", min_image_size=4)
-def minivgg_narrow(
-    *,
-    in_channels: int,
-    num_classes: int,
-    image_size: int | tuple[int, int],
-    widths: Sequence[int] = (8, 16),
-    fc_size: int = 64,
-    activation: str = "relu",
-    pooling: PoolSpec = "max",
-    batch_norm: bool = True,
-    dropout: float = 0.5,
-    conv_dropout: float = 0.25,
-) -> nn.Module:
-    """MiniVGG at a quarter of its widths (8 and 16 channels, a 64-unit head): accuracy against
-    cost (conf/tune/pareto.yaml)."""
-    return minivgg(in_channels=in_channels, num_classes=num_classes, image_size=image_size, widths=widths,
-                   fc_size=fc_size, activation=activation, pooling=pooling, batch_norm=batch_norm,
-                   dropout=dropout, conv_dropout=conv_dropout)
+# MiniVGG at a quarter of its widths (8 and 16 channels, a 64-unit head): accuracy against
+# cost (conf/tune/pareto.yaml).
+minivgg_narrow = register_model("minivgg_narrow", min_image_size=4)(
+    functools.partial(minivgg, widths=(8, 16), fc_size=64))
 
 
 # --- VGG-11..19 (Simonyan & Zisserman 2015, Table 1) -------------------------------------
