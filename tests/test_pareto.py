@@ -18,6 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 
 import sweeps
+from pipeline.analysis.stats import compare_alternatives
 from pipeline.errors import ConfigError
 from pipeline.models import create_model, measure_latency
 from pipeline.tasks.compare import cost_fronts, cost_png, markdown
@@ -173,18 +174,16 @@ def test_latency_is_positive_restores_modes_and_leaves_the_random_state():
 def _stats() -> dict:
     """Four alternatives: `big` is most accurate but costliest; `small` is cheapest; `mid`
     sits between; `waste` costs as much as `big` and scores less: dominated on both axes.
-    `flat` has the parameters of `small` but more MACs and a higher mean."""
-    def summary(mean: float) -> dict:
-        return {"mean": mean, "std": 0.01, "ci_low": mean - 0.02, "ci_high": mean + 0.02, "confidence": 0.95, "n": 3}
-
+    `flat` has the parameters of `small` but more MACs and a higher mean. Three folds each,
+    through the real comparison, every fold ended by early stopping."""
     means = {"small": 0.90, "mid": 0.95, "big": 0.98, "waste": 0.93, "flat": 0.96}
-    extra = {"small": {"params": 1_000, "macs": 1_000, "time_s": 1.0},
-             "mid": {"params": 10_000, "macs": 50_000, "time_s": 1.0},
-             "big": {"params": 100_000, "macs": 900_000, "time_s": 1.0},
-             "waste": {"params": 100_000, "macs": 900_000, "time_s": 1.0},
-             "flat": {"params": 1_000, "macs": 60_000, "time_s": 1.0}}
-    return {"summaries": {n: summary(m) for n, m in means.items()}, "extra": extra, "n_folds": 3, "alpha": 0.05,
-            "pairs": [], "statements": []}
+    costs = {"small": (1_000, 1_000), "mid": (10_000, 50_000), "big": (100_000, 900_000),
+             "waste": (100_000, 900_000), "flat": (1_000, 60_000)}
+    stats = compare_alternatives({n: [m - 0.01, m, m + 0.01] for n, m in means.items()}, n_train=200, n_test=100)
+    budget = {"input_px": 8, "max_epochs": 40, "patience": 10, "early_stopping": True, "epochs": [20, 21, 22],
+              "best_epoch": [9, 10, 11], "still_improving": []}
+    stats["extra"] = {n: {"params": p, "macs": m, "time_s": 1.0, **budget} for n, (p, m) in costs.items()}
+    return stats
 
 
 def test_compare_marks_the_alternatives_no_other_beats_at_no_greater_cost(tmp_path: Path):
