@@ -102,7 +102,8 @@ def _cv(cfg: DictConfig) -> float:
 
     result = _run_adhoc(cfg, cv, check_cv)
     nested = result.get("nested", False)  # then scored on the held-out outer folds
-    for key in ("inner/val/acc", "outer/acc", "test/acc") if nested else ("val/acc", "test/acc"):
+    inner = f"inner/{cfg.tune.metric}"  # each sweep's own score of its pick
+    for key in (inner, "outer/acc", "test/acc") if nested else ("val/acc", "test/acc"):
         if key not in result:
             continue
         s = result[key]

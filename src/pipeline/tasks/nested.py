@@ -12,7 +12,7 @@ interval, estimates what the whole procedure delivers on unseen data
 (`pipeline.data.nested` makes the index sets).
 
 Outputs: `metrics/cv.json` (the summary: `outer/*` on the held-out folds, `test/*` of the
-same models on the test split, `inner/val/acc` the sweeps' own scores, and each outer fold's
+same models on the test split, `inner/<tune.metric>` the sweeps' own scores, and each outer fold's
 choice), and per outer fold `cv/nested/outer_<i>/`: the sweep's `results/tune/`, the refitted
 model and `metrics/outer.json`. MLflow: a nested-CV run > one run per outer fold > its
 sweep's run > trial runs > inner-fold runs, beside the outer fold's refit run.
