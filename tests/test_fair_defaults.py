@@ -15,7 +15,6 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import OmegaConf
 
 import sweeps
@@ -24,6 +23,8 @@ from pipeline.errors import ConfigError
 from pipeline.tasks.compare import budget_warnings, compare
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.train import budget_mismatch
+from pipeline.training.callbacks import TieBreakingStop
+from pipeline.training.metrics import best_epoch
 from pipeline.training.regularizers.early_stopping import still_improving
 from pipeline.validation import model_args, prepare
 
@@ -54,26 +55,46 @@ def test_still_improving_for_a_loss():
     assert not still_improving([0.6, 0.8, 0.9], max_epochs=3, patience=1, mode="min")
 
 
-def _lightning_stops(values: list[float], *, patience: int, min_delta: float) -> int | None:
-    """The epoch where Lightning's own EarlyStopping stops a run recording `values` (None:
-    it never does): the reference for `still_improving`."""
-    stop = EarlyStopping(monitor="val/acc", mode="max", patience=patience, min_delta=min_delta)
+def _stops(values: list[float], ties: list[float] | None = None, *, patience: int, min_delta: float) -> int | None:
+    """The epoch where the early stopping the train stage runs (Lightning's, with ties going to
+    the lower validation loss) stops a run recording `values` (None: it never does): the
+    reference for `still_improving`."""
+    stop = TieBreakingStop(monitor="val/acc", mode="max", patience=patience, min_delta=min_delta)
     for epoch, value in enumerate(values):
+        stop._tie = None if ties is None else ties[epoch]
         if stop._evaluate_stopping_criteria(torch.tensor(value, dtype=torch.float64))[0]:
             return epoch
     return None
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 12), min_size=1, max_size=25), st.integers(0, 6), st.sampled_from([0.0, 0.02, 0.1]))
-def test_still_improving_is_early_stopping_not_done_yet(ticks, patience, min_delta):
-    # Accuracies on a coarse grid, as on a small validation fold (many ties); the budget is
-    # len(values) epochs. A run is still improving exactly when Lightning's EarlyStopping had
-    # not stopped it by the budget's last epoch.
-    values = [t / 12 for t in ticks]
-    stopped = _lightning_stops(values, patience=patience, min_delta=min_delta)
-    run = values if stopped is None else values[:stopped + 1]
-    assert still_improving(run, max_epochs=len(values), patience=patience, min_delta=min_delta) is (stopped is None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 4)), min_size=1, max_size=25), st.integers(0, 6),
+       st.sampled_from([0.0, 0.02, 0.1]), st.booleans())
+def test_still_improving_is_early_stopping_not_done_yet(ticks, patience, min_delta, with_ties):
+    # Accuracies on a coarse grid, as on a small validation fold (many ties), and losses on
+    # one too; the budget is len(values) epochs. A run is still improving exactly when the
+    # train stage's early stopping had not stopped it by the budget's last epoch.
+    values = [t / 12 for t, _ in ticks]
+    ties = [loss / 4 for _, loss in ticks] if with_ties else None
+    stopped = _stops(values, ties, patience=patience, min_delta=min_delta)
+    end = len(values) if stopped is None else stopped + 1
+    assert still_improving(values[:end], max_epochs=len(values), patience=patience, min_delta=min_delta,
+                           ties=None if ties is None else ties[:end]) is (stopped is None)
+
+
+def test_a_saturated_accuracy_trains_on_while_the_loss_falls():
+    # Digits' 269-image validation split reaches 100% early; plain early stopping then ends
+    # the run `patience` epochs later with an undertrained model (make run scored 0.981 on
+    # test so). An equal accuracy with a lower validation loss is an improvement.
+    acc = [0.9, 1.0, 1.0, 1.0, 1.0, 1.0]
+    loss = [0.5, 0.30, 0.20, 0.10, 0.12, 0.13]
+    assert _stops(acc, patience=2, min_delta=0.0) == 3           # accuracy alone: 2 epochs after epoch 1
+    assert _stops(acc, loss, patience=2, min_delta=0.0) == 5     # the loss fell until epoch 3
+    assert best_epoch(acc) == 1 and best_epoch(acc, loss) == 3
+    assert best_epoch([0.5, 0.7, 0.6], [0.1, 0.9, 0.05]) == 1    # a higher score beats any loss
+    assert best_epoch([]) == -1
+    assert still_improving(acc[:4], max_epochs=4, patience=1, ties=loss[:4])
+    assert not still_improving(acc[:4], max_epochs=4, patience=1)
 
 
 def test_budget_warnings_name_each_alternative_still_improving():

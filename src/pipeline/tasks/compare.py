@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from pipeline.layout import Layout
 from pipeline.tasks.common import write_json
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.server import check_tracking
-from pipeline.training.metrics import read_curves
+from pipeline.training.metrics import best_epoch, read_curves
 from pipeline.training.regularizers.early_stopping import still_improving
 from pipeline.tuning.pareto import non_dominated
 from pipeline.tuning.space import GROUPS, apply_overrides, compose_block
@@ -164,11 +165,13 @@ def training_budget(cfg: DictConfig, fold_dirs: list[Path]) -> dict[str, Any]:
     stop = cfg.regularizer.early_stopping
     epochs, best, improving = [], [], []
     for fold, folder in enumerate(fold_dirs):
-        values = [r[cfg.optimized_metric] for r in read_curves(folder / "plots" / "train_curves.json")
-                  if cfg.optimized_metric in r]
+        rows = [r for r in read_curves(folder / "plots" / "train_curves.json") if cfg.optimized_metric in r]
+        values = [r[cfg.optimized_metric] for r in rows]
+        ties = [r.get("val/loss", math.inf) for r in rows]
         epochs.append(len(values))
-        best.append(int(np.argmax(values)) if values else -1)
-        if still_improving(values, max_epochs=cfg.trainer.max_epochs, patience=stop.patience, min_delta=stop.min_delta):
+        best.append(best_epoch(values, ties))
+        if still_improving(values, max_epochs=cfg.trainer.max_epochs, patience=stop.patience, min_delta=stop.min_delta,
+                           ties=ties):
             improving.append(fold)
     return {"input_px": int(cfg.data.resize or cfg.data.image_size), "max_epochs": int(cfg.trainer.max_epochs),
             "patience": int(stop.patience),

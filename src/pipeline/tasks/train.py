@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from pipeline.tracking.server import check_tracking
 from pipeline.training.builders import build_datamodule, build_module, build_trainer, input_stats
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder, RandomState
 from pipeline.training.fit import fit
-from pipeline.training.metrics import file_row
+from pipeline.training.metrics import best_epoch, file_row
 from pipeline.training.module import Classifier
 from pipeline.training.schedules import MULTIPLIERS, lr_multiplier
 from pipeline.tuning.best import apply_best
@@ -221,9 +222,11 @@ def _start_run(cfg: DictConfig, data_tags: dict[str, str], parent_run_id: str | 
 
 
 def _summary(rows: list[dict], monitor: str, size: dict, elapsed: float) -> dict[str, float]:
-    """The best epoch's figures by the monitored metric (what the best checkpoint holds)."""
+    """The best epoch's figures by the monitored metric, ties to the lower validation loss (what
+    the best checkpoint holds)."""
     scored = [r for r in rows if monitor in r]
-    best = max(scored, key=lambda r: r[monitor]) if scored else (rows[-1] if rows else {"epoch": -1})
+    ties = [r.get("val/loss", math.inf) for r in scored]
+    best = scored[best_epoch([r[monitor] for r in scored], ties)] if scored else (rows[-1] if rows else {"epoch": -1})
     out = {k: v for k, v in best.items() if k.startswith(("train/", "val/"))}
     out.update({"best_epoch": best["epoch"], "epochs": len(rows), "time/train_s": elapsed, **size})
     return out

@@ -10,7 +10,8 @@ conversion happens here and only here: `file_key` on the way out, `read_curves` 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,22 @@ def read_curves(path: Path) -> list[dict[str, Any]]:
     """
     rows = json.loads(path.read_text()) if path.exists() else []
     return [{k.replace("_", "/", 1): v for k, v in row.items()} for row in rows]
+
+
+def ties_better(score: float, tie: float | None, best_score: float, best_tie: float) -> bool:
+    """Whether an epoch that scored `score` equal to the best so far (to float tolerance) wins on
+    its `tie` value (lower is better: validation loss). The one rule for the best checkpoint,
+    early stopping and the summary's best epoch, so all three name the same epoch."""
+    return tie is not None and math.isclose(score, best_score, rel_tol=1e-5, abs_tol=1e-8) and tie < best_tie
+
+
+def best_epoch(values: Sequence[float], ties: Sequence[float] | None = None) -> int:
+    """The index of the best of `values` (higher is better), ties to the lower of `ties`, by the
+    rule the best checkpoint keeps (-1 when there are none)."""
+    best = -1
+    for epoch, value in enumerate(values):
+        tie = ties[epoch] if ties is not None else None
+        if best < 0 or value > values[best] or ties_better(value, tie, values[best],
+                                                           ties[best] if ties is not None else math.inf):
+            best = epoch
+    return best
