@@ -229,16 +229,19 @@ def test_crashed_trial_is_retried_from_its_checkpoint(local_ray, cfg_factory, tm
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.fault("3. Sweep: checkpoint commit lost",
-                   fault="SIGKILL to a trial's Ray worker after the driver took its epoch-1 result, before Tune "
-                         "committed that result's checkpoint (as a lost node does; tune.max_failures=1)",
-                   expected="retried from the epoch-1 checkpoint Tune had not committed; every epoch trained and "
+                   fault="SIGKILL to a trial's Ray worker after the driver took its epoch-0 (no commit yet) or "
+                         "epoch-1 result, before Tune committed that result's checkpoint (as a lost node does; "
+                         "tune.max_failures=1)",
+                   expected="retried from the checkpoint Tune had not committed; every epoch trained and "
                             "logged once, iterations equal to epochs")
+@pytest.mark.parametrize("at_epoch", [0, 1])
 def test_trial_lost_before_its_checkpoint_commit_resumes_from_it(local_ray, cfg_factory, tmp_path: Path, observe,
-                                                                 monkeypatch):
+                                                                 monkeypatch, at_epoch: int):
     """Tune takes an epoch's result, then commits its checkpoint in a second call to the
     trial: a trial lost between the two was retried from the commit before, and trained and
     logged that epoch again (the node-lost scenario's "1 checkpoint lost"). The kill here
-    comes from the driver, in the result's callback, so it always falls between the two."""
+    comes from the driver, in the result's callback, so it always falls between the two. After
+    epoch 0 there is no commit at all, and Tune retries the trial from nothing."""
     import os
 
     from pipeline.tuning import recovery
@@ -250,7 +253,7 @@ def test_trial_lost_before_its_checkpoint_commit_resumes_from_it(local_ray, cfg_
         class KillBeforeCommit(type(record())):
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 super().on_trial_result(iteration, trials, trial, result, **info)
-                if result["epoch"] == 1 and not killed:
+                if result["epoch"] == at_epoch and not killed:
                     killed.append(result["pid"])
                     os.kill(result["pid"], signal.SIGKILL)
 
@@ -269,7 +272,7 @@ def test_trial_lost_before_its_checkpoint_commit_resumes_from_it(local_ray, cfg_
     (trial,) = trials
     assert trial["status"] == "TERMINATED" and trial["failures"] == "1" and trial["epochs"] == "4", trial
     (child,) = children
-    assert sweeps.steps(client, child.info.run_id) == [0, 1, 2, 3]  # epoch 1 not trained again
+    assert sweeps.steps(client, child.info.run_id) == [0, 1, 2, 3]  # the killed epoch not trained again
     (results,) = list(tmp_path.glob("results/ray/*/*/result.json"))
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     assert [(r["epoch"], r["training_iteration"]) for r in rows] == [(0, 1), (1, 2), (2, 3), (3, 4)]

@@ -45,9 +45,14 @@ def _committed(trial: Path, index: int = 0):
     return tune.Checkpoint.from_directory(str(trial / f"checkpoint_{index:06d}"))
 
 
+def _resume(trial: Path, committed, driver: str = DRIVER):
+    from pyarrow.fs import LocalFileSystem
+
+    return resume_checkpoint(committed, LocalFileSystem(), str(trial), driver)
+
+
 def _resumed(trial: Path, committed=None, driver: str = DRIVER) -> str:
-    chosen = resume_checkpoint(committed or _committed(trial), TRIAL, driver)
-    return Path(chosen.path).name
+    return Path(_resume(trial, committed or _committed(trial), driver).path).name
 
 
 def test_the_newer_checkpoint_of_a_result_the_driver_took_is_resumed(trial: Path):
@@ -75,7 +80,10 @@ def test_a_pbt_clone_never_jumps_ahead_in_its_donors_folder(tmp_path: Path):
     _checkpoint(donor, 0, 0)
     _checkpoint(donor, 1, 1)
     _record(donor, 1, 1)
-    assert _resumed(donor, _committed(donor, 0)) == "checkpoint_000000"  # not this trial's folder
+    clone = tmp_path / "sweep" / TRIAL
+    clone.mkdir()
+    _record(clone, 1, 1)  # even if the clone had a record of its own
+    assert Path(_resume(clone, _committed(donor, 0)).path) == donor / "checkpoint_000000"  # not its own folder
 
 
 @pytest.mark.parametrize("damage", ["cut", "other epoch", "no meta", "gone"])
@@ -96,5 +104,21 @@ def test_a_damaged_or_overwritten_checkpoint_falls_back_to_the_commit(trial: Pat
     assert _resumed(trial) == "checkpoint_000000"
 
 
-def test_a_first_start_has_nothing_to_resume():
-    assert resume_checkpoint(None, TRIAL, DRIVER) is None
+def test_a_first_start_has_nothing_to_resume(tmp_path: Path):
+    assert _resume(tmp_path / "sweep" / TRIAL, None) is None  # no folder yet
+    (tmp_path / "sweep" / TRIAL).mkdir(parents=True)
+    assert _resume(tmp_path / "sweep" / TRIAL, None) is None  # a folder, nothing recorded
+
+
+def test_a_trial_lost_before_its_first_commit_resumes_from_its_recorded_checkpoint(tmp_path: Path):
+    """Lost after the driver took its first result but before Tune committed that result's
+    checkpoint: Tune hands the retry no checkpoint and it would train epoch 0 again."""
+    folder = tmp_path / "sweep" / TRIAL
+    _checkpoint(folder, 0, 0)
+    _record(folder, 0, 0)
+    assert Path(_resume(folder, None).path).name == "checkpoint_000000"
+    _record(folder, 0, 0, driver="e" * 32)
+    assert _resume(folder, None) is None  # an earlier driver's record
+    _record(folder, 0, 0)
+    (folder / "checkpoint_000000" / META_FILE).write_text(json.dumps({"lr": 0.003, "epoch": 1}))
+    assert _resume(folder, None) is None  # not the epoch recorded

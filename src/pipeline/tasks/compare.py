@@ -170,8 +170,7 @@ def training_budget(cfg: DictConfig, fold_dirs: list[Path]) -> dict[str, Any]:
         ties = [r.get("val/loss", math.inf) for r in rows]
         epochs.append(len(values))
         best.append(best_epoch(values, ties))
-        if still_improving(values, max_epochs=cfg.trainer.max_epochs, patience=stop.patience, min_delta=stop.min_delta,
-                           ties=ties):
+        if still_improving(values, max_epochs=cfg.trainer.max_epochs, patience=stop.patience, min_delta=stop.min_delta):
             improving.append(fold)
     return {"input_px": int(cfg.data.resize or cfg.data.image_size), "max_epochs": int(cfg.trainer.max_epochs),
             "patience": int(stop.patience),

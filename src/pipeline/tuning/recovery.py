@@ -66,35 +66,38 @@ def record_reported_callback() -> Any:
     return RecordReported()
 
 
-def resume_checkpoint(committed: Any, trial_folder: str, driver: str) -> Any:
+def resume_checkpoint(committed: Any, fs: Any, trial_path: str, driver: str) -> Any:
     """The checkpoint a (re)started trial resumes from: `committed` (Tune's
-    `get_checkpoint()`), or the newer one that the sweep's `driver` recorded for this trial's
-    latest result, when `committed` is in this trial's own folder (named `trial_folder`), the
-    newer one holds the epoch recorded, and its files are whole."""
-    if committed is None or PurePosixPath(committed.path).parent.name != trial_folder:
-        return committed  # a first start, or a PBT clone of another trial's checkpoint
+    `get_checkpoint()`, None before the first commit), or the newer one that the sweep's
+    `driver` recorded for this trial's latest result in `trial_path` (the trial's folder on the
+    storage filesystem `fs`), when `committed` is not another trial's (a PBT clone's donor),
+    the newer one holds the epoch recorded, and its files are whole."""
     from pyarrow.fs import FileType
     from ray import tune
 
-    fs, here = committed.filesystem, PurePosixPath(committed.path)
+    folder = PurePosixPath(trial_path)
+    here = PurePosixPath(committed.path) if committed is not None else None
+    if here is not None and here.parent.name != folder.name:
+        return committed  # a PBT clone of another trial's checkpoint
     try:
-        with fs.open_input_file(str(here.parent / REPORTED_FILE)) as f:
+        with fs.open_input_file(str(folder / REPORTED_FILE)) as f:
             reported = json.loads(f.read())
         name, epoch = str(reported["checkpoint"]), int(reported["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
-        return committed  # nothing recorded
+        return committed  # nothing recorded: a first start, or no result taken yet
     if reported.get("driver") != driver:
         return committed  # an earlier driver's record
-    if not name.startswith("checkpoint_") or name <= here.name:
+    if not name.startswith("checkpoint_") or (here is not None and name <= here.name):
         return committed  # the commit is the newest: the usual case
-    candidate = tune.Checkpoint(str(here.parent / name), filesystem=fs)
+    # Lost before its first commit too: then Tune would start the trial over from nothing.
+    candidate = tune.Checkpoint(str(folder / name), filesystem=fs)
     if fs.get_file_info(candidate.path).type != FileType.Directory:
         return committed
     try:
-        with candidate.as_directory() as folder:
-            with open(f"{folder}/{META_FILE}") as f:
+        with candidate.as_directory() as local:
+            with open(f"{local}/{META_FILE}") as f:
                 meta = json.load(f)
-            with zipfile.ZipFile(f"{folder}/{CKPT_FILE}") as archive:  # torch.save writes a zip
+            with zipfile.ZipFile(f"{local}/{CKPT_FILE}") as archive:  # torch.save writes a zip
                 whole = archive.testzip() is None
     except (OSError, ValueError, zipfile.BadZipFile):
         return committed

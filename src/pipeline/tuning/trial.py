@@ -98,7 +98,10 @@ def _own_checkpoint(driver: str) -> Any:
     """The checkpoint this (re)started trial resumes from (None on a first start)."""
     from ray import tune
 
-    return resume_checkpoint(tune.get_checkpoint(), Path(tune.get_context().get_trial_dir()).name, driver)
+    # The trial's folder in the sweep's storage (local, shared or cloud), where the driver
+    # records each result's checkpoint (a developer API of Ray Train's storage context).
+    storage = tune.get_context().get_storage()
+    return resume_checkpoint(tune.get_checkpoint(), storage.storage_filesystem, storage.trial_fs_path, driver)
 
 
 def rescale_lr(trainer: L.Trainer, factor: float) -> None:

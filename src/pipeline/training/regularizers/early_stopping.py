@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig
 
 from pipeline.config import check_bool, check_number
-from pipeline.training.metrics import ties_better
 from pipeline.training.regularizers.registry import Regularizer, register_regularizer
 
 if TYPE_CHECKING:
@@ -41,26 +40,24 @@ class EarlyStopping(Regularizer):
 
 
 def still_improving(values: Sequence[float], *, max_epochs: int, patience: int, min_delta: float = 0.0,
-                    mode: str = "max", ties: Sequence[float] | None = None) -> bool:
+                    mode: str = "max") -> bool:
     """Whether a run that recorded `values` (its monitored metric, one per epoch) was cut by its
     epoch budget while still improving: it ran all `max_epochs` epochs, and its last improvement
-    (by more than `min_delta`, or an equal value with a lower `ties` value, validation loss, as
-    `TieBreakingStop` counts one) came within its last `max(patience, 1)` epochs, so early
-    stopping with that patience had not ended it.
+    (by more than `min_delta`, as Lightning's EarlyStopping counts one) came within its last
+    `max(patience, 1)` epochs, so early stopping on that metric alone had not ended it.
 
     Then more epochs might have helped, and comparing such runs compares budgets, not designs.
     A run early stopping ended (or that diverged: a non-finite value ends it early) was not.
+    Ties with a lower validation loss keep training going (`TieBreakingStop`) but do not count
+    here: they leave the compared score where it is.
     """
     if len(values) < max_epochs:
         return False
     sign = 1.0 if mode == "max" else -1.0
-    best, best_tie, last_improvement = -math.inf, math.inf, -1
+    best, last_improvement = -math.inf, -1
     for epoch, value in enumerate(values):
         if not math.isfinite(value):
             return False
-        tie = ties[epoch] if ties is not None else None
-        if math.isfinite(best) and ties_better(sign * value, tie, best, best_tie):
-            best_tie, last_improvement = tie, epoch
-        elif sign * value - min_delta > best:
-            best, best_tie, last_improvement = sign * value, math.inf if tie is None else tie, epoch
+        if sign * value - min_delta > best:
+            best, last_improvement = sign * value, epoch
     return len(values) - 1 - last_improvement < max(patience, 1)
