@@ -23,9 +23,9 @@ from pipeline.errors import ConfigError
 from pipeline.tasks.compare import budget_warnings, compare
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.train import budget_mismatch
-from pipeline.training.callbacks import TieBreakingStop
 from pipeline.training.metrics import best_epoch
 from pipeline.training.regularizers.early_stopping import still_improving
+from pipeline.training.stopping import TieBreakingStop
 from pipeline.validation import model_args, prepare
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -33,7 +33,7 @@ class EarlyStopping(Regularizer):
     def callbacks(self, *, monitor: str, mode: str) -> list[Callback]:
         # Imported here: Lightning takes seconds to import, and validating a config (the
         # tune driver, every `prepare`) builds this class without needing it.
-        from pipeline.training.callbacks import TieBreakingStop
+        from pipeline.training.stopping import TieBreakingStop
 
         return [TieBreakingStop(monitor=monitor, mode=mode, patience=self.value["patience"],
                      min_delta=self.value["min_delta"], check_finite=True)]
