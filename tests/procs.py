@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 BIN = Path(sys.executable).parent  # the venv's: dvc, and the python DVC's stages run
+REPO = Path(__file__).resolve().parents[1]
 
 
 def project_env() -> dict[str, str]:
@@ -17,3 +21,20 @@ def project_env() -> dict[str, str]:
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
     env.pop("VIRTUAL_ENV", None)
     return env
+
+
+def git_project(dest: Path, *, leave_out: Sequence[str] = (), commit: bool = True) -> Path:
+    """A fresh git repository in `dest` holding this working tree's tracked (and new, not
+    ignored) files, as a clean clone with the changes in hand would: what `dvc repro` and
+    `dvc exp run` tests run in. Paths under `leave_out` (prefixes) are not copied; with
+    `commit`, the copy is committed as the baseline."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file() and not rel.startswith(tuple(leave_out)):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    steps = [["git", "init", "-q"]] + ([["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]] if commit else [])
+    for cmd in steps:
+        subprocess.run(cmd, cwd=dest, env=project_env(), check=True, capture_output=True)
+    return dest

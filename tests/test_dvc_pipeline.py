@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from procs import BIN, project_env
+from procs import BIN, git_project, project_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,17 +25,7 @@ def run(cmd: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A fresh git repository with the project's tracked (and new, not ignored) files."""
-    dest = tmp_path_factory.mktemp("project")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "baseline"], dest)
-    return dest
+    return git_project(tmp_path_factory.mktemp("project"))
 
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

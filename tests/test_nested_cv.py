@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -25,7 +24,7 @@ from pipeline.data.splits import load_splits, make_splits
 from pipeline.errors import ConfigError
 from pipeline.tasks.cv import check_cv, cv
 from pipeline.tasks.data import ensure_data
-from procs import BIN, project_env
+from procs import BIN, git_project, project_env
 
 # Uneven classes (one small), so stratification has something to get wrong.
 LABELS = np.repeat(np.arange(4), [40, 31, 25, 12])
@@ -206,20 +205,6 @@ def test_nested_cv_end_to_end(cfg_factory, tmp_path: Path, local_ray):
         assert scored["sizes"]["held_out"] == len(held) and scored["outer_acc"] == choice["outer_acc"]
 
 
-def _git_project(dest: Path) -> Path:
-    """A fresh git repository with this working tree's tracked (and new, not ignored) files."""
-    repo = Path(__file__).resolve().parents[1]
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (repo / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo / rel, dest / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
-        subprocess.run(cmd, cwd=dest, env=project_env(), check=True, capture_output=True)
-    return dest
-
-
 def _run(cmd: list[str], cwd: Path) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -231,7 +216,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 def test_dvc_cv_stage_runs_nested_cv_when_asked(tmp_path: Path):
     """The real `dvc exp run` of the cv stage with cv.nested=true, in a temporary git
     repository holding this working tree: its own private Ray, its own MLflow store."""
-    project = _git_project(tmp_path / "project")
+    project = git_project(tmp_path / "project")
     sets = ["cv.nested=true", "cv.inner_folds=2", "model=mlp", "data.split.folds=2", "tune.num_samples=2",
             "tune.max_epochs=1", "trainer.max_epochs=1", "tune.scheduler=fifo", "tune.num_cpus=2"]
     out = _run([str(BIN / "dvc"), "exp", "run", "cv", *(a for s in sets for a in ("-S", s))], project)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,20 +192,13 @@ def test_repeated_save_load_roundtrip_and_check(tmp_path):
 def test_dvc_split_stage_follows_cv_repeats(tmp_path):
     """The real `dvc repro split`: cv.repeats is one of its params, a change re-runs it with
     r x k folds, and going back to 1 gives the very same output as before (same md5)."""
-    import shutil
     import subprocess
 
     import yaml
 
-    from procs import BIN, project_env
+    from procs import BIN, git_project, project_env
 
-    repo = Path(__file__).resolve().parents[1]
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (repo / rel).is_file():
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo / rel, tmp_path / rel)
+    git_project(tmp_path)
 
     def run(*cmd: str) -> str:
         done = subprocess.run(cmd, cwd=tmp_path, env=project_env(), capture_output=True, text=True, timeout=600)
@@ -222,9 +214,6 @@ def test_dvc_split_stage_follows_cv_repeats(tmp_path):
         params["cv"]["repeats"] = r
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    run("git", "init", "-q")
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "baseline")
     dvc = str(BIN / "dvc")
     run(dvc, "repro", "split")
     plain = split_md5()

@@ -4,14 +4,13 @@ re-runs a stage whenever code it runs changes (and only then)."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.cli.deps import check, import_closure, stage_roots, write
+from procs import git_project
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,13 +163,7 @@ def test_dvc_status_sees_a_comment_added_to_any_file_a_stage_imports(tmp_path, m
     """The issue's cases, through DVC itself: a lock over placeholder outputs, then comments."""
     from dvc.repo import Repo
 
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file() and not rel.startswith(("tests/", "bench/")):
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, tmp_path / rel)
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    git_project(tmp_path, leave_out=("tests/", "bench/"), commit=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(os.environ, "DVC_NO_ANALYTICS", "1")
     with Repo(str(tmp_path)) as repo:
