@@ -44,6 +44,30 @@ def test_a_cv_sweep_counts_folds(cfg_factory):
     assert (plan.steps, plan.step_key) == (FOLDS, "fold")
     assert _scheduler(plan)._max_t == FOLDS  # ASHA's rungs are folds, not epochs
     assert plan_sweep(cfg_factory(["tune.max_epochs=3"])).steps == 3
+    assert plan_sweep(cfg_factory([*CV, "cv.repeats=2"])).steps == 2 * FOLDS  # every repetition's folds
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_cv_sweep_with_repeats_trains_every_repetitions_folds(cfg_factory, tmp_path: Path):
+    """With cv.repeats=r a trial's score is the mean over the r x k folds the cv stage would
+    train, not over the first repetition's k."""
+    cfg = cfg_factory([*CV, "data.split.folds=2", "cv.repeats=2", "tune.max_epochs=1", "tune.scheduler=fifo",
+                       "tune.num_samples=1", "~tune.space", '+tune.space={optimizer.lr: "grid[0.003]"}'])
+    ensure_data(cfg)
+    tune(cfg)
+    with (tmp_path / "out/results/tune/trials.csv").open() as f:
+        (trial,) = list(csv.DictReader(f))
+    assert trial["status"] == "TERMINATED" and trial["folds"] == "4", trial
+    fold_dirs = sorted(p.relative_to(p.parents[2]) for p in (tmp_path / "results" / "ray").glob("*/*/cv/rep_*/fold_*"))
+    assert [str(p) for p in fold_dirs] == ["cv/rep_0/fold_0", "cv/rep_0/fold_1", "cv/rep_1/fold_0", "cv/rep_1/fold_1"]
+    splits = load_splits(tmp_path / "data" / "splits" / "digits")
+    accs = []
+    for fold, folder in enumerate(sorted((tmp_path / "results" / "ray").glob("*/*/cv/rep_*/fold_*"))):
+        idx = np.load(folder / "models" / "indices.npz")
+        assert set(idx["val"].tolist()) == set(splits.folds[fold].tolist())  # repetition 1 has its own folds
+        accs.append(json.loads((folder / "metrics" / "train.json").read_text())["val"]["acc"])
+    assert float(trial["cv_val_acc"]) == pytest.approx(np.mean(accs))
 
 
 def test_running_report_is_the_mean_of_the_folds_so_far():

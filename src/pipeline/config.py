@@ -224,6 +224,12 @@ def check_keys(cfg: DictConfig, block: str, known: Sequence[str]) -> None:
                               f"it takes: {', '.join(known)}.{hint}")
 
 
+def fold_count(cfg: DictConfig) -> int:
+    """How many models cross-validation trains: data.split.folds in each of cv.repeats
+    repetitions (the cv stage, and each trial of a `tune.cv` sweep)."""
+    return int(cfg.data.split.folds) * int(OmegaConf.select(cfg, "cv.repeats", default=1))
+
+
 def fold_position(cfg: DictConfig, fold: int) -> tuple[int, int]:
     """(repetition, fold within it) of cross-validation fold `fold`, which counts through
     every repetition's folds (cv.repeats x data.split.folds, repetition-major)."""

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis.stats import summarize
-from pipeline.config import flatten, fold_config, fold_position, to_container
+from pipeline.config import flatten, fold_config, fold_count, fold_position, to_container
 from pipeline.layout import Layout
 from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
@@ -145,7 +145,7 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
     check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     repeats = cfg.cv.repeats
-    folds = list(range(cfg.data.split.folds * repeats))
+    folds = list(range(fold_count(cfg)))
     plain = to_container(cfg)
     parent = None
     if cfg.tracking.enabled:

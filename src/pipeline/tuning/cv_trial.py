@@ -61,15 +61,15 @@ def run_cv_trial(plain: dict[str, Any], train: TrainFn, *, callbacks: Sequence[C
     from omegaconf import OmegaConf
     from ray import tune
 
-    from pipeline.config import fold_config
+    from pipeline.config import fold_config, fold_count
 
-    folds = int(plain["data"]["split"]["folds"])
+    cfg = OmegaConf.create(plain)
+    folds = fold_count(cfg)  # with cv.repeats, every repetition's folds, as the cv stage trains
     done: list[dict[str, Any]] = []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             done = json.loads((Path(folder) / STATE_FILE).read_text())["folds"]
-    cfg = OmegaConf.create(plain)
     placement = {"gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
                  "node_id": ray.get_runtime_context().get_node_id()}
     for fold in range(len(done), folds):

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import check_bool, check_choice, check_number, to_container
+from pipeline.config import check_bool, check_choice, check_number, fold_count, to_container
 from pipeline.errors import ConfigError
 from pipeline.training.metrics import LEARNING_CURVES
 from pipeline.tuning.pareto import Objective, check_multi_objective, parse_objectives
@@ -46,7 +46,7 @@ class Plan:
     @property
     def steps(self) -> int:
         """What a trial reports at most: epochs, or folds with `tune.cv` (schedulers' max_t)."""
-        return int(self.cfg.data.split.folds) if self.tune.get("cv") else int(self.tune["max_epochs"])
+        return fold_count(self.cfg) if self.tune.get("cv") else int(self.tune["max_epochs"])
 
     @property
     def step_key(self) -> str:
@@ -95,8 +95,8 @@ def _check_tune_block(cfg: DictConfig) -> None:
     name = cfg.tune.scheduler
     if cfg.tune.cv:
         _check_cv(cfg)
-    # With tune.cv a trial reports once per fold: ASHA's grace period counts folds.
-    steps = cfg.data.split.folds if cfg.tune.cv else cfg.tune.max_epochs
+    # With tune.cv a trial reports once per fold (of every repetition): ASHA's grace period counts folds.
+    steps = fold_count(cfg) if cfg.tune.cv else cfg.tune.max_epochs
     if name == "asha":
         check_number(cfg, "tune.asha.grace_period", integer=True, low=1, high=steps)
         check_number(cfg, "tune.asha.reduction_factor", low=1, low_open=True)
@@ -110,7 +110,7 @@ def _check_tune_block(cfg: DictConfig) -> None:
 
 
 def _check_cv(cfg: DictConfig) -> None:
-    """`tune.cv=true`: each trial trains data.split.folds models in turn, in one process."""
+    """`tune.cv=true`: each trial trains data.split.folds x cv.repeats models in turn, in one process."""
     if cfg.tune.scheduler == "pbt":
         raise ConfigError("tune.cv=true with tune.scheduler=pbt: PBT swaps checkpoints between trials mid-training, "
                           "which has no meaning across folds; use tune.scheduler=asha, hyperband or fifo.")
