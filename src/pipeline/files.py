@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pipeline.errors import OutputError
 
@@ -129,3 +129,17 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out a matplotlib figure, write it to ``path`` atomically (a full disk leaves the
+    previous figure, not half of the new one; the format from the suffix) and close it, so
+    figures do not pile up in memory across a long run; returns ``path``."""
+    import matplotlib.pyplot as plt  # here: only the stages that draw pay for matplotlib
+
+    fig.tight_layout()
+    try:
+        write_with(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110))
+    finally:
+        plt.close(fig)
+    return path

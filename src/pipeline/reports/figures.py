@@ -10,18 +10,7 @@ matplotlib.use("Agg")  # headless: no display on servers, CI or Ray workers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.files import write_with  # noqa: E402
-
-
-def save_figure(fig: plt.Figure, path: Path) -> Path:
-    """Lay out, write ``path`` (creating its folder) and close ``fig``, so figures do not pile
-    up in memory across a long run; returns ``path``."""
-    fig.tight_layout()
-    try:  # atomically: a full disk leaves the previous figure, not half of the new one
-        write_with(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110))
-    finally:
-        plt.close(fig)
-    return path
+from pipeline.files import save_figure  # noqa: E402
 
 
 def confusion_matrix_png(cm: np.ndarray, classes: list[str], path: Path) -> Path:

@@ -30,7 +30,7 @@ from pipeline.config import fold_config, to_container
 from pipeline.data.splits import load_splits
 from pipeline.data.store import read_raw
 from pipeline.errors import ConfigError
-from pipeline.files import write_text
+from pipeline.files import save_figure, write_text
 from pipeline.layout import Layout
 from pipeline.tasks.common import write_json
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
@@ -259,7 +259,6 @@ def cost_png(stats: dict[str, Any], metric: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.reports.figures import save_figure
 
     summaries, extra = stats["summaries"], stats["extra"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -288,7 +287,6 @@ def per_fold_png(scores: dict[str, list[float]], metric: str, path: Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.reports.figures import save_figure
 
     names = list(scores)
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 4))

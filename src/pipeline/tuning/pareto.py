@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.config import plain
 from pipeline.errors import ConfigError
-from pipeline.files import write_text, write_with
+from pipeline.files import save_figure, write_text
 from pipeline.training.metrics import LEARNING_CURVES, file_key
 
 log = logging.getLogger(__name__)
@@ -217,12 +217,7 @@ def pareto_png(trials: Sequence[Mapping[str, Any]], objectives: Sequence[Objecti
         if points:
             ax.legend(fontsize=8)
     fig.suptitle(f"{len(trials)} trials, {sum(bool(t['on_front']) for t in trials)} on the front")
-    fig.tight_layout()
-    try:
-        write_with(path, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def log_front(runs: Any, folder: Path, trials: Sequence[Mapping[str, Any]], objectives: Sequence[Objective]) -> None:

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import plain
 from pipeline.errors import STOPPED
-from pipeline.files import write_text, write_with
+from pipeline.files import save_figure, write_text
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.training.metrics import LEARNING_CURVES, file_key, file_row
 from pipeline.tuning.pareto import front_key, log_front, mark_front, objective_values, write_pareto
@@ -224,12 +224,7 @@ def curves_png(outcome: Outcome, metric: str, path: Path, step_key: str = "epoch
     ax.grid(alpha=0.3)
     if ax.lines:  # every trial diverged: nothing to draw
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    try:
-        write_with(path, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def finish_parent(plan: Plan, outcome: Outcome, path: str, *, interrupted: bool, elapsed: float) -> None:
