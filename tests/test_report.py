@@ -42,6 +42,38 @@ def test_saliency_of_a_linear_model_is_the_abs_weights_of_the_target_class(chann
     assert model[1].weight.grad is None  # parameter gradients untouched
 
 
+def test_saliency_box_by_hand() -> None:
+    maps = np.zeros((4, 6, 8))
+    maps[0, 0:2, 0:2] = 1.0                                  # 4 strong pixels ...
+    for r, c in ((3, 3), (4, 4), (5, 5), (4, 6), (3, 7)):    # ... lose to 5 weak ones joined diagonally
+        maps[0, r, c] = 0.5
+    maps[1, 0, 4:6] = maps[1, 2:4, 0] = 1.0                  # two of 2 pixels: the first in raster order
+    maps[3] = np.arange(48).reshape(6, 8)                    # 95th percentile 44.65: pixels 45, 46, 47
+    boxes = introspect.saliency_box(maps, percentile=50)
+    assert boxes.shape == (4, 4) and boxes.dtype == np.int64
+    assert boxes[:3].tolist() == [[3, 3, 5, 7], [0, 4, 0, 5], [0, 0, 5, 7]]  # constant map: the whole image
+    assert introspect.saliency_box(maps[3:], 95).tolist() == [[5, 5, 5, 7]]
+    # Deterministic, and the same from a tensor.
+    assert np.array_equal(introspect.saliency_box(torch.from_numpy(maps), 50), boxes)
+    with pytest.raises(ValueError, match="percentile"):
+        introspect.saliency_box(maps, 100)
+    with pytest.raises(ValueError, match="N x H x W"):
+        introspect.saliency_box(maps[0])
+
+
+def test_saliency_box_finds_the_region_a_linear_model_reads() -> None:
+    # Class 1's score reads only rows 2-5, columns 3-6 of a 12 x 12 image (16 of 144 pixels,
+    # all of the top 5%): saliency is |w| there and 0 elsewhere, and the box is that square.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 2))
+    with torch.no_grad():
+        w = torch.zeros(2, 3, 12, 12)
+        w[1, :, 2:6, 3:7] = torch.randn(3, 4, 4).sign()
+        model[1].weight.copy_(w.flatten(1))
+    sal = introspect.saliency(model, torch.rand(2, 3, 12, 12), target=1)
+    assert introspect.saliency_box(sal).tolist() == [[2, 3, 5, 6]] * 2
+
+
 def _planted_net() -> nn.Sequential:
     """Channel 0 = local brightness (3x3 box filter); class 1's score is its mean, class 0's
     the negative: class 1 is driven by wherever the image is bright."""
@@ -212,6 +244,7 @@ def test_report_end_to_end(trained, tmp_path: Path, monkeypatch) -> None:
     assert n == 15 + confused and {f"saliency_{c}.png" for c in range(10)} <= figures
     page = path.read_text()
     assert "Grad-CAM" in page and "Not available" not in page
+    assert "saliency box" in page and "95th percentile" in page and "GraphCut step is left out" in page
     assert "Final train - validation accuracy gap" in page
 
     run_id = json.loads((out / "models" / "run.json").read_text())["run_id"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -28,6 +29,7 @@ from pipeline.reports import introspect  # noqa: E402
 from pipeline.reports.figures import confusion_matrix_png  # noqa: E402
 
 FILES = "report_files"  # the PNGs, beside report.html
+BOX_PERCENTILE = 95.0  # saliency localisation: Simonyan et al.'s foreground quantile
 SECTIONS = ("overview", "curves", "confusion", "filters", "feature-maps", "saliency", "layers")
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
@@ -211,20 +213,30 @@ def _saliency(net, x, images, labels, pred, classes, figs: _Figures, seed: int, 
         target = torch.as_tensor(pred[idx])
         sal = introspect.saliency(net, x[idx], target)
         sal = sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+        boxes = introspect.saliency_box(sal, BOX_PERCENTILE)
         cams = introspect.grad_cam(net, x[idx], target) if gradcam else None
-        cols = 3 if gradcam else 2
+        cols = 4 if gradcam else 3
         fig, axes = plt.subplots(len(idx), cols, figsize=(1.7 * cols, 1.8 * len(idx)), squeeze=False)
         for r, j in enumerate(idx):
             _show(axes[r, 0], images[j], f"#{j} {classes[c]} -> {classes[pred[j]]}")
-            heat = [("saliency", sal[r])] + ([("Grad-CAM", cams[r])] if cams is not None else [])
+            heat = [("saliency", sal[r]), ("saliency box", None)] + ([("Grad-CAM", cams[r])] if cams is not None else [])
             for ax, (name, h) in zip(axes[r, 1:], heat):
                 _show(ax, images[j], name)
-                ax.imshow(h.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+                if h is not None:
+                    ax.imshow(h.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+            top, left, bottom, right = boxes[r]
+            ax = axes[r, 2]
+            ax.add_patch(matplotlib.patches.Rectangle((left - 0.5, top - 0.5), right - left + 1, bottom - top + 1,
+                                                      fill=False, edgecolor="lime", linewidth=1.5))
         _grid(fig)
-        parts.append(figs.img(fig, f"saliency_{int(c)}", f"saliency and Grad-CAM for class {classes[c]}"))
+        parts.append(figs.img(fig, f"saliency_{int(c)}", f"saliency, saliency box and Grad-CAM for class {classes[c]}"))
     return ("<p>For test images of each class, heat maps for the <em>predicted</em> class: saliency "
-            "(Simonyan et al. 2014) |d score / d pixel| maximised over channels; Grad-CAM (Selvaraju et al. "
-            "2017) at the last convolution, upsampled to the image.</p><div class='grid'>" + "".join(parts) + "</div>")
+            "(Simonyan et al. 2014) |d score / d pixel| maximised over channels; the saliency box, "
+            f"localisation from class saliency: the bounding box of the largest 8-connected region of pixels "
+            f"at or above the map's {BOX_PERCENTILE:g}th percentile (Simonyan et al. seed a GraphCut segmentation with "
+            "those pixels and box its largest component; the GraphCut step is left out here); Grad-CAM "
+            "(Selvaraju et al. 2017) at the last convolution, upsampled to the image.</p><div class='grid'>"
+            + "".join(parts) + "</div>")
 
 
 def _layers_table(net: nn.Module, input_shape: tuple[int, int, int]) -> str:
@@ -269,7 +281,7 @@ def write_report(out_dir: Path, *, net: nn.Module, images: np.ndarray, labels: n
         "filters": ("First-layer filters", _filters(net, figs) if convs else unavailable(why)),
         "feature-maps": ("Feature maps", _feature_maps(net, x, images, layers, figs, seed) if convs
                          else unavailable(why)),
-        "saliency": ("Saliency and Grad-CAM",
+        "saliency": ("Saliency, localisation from saliency, and Grad-CAM",
                      _saliency(net, x, images, labels, pred, classes, figs, seed, gradcam=bool(convs))
                      + ("" if convs else unavailable(f"Grad-CAM ({why})"))),
         "layers": ("Layers: parameters, MACs, receptive field",
