@@ -43,6 +43,15 @@ def test_planted_worse_and_identical_designs(cfg_factory, tmp_path):
     assert any("not significantly different" in s for s in stats["statements"])
     report = (tmp_path / "out" / "reports" / "compare.md").read_text()
     assert "| alternative | mean ± std" in report and weak[0] in report
+    # Each alternative's fold ensemble beside its mean single-fold test accuracy, from cv.json.
+    assert "| test acc: mean single fold | test acc: fold ensemble |" in report
+    for name in names:
+        e = stats["extra"][name]
+        assert 0 <= e["single_test_acc"] <= 1 and 0 <= e["ensemble_test_acc"] <= 1
+        assert f"| {e['single_test_acc']:.4f} | {e['ensemble_test_acc']:.4f} |" in report
+    cv_files = sorted((tmp_path / "out" / "compare").glob("*/metrics/cv.json"))
+    assert sorted(json.loads(p.read_text())["ensemble_test_acc"] for p in cv_files) == \
+        sorted(stats["extra"][n]["ensemble_test_acc"] for n in names)
     # The corrected t-test decides by default; the report says so, and why, in one sentence.
     assert stats["test"] == "corrected_t" and all(p["significant"] == p["corrected_t"]["reject"] for p in stats["pairs"])
     assert ("Decided by the corrected resampled t-test: the folds' training sets overlap, so their score "

@@ -70,6 +70,33 @@ def test_folds_are_isolated_and_aggregates_match_child_runs(cv_cfg, tmp_path: Pa
     test_acc = [r.data.metrics["test/acc"] for r in sorted(children, key=lambda r: r.data.tags["fold"])]
     np.testing.assert_allclose(saved["test_acc"]["values"], test_acc)
 
+    # The fold ensemble: the folds' own test probabilities averaged, scored on the test labels,
+    # in cv.json beside the mean single-fold accuracy and on the CV parent run.
+    from pipeline.data.store import read_raw
+
+    labels = read_raw(tmp_path / "data" / "raw" / "digits").labels[splits.test]
+    fold_probs = [np.load(out / "cv" / f"fold_{fold}" / "metrics" / "test_probs.npy") for fold in range(FOLDS)]
+    assert all(p.shape == (len(splits.test), 10) for p in fold_probs)
+    by_hand = float((np.mean(fold_probs, axis=0).argmax(axis=1) == labels).mean())
+    assert saved["ensemble_models"] == FOLDS
+    assert saved["ensemble_test_acc"] == pytest.approx(by_hand)
+    assert 0 < saved["ensemble_test_loss"] and 0 <= saved["ensemble_test_f1_macro"] <= 1
+    assert saved["test_acc"]["mean"] == pytest.approx(np.mean(test_acc))
+    assert parent.data.metrics["cv/ensemble/test/acc"] == pytest.approx(by_hand)
+    assert parent.data.metrics["cv/ensemble/models"] == FOLDS
+
+
+def test_fold_ensemble_averages_softmax_outputs_by_hand():
+    """Two models each right on 2 of 3 images; their mean probabilities are right on all 3."""
+    labels = np.array([0, 1, 1])
+    a = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    b = np.array([[0.4, 0.6], [0.1, 0.9], [0.3, 0.7]])
+    out = cv_task.fold_ensemble([a, b], labels, ["x", "y"])
+    assert out["ensemble/models"] == 2 and out["ensemble/test/acc"] == 1.0
+    assert out["ensemble/test/loss"] == pytest.approx(-(2 * np.log(0.65) + np.log(0.75)) / 3)
+    assert cv_task.fold_ensemble([b, a], labels, ["x", "y"]) == out          # order does not matter
+    assert cv_task.fold_ensemble([a], labels, ["x", "y"])["ensemble/test/acc"] == pytest.approx(2 / 3)
+
 
 def test_a_recorded_run_is_written_as_it_happened(tmp_path: Path):
     """What a parallel fold sends back: calls in order, artifacts' bytes at the time, its
@@ -175,6 +202,9 @@ def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_fact
         trees[parallel] = _tree(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), cfg.tracking.experiment_name)
     assert results[True]["val/acc"]["values"] == results[False]["val/acc"]["values"]
     assert results[True]["test/acc"]["values"] == results[False]["test/acc"]["values"]
+    # Parallel folds send their test probabilities back: the same ensemble without the folders.
+    assert results[True]["ensemble/test/acc"] == results[False]["ensemble/test/acc"]
+    assert "test_probs" not in json.dumps(results[True])
 
     for sequential, parallel in zip(trees[False], trees[True]):
         durations = {}

@@ -78,6 +78,23 @@ def test_adamw_decay_is_decoupled_and_adam_l2_is_normalised():
     assert 1.0 - wa.item() == pytest.approx(lr, rel=1e-6)
 
 
+def test_adadelta_follows_zeilers_recurrence_for_three_steps():
+    # Zeiler (2012), Algorithm 1, with torch's lr multiplying the update (lr = 1 is the paper).
+    lr, rho, eps, a, w0 = 0.5, 0.9, 1e-6, 2.0, 1.5
+    w = _param(w0)
+    opt = build_optimizer([w], "adadelta", lr=lr, rho=rho, eps=eps)
+    expected, eg2, edx2 = w0, 0.0, 0.0
+    for _ in range(3):
+        g = a * expected
+        eg2 = rho * eg2 + (1 - rho) * g * g
+        dx = math.sqrt(edx2 + eps) / math.sqrt(eg2 + eps) * g
+        edx2 = rho * edx2 + (1 - rho) * dx * dx
+        expected -= lr * dx
+        _quadratic_step(opt, w, a)
+        assert w.item() == pytest.approx(expected, abs=1e-14)
+    assert expected < w0                                  # it moved, and downhill
+
+
 def test_lookahead_moves_slow_weights_by_alpha_every_k_steps_exactly():
     # f(w) = w^2 / 2 with SGD lr 0.1: each fast step multiplies w by 0.9. k = 2, alpha = 0.5.
     w = _param(1.0)
@@ -167,7 +184,7 @@ def test_every_optimizer_config_builds_validates_and_steps(option):
 
 
 def test_the_optimizer_options_are_the_whole_zoo():
-    expected = {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "radam", "lookahead", "ranger"}
+    expected = {"sgd", "momentum", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamw", "radam", "lookahead", "ranger"}
     assert set(_options("optimizer")) == expected == set(OPTIMIZERS)
     assert compose(["optimizer=sgd"], conf=CONF).optimizer.momentum == 0.0
 
@@ -194,6 +211,8 @@ def test_lookahead_base_is_a_hydra_choice_from_the_same_group():
         (["optimizer=nesterov", "optimizer.momentum=-0.5"], r"optimizer\.momentum=-0\.5"),
         (["optimizer=sgd", "+optimizer.nesterov=true"], r"optimizer \(sgd\) rejected its settings: Nesterov"),
         (["optimizer=adagrad", "optimizer.weight_decay=-1"], r"optimizer\.weight_decay=-1"),
+        (["optimizer=adadelta", "optimizer.rho=1.5"], r"optimizer\.rho=1\.5 is out of range"),
+        (["optimizer=adadelta", "+optimizer.betas=[0.9,0.99]"], r"optimizer\.betas is not an option of adadelta"),
         (["optimizer.name=lion"], r"optimizer\.name='lion' is not one of"),
     ],
 )

@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import REPO, make_cfg
-from pipeline.models import count_macs, count_parameters, create_model
-from pipeline.reports import introspect
+from pipeline.models import count_macs, count_parameters, create_model, list_models, min_image_size
+from pipeline.reports import introspect, receptive
 from pipeline.reports.page import FILES, SECTIONS, diagnose, write_report
+from pipeline.reports.receptive import Axis
 from pipeline.training.metrics import file_row
 
 IMG = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
@@ -40,6 +41,38 @@ def test_saliency_of_a_linear_model_is_the_abs_weights_of_the_target_class(chann
     assert sal.shape == (3, 5, 6)
     torch.testing.assert_close(sal, w[target], rtol=0, atol=0)
     assert model[1].weight.grad is None  # parameter gradients untouched
+
+
+def test_saliency_box_by_hand() -> None:
+    maps = np.zeros((4, 6, 8))
+    maps[0, 0:2, 0:2] = 1.0                                  # 4 strong pixels ...
+    for r, c in ((3, 3), (4, 4), (5, 5), (4, 6), (3, 7)):    # ... lose to 5 weak ones joined diagonally
+        maps[0, r, c] = 0.5
+    maps[1, 0, 4:6] = maps[1, 2:4, 0] = 1.0                  # two of 2 pixels: the first in raster order
+    maps[3] = np.arange(48).reshape(6, 8)                    # 95th percentile 44.65: pixels 45, 46, 47
+    boxes = introspect.saliency_box(maps, percentile=50)
+    assert boxes.shape == (4, 4) and boxes.dtype == np.int64
+    assert boxes[:3].tolist() == [[3, 3, 5, 7], [0, 4, 0, 5], [0, 0, 5, 7]]  # constant map: the whole image
+    assert introspect.saliency_box(maps[3:], 95).tolist() == [[5, 5, 5, 7]]
+    # Deterministic, and the same from a tensor.
+    assert np.array_equal(introspect.saliency_box(torch.from_numpy(maps), 50), boxes)
+    with pytest.raises(ValueError, match="percentile"):
+        introspect.saliency_box(maps, 100)
+    with pytest.raises(ValueError, match="N x H x W"):
+        introspect.saliency_box(maps[0])
+
+
+def test_saliency_box_finds_the_region_a_linear_model_reads() -> None:
+    # Class 1's score reads only rows 2-5, columns 3-6 of a 12 x 12 image (16 of 144 pixels,
+    # all of the top 5%): saliency is |w| there and 0 elsewhere, and the box is that square.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 2))
+    with torch.no_grad():
+        w = torch.zeros(2, 3, 12, 12)
+        w[1, :, 2:6, 3:7] = torch.randn(3, 4, 4).sign()
+        model[1].weight.copy_(w.flatten(1))
+    sal = introspect.saliency(model, torch.rand(2, 3, 12, 12), target=1)
+    assert introspect.saliency_box(sal).tolist() == [[2, 3, 5, 6]] * 2
 
 
 def _planted_net() -> nn.Sequential:
@@ -132,6 +165,167 @@ def test_layer_table_sums_to_the_model_totals(name: str, size: int) -> None:
     assert sum(r["macs"] for r in rows) == count_macs(model, (1, size, size))
 
 
+# ------------------------------------------------------------------ what excites a feature map
+
+def test_unit_geometry_of_a_chain_by_hand_agrees_with_the_layer_table() -> None:
+    # conv 3 pad 1: unit u sees [u - 1, u + 1]; conv 3 pad 1: [u - 2, u + 2]; pool 2: unit u
+    # pools 2u, 2u + 1, so sees [2u - 2, 2u + 3]; conv 3 pad 1 over that: [2u - 4, 2u + 5].
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.MaxPool2d(2, 2), nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    geo = receptive.unit_geometry(net, (1, 16, 16), ["0", "2", "3", "4"])
+    by_hand = {"0": Axis(-1, 1, 3), "2": Axis(-2, 1, 5), "3": Axis(-2, 2, 6), "4": Axis(-4, 2, 10)}
+    assert {n: g[0] for n, g in geo.items()} == by_hand and all(g[0] == g[1] for g in geo.values())
+    table = {r["name"]: r for r in introspect.layer_table(net, (1, 16, 16))}
+    for name, axis in by_hand.items():  # on a chain, the table's receptive field and jump
+        assert (table[name]["receptive_field"], table[name]["jump"]) == (axis.size, axis.jump)
+    # Unit (3, 0) of layer 4 sees rows 2..11 and columns -4..5, cut at the image's edge.
+    assert receptive.unit_box(geo["4"], 3, 0, 16, 16) == (2, 0, 11, 5)
+    assert receptive.unit_box(geo["4"], 7, 7, 16, 16) == (10, 10, 15, 15)
+
+
+class _Residual(nn.Module):
+    """y = relu(b(relu(a(x))) + shortcut(x)), a downsampling by 2 in both paths."""
+
+    def __init__(self, shortcut: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.sc = nn.Conv2d(1, 2, 1, stride=2) if shortcut == "conv" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        short = self.sc(x) if self.sc is not None else torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, 1))
+        return torch.relu(self.b(torch.relu(self.a(x))) + short)
+
+
+@pytest.mark.parametrize("shortcut", ["conv", "slice"])
+def test_unit_geometry_follows_a_residual_sum(shortcut: str) -> None:
+    # Main path: a (k3 s2 p1) sees [2u - 1, 2u + 1]; b (k3 p1) over it [2u - 3, 2u + 3]: start -3,
+    # jump 2, size 7. Shortcut: pixel 2u alone. The sum sees the union: the main path's.
+    net = nn.Sequential(_Residual(shortcut))
+    geo = receptive.unit_geometry(net, (1, 8, 8), ["0", "0.b"])
+    assert geo["0"] == geo["0.b"] == (Axis(-3, 2, 7),) * 2
+    if shortcut == "conv":
+        assert receptive.unit_geometry(net, (1, 8, 8), ["0.sc"])["0.sc"] == (Axis(0, 2, 1),) * 2
+        # The layer table chains every call: the shortcut (called first) into the main path, whose
+        # jump comes out 4, not 2, and every unit's position with it.
+        assert [(r["name"], r["jump"]) for r in introspect.layer_table(net, (1, 8, 8))] == [
+            ("0.sc", 2), ("0.a", 4), ("0.b", 4)]
+
+
+def test_unit_geometry_names_an_op_it_cannot_follow() -> None:
+    class Shuffle(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.pixel_unshuffle(x, 2)
+
+    with pytest.raises(receptive.UnknownGeometry, match="pixel_unshuffle changes the feature map size"):
+        receptive.unit_geometry(nn.Sequential(nn.Conv2d(1, 1, 3), Shuffle(), nn.Conv2d(4, 1, 1)), (1, 8, 8), ["2"])
+
+
+def _spot_images() -> torch.Tensor:
+    """Seven 1 x 10 x 10 black images, each with one bright pixel: image i's at (i, 9 - i),
+    brightness 0.3 + 0.1 i, except images 5 and 6, as bright as each other."""
+    x = torch.zeros(7, 1, 10, 10)
+    for i in range(7):
+        x[i, 0, i, 9 - i] = 0.3 + 0.1 * min(i, 5)
+    return x
+
+
+def test_top_activations_find_the_planted_spots_deterministically() -> None:
+    conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1] = 1.0     # channel 0: the pixel itself
+        conv.weight[1, 0].fill_(0.1)      # channel 1: a weaker 3 x 3 sum
+    net = nn.Sequential(conv, nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 5 * 5, 2))
+    x = _spot_images()
+    tops = receptive.top_activations(net, x, ["0", "1"], maps=2, k=4, batch_size=3)
+    assert tops == receptive.top_activations(net, x, ["0", "1"], maps=2, k=4, batch_size=100)
+    assert [len(units) for units in tops["0"]] == [4, 4] and [u[0].channel for u in tops["0"]] == [0, 1]
+    units = tops["0"][0]
+    # Strongest first; images 5 and 6 tie (0.8): the lower index first.
+    assert [(u.image, u.row, u.col) for u in units] == [(5, 5, 4), (6, 6, 3), (4, 4, 5), (3, 3, 6)]
+    assert [u.value for u in units] == pytest.approx([0.8, 0.8, 0.7, 0.6])
+    assert [u.box for u in units] == [(4, 3, 6, 5), (5, 2, 7, 4), (3, 4, 5, 6), (2, 5, 4, 7)]
+    # After pooling by 2, a unit sees 4 x 4 pixels: image 5's spot (5, 4) is unit (2, 2), rows 1..4 + 1.
+    pooled = tops["1"][0][0]
+    assert (pooled.image, pooled.row, pooled.col, pooled.box) == (5, 2, 2, (3, 3, 6, 6))
+    for u in tops["1"][0]:
+        spot = (u.image, 9 - u.image)                   # the image's bright pixel is inside its box
+        assert u.box[0] <= spot[0] <= u.box[2] and u.box[1] <= spot[1] <= u.box[3]
+
+
+def _gradient_support(model: nn.Module, x: torch.Tensor, layer: str, unit: receptive.TopUnit) -> tuple[int, ...]:
+    """(top, left, bottom, right) of the input pixels the unit's value depends on (its
+    gradient's non-zero support): what the receptive-field box must contain."""
+    captured = []
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, a, o: captured.append(o) or o.clone())
+    x = x[unit.image:unit.image + 1].clone().requires_grad_(True)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(captured[0][0, unit.channel, unit.row, unit.col], x)
+    rows, cols = np.nonzero(grad[0].abs().amax(0).numpy())
+    return (rows.min(), cols.min(), rows.max(), cols.max()) if len(rows) else ()
+
+
+def test_unit_boxes_through_the_models_own_resizing() -> None:
+    from pipeline.training.module import Preprocess
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Preprocess([0.5], [0.25], resize=16), nn.Conv2d(1, 2, 3, padding=1)).eval()
+    x = torch.rand(3, 1, 8, 8)
+    for unit in receptive.top_activations(net, x, ["1"], maps=2, k=20)["1"][0]:
+        top, left, bottom, right = _gradient_support(net, x, "1", unit)
+        assert unit.box[0] <= top <= bottom <= unit.box[2] and unit.box[1] <= left <= right <= unit.box[3]
+        assert unit.box[2] - unit.box[0] <= bottom - top + 2  # a pixel or so wider at most per side
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_models())
+def test_top_activations_work_for_every_registered_model(name: str) -> None:
+    size = max(min_image_size(name), 8)
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=1, num_classes=3, image_size=size)
+    convs = introspect.conv_layers(model)
+    if not convs:
+        assert name.startswith("mlp")  # and the report says so (test_report_without_convolutions)
+        return
+    layers = sorted({convs[0], convs[len(convs) // 2], convs[-1]}, key=convs.index)
+    x = torch.rand(2, 1, size, size)
+    tops = receptive.top_activations(model, x, layers, maps=2, k=9)
+    maps = introspect.feature_maps(model, x, layers)
+    for layer in layers:
+        n, c, h, w = maps[layer].shape
+        assert len(tops[layer]) == min(2, c)
+        for units in tops[layer]:
+            assert len(units) == min(9, n * h * w)
+            assert [u.value for u in units] == sorted((u.value for u in units), reverse=True)
+            for u in units:
+                assert u.value == pytest.approx(float(maps[layer][u.image, u.channel, u.row, u.col]))
+                top, left, bottom, right = u.box
+                assert 0 <= top <= bottom < size and 0 <= left <= right < size
+            # The box holds every pixel the unit's value depends on (shortcuts and concatenations too).
+            if support := _gradient_support(model.eval(), x, layer, units[0]):
+                assert _inside(units[0].box, support), (layer, units[0], support)
+
+
+def _inside(box: tuple[int, ...], support: tuple[int, ...]) -> bool:
+    return box[0] <= support[0] <= support[2] <= box[2] and box[1] <= support[1] <= support[3] <= box[3]
+
+
+def test_report_without_convolutions_says_so(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(12, 6, 6, 1), dtype=np.uint8)
+    path = write_report(tmp_path, net=nn.Sequential(nn.Flatten(), nn.Linear(36, 3)), images=images,
+                        labels=np.arange(12) % 3, probs=rng.dirichlet(np.ones(3), size=12), classes=["x", "y", "z"],
+                        curves=[], seed=0, meta={})
+    page = path.read_text()
+    section = page.split('<section id="top-activations">')[1].split("</section>")[0]
+    assert "Not available: the model has no convolutional layer" in section
+    assert "saliency box" in page  # localisation needs input gradients only
+
+
 def test_most_confused_pairs() -> None:
     cm = np.array([[5, 3, 0], [1, 7, 3], [0, 0, 9]])
     pairs = introspect.most_confused_pairs(cm, ["a", "b", "c"], k=2)
@@ -208,10 +402,19 @@ def test_report_end_to_end(trained, tmp_path: Path, monkeypatch) -> None:
     n = _check_report(path)
     figures = {p.name for p in (out / "reports" / FILES).glob("*.png")}
     confused = len([f for f in figures if f.startswith("confused_")])
-    # curves, confusion matrix, filters, 2 feature-map panels, 10 saliency/Grad-CAM panels
-    assert n == 15 + confused and {f"saliency_{c}.png" for c in range(10)} <= figures
+    # curves, confusion matrix, filters, 2 feature-map panels, 10 saliency/Grad-CAM panels, and
+    # one top-activations panel per chosen conv (the first, the middle and the last: distinct ones)
+    from pipeline.training.module import load_classifier
+
+    convs = introspect.conv_layers(load_classifier(out / "models" / "best.ckpt").net)
+    chosen = len({convs[0], convs[len(convs) // 2], convs[-1]})
+    tops = {f for f in figures if f.startswith("top_activations_")}
+    assert tops == {f"top_activations_{i + 1}.png" for i in range(chosen)}
+    assert n == 15 + chosen + confused and {f"saliency_{c}.png" for c in range(10)} <= figures
     page = path.read_text()
     assert "Grad-CAM" in page and "Not available" not in page
+    assert "saliency box" in page and "95th percentile" in page and "GraphCut step is left out" in page
+    assert "strongest single activation over the first" in page and "validation images" in page
     assert "Final train - validation accuracy gap" in page
 
     run_id = json.loads((out / "models" / "run.json").read_text())["run_id"]
@@ -264,7 +467,7 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
         run_file.with_suffix(".bak").rename(run_file)
     page = limited.read_text()
     assert "Limitation: only the exported torch.export graph" in page and "Could not rebuild" in page
-    assert page.count("Not available") == 4  # filters, feature maps, Grad-CAM, layer table
+    assert page.count("Not available") == 5  # filters, feature maps, top activations, Grad-CAM, layer table
     assert len(IMG.findall(page)) == _check_report(limited) >= 12  # curves, confusion, saliency
 
 

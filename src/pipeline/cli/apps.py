@@ -109,6 +109,9 @@ def _cv(cfg: DictConfig) -> float:
         s = result[key]
         print(f"{key}: {s['mean']:.4f} ± {s['std']:.4f}  ({result['confidence']:.0%} CI {s['ci_low']:.4f}–"
               f"{s['ci_high']:.4f})  folds: {', '.join(f'{v:.4f}' for v in s['values'])}")
+    if "ensemble/test/acc" in result:
+        print(f"ensemble of the {result['ensemble/models']} fold models (mean of softmax): test/acc="
+              f"{result['ensemble/test/acc']:.4f}  (mean single fold {result['test/acc']['mean']:.4f})")
     for choice in result.get("choices", []):
         print(f"outer fold {choice['fold']} chose " + ", ".join(f"{k}={v}" for k, v in choice["overrides"].items()))
     print(f"outputs: {cfg.paths.out_dir}")

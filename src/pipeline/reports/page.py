@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -24,11 +25,13 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipeline.files import write_bytes, write_text  # noqa: E402
-from pipeline.reports import introspect  # noqa: E402
+from pipeline.reports import introspect, receptive  # noqa: E402
 from pipeline.reports.figures import confusion_matrix_png  # noqa: E402
 
 FILES = "report_files"  # the PNGs, beside report.html
-SECTIONS = ("overview", "curves", "confusion", "filters", "feature-maps", "saliency", "layers")
+BOX_PERCENTILE = 95.0  # saliency localisation: Simonyan et al.'s foreground quantile
+SECTIONS = ("overview", "curves", "confusion", "filters", "feature-maps", "top-activations", "saliency", "layers")
+TOP_IMAGES = 2000  # "what excites a feature map" searches at most this many (the split is shuffled)
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
         "text-align:right}th{background:#eee}td:first-child,td:nth-child(2){text-align:left}"
@@ -57,10 +60,10 @@ class _Figures:
         return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _show(ax, image: np.ndarray, title: str = "") -> None:
+def _show(ax, image: np.ndarray, title: str = "", **kw) -> None:
     """An H x W x C uint8 (or float) image: RGB if 3 channels, else the first in grey."""
     img = image if image.shape[-1] == 3 else image[..., 0]
-    ax.imshow(img, cmap=None if img.ndim == 3 else "gray", interpolation="nearest")
+    ax.imshow(img, cmap=None if img.ndim == 3 else "gray", interpolation="nearest", **kw)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
@@ -196,6 +199,41 @@ def _feature_maps(net, x, images, layers, figs: _Figures, seed: int, n: int = 2,
             "activation).</p>" + "".join(parts))
 
 
+def _top_activations(net, images: np.ndarray, split: str, layers, figs: _Figures, maps: int = 4, k: int = 9) -> str:
+    """Zeiler & Fergus's top-k input patches per feature map (see `receptive.top_activations`)."""
+    images = images[:TOP_IMAGES]
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
+    try:
+        tops = receptive.top_activations(net, x, layers, maps=maps, k=k)
+    except receptive.UnknownGeometry as err:
+        return f"<p class='note'>Not available: {html.escape(str(err))}.</p>"
+    parts = []
+    for e, (name, rows) in enumerate(tops.items()):
+        fig, axes = plt.subplots(len(rows), k, figsize=(1.2 * k, 1.35 * len(rows)), squeeze=False)
+        for units, row in zip(rows, axes):
+            for c, ax in enumerate(row):
+                ax.axis("off")
+                if c < len(units):
+                    u = units[c]
+                    top, left, bottom, right = u.box
+                    # The pixels' own grey levels: a patch stretched to its own range would
+                    # make a faint one look as contrasted as a strong one.
+                    _show(ax, images[u.image][top:bottom + 1, left:right + 1],
+                          (f"ch{u.channel}: " if c == 0 else "") + f"#{u.image} {u.value:.2f}", vmin=0, vmax=255)
+        fig.suptitle(f"{name}: top {k} activations of {len(rows)} feature maps", fontsize=9)
+        _grid(fig)
+        fig.subplots_adjust(top=1 - 0.55 / fig.get_figheight())  # room for the title above the first row's
+        parts.append(figs.img(fig, f"top_activations_{e + 1}", f"top activating patches of {name}"))
+    return ("<p>What excites a feature map (Zeiler &amp; Fergus 2014): for layers "
+            + ", ".join(f"<code>{html.escape(n)}</code>" for n in layers)
+            + f", the {maps} channels with the strongest single activation over the first {len(images)} "
+            f"{split} images, each with its {k} strongest activations (any image, any position: #image and "
+            "value, the layer's output before any later activation) shown as the input patch under that "
+            "unit's receptive field, cut at the image border. The patch comes from the receptive-field "
+            "arithmetic of the layer table, followed along the network's data flow so that shortcuts and "
+            "concatenations count (<code>pipeline.reports.receptive</code>).</p>" + "".join(parts))
+
+
 def _saliency(net, x, images, labels, pred, classes, figs: _Figures, seed: int, *, gradcam: bool,
               per_class: int = 2, max_classes: int = 10) -> str:
     rng = np.random.default_rng((seed, 3))
@@ -211,20 +249,30 @@ def _saliency(net, x, images, labels, pred, classes, figs: _Figures, seed: int, 
         target = torch.as_tensor(pred[idx])
         sal = introspect.saliency(net, x[idx], target)
         sal = sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+        boxes = introspect.saliency_box(sal, BOX_PERCENTILE)
         cams = introspect.grad_cam(net, x[idx], target) if gradcam else None
-        cols = 3 if gradcam else 2
+        cols = 4 if gradcam else 3
         fig, axes = plt.subplots(len(idx), cols, figsize=(1.7 * cols, 1.8 * len(idx)), squeeze=False)
         for r, j in enumerate(idx):
             _show(axes[r, 0], images[j], f"#{j} {classes[c]} -> {classes[pred[j]]}")
-            heat = [("saliency", sal[r])] + ([("Grad-CAM", cams[r])] if cams is not None else [])
+            heat = [("saliency", sal[r]), ("saliency box", None)] + ([("Grad-CAM", cams[r])] if cams is not None else [])
             for ax, (name, h) in zip(axes[r, 1:], heat):
                 _show(ax, images[j], name)
-                ax.imshow(h.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+                if h is not None:
+                    ax.imshow(h.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+            top, left, bottom, right = boxes[r]
+            ax = axes[r, 2]
+            ax.add_patch(matplotlib.patches.Rectangle((left - 0.5, top - 0.5), right - left + 1, bottom - top + 1,
+                                                      fill=False, edgecolor="lime", linewidth=1.5))
         _grid(fig)
-        parts.append(figs.img(fig, f"saliency_{int(c)}", f"saliency and Grad-CAM for class {classes[c]}"))
+        parts.append(figs.img(fig, f"saliency_{int(c)}", f"saliency, saliency box and Grad-CAM for class {classes[c]}"))
     return ("<p>For test images of each class, heat maps for the <em>predicted</em> class: saliency "
-            "(Simonyan et al. 2014) |d score / d pixel| maximised over channels; Grad-CAM (Selvaraju et al. "
-            "2017) at the last convolution, upsampled to the image.</p><div class='grid'>" + "".join(parts) + "</div>")
+            "(Simonyan et al. 2014) |d score / d pixel| maximised over channels; the saliency box, "
+            f"localisation from class saliency: the bounding box of the largest 8-connected region of pixels "
+            f"at or above the map's {BOX_PERCENTILE:g}th percentile (Simonyan et al. seed a GraphCut segmentation with "
+            "those pixels and box its largest component; the GraphCut step is left out here); Grad-CAM "
+            "(Selvaraju et al. 2017) at the last convolution, upsampled to the image.</p><div class='grid'>"
+            + "".join(parts) + "</div>")
 
 
 def _layers_table(net: nn.Module, input_shape: tuple[int, int, int]) -> str:
@@ -244,12 +292,14 @@ def _layers_table(net: nn.Module, input_shape: tuple[int, int, int]) -> str:
 
 def write_report(out_dir: Path, *, net: nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                  classes: Sequence[str], curves: Sequence[dict], seed: int, meta: dict[str, object],
-                 notes: Sequence[str] = (), hooks: bool = True) -> Path:
+                 notes: Sequence[str] = (), hooks: bool = True, val_images: np.ndarray | None = None) -> Path:
     """Write `out_dir/report.html` and `out_dir/report_files/*.png`; returns the HTML path.
 
     `net` maps N x C x H x W floats in [0, 1] to class scores; `images` are the test
     split's NHWC uint8 images, `probs` its predictions. `hooks=False` (a graph that
-    cannot take module hooks) keeps only what input gradients can show.
+    cannot take module hooks) keeps only what input gradients can show. `val_images`
+    (the validation split's, NHWC uint8) are searched for each feature map's strongest
+    activations; without them, the test images are.
     """
     figs = _Figures(out_dir / FILES)
     labels, pred = np.asarray(labels), probs.argmax(axis=1)
@@ -269,7 +319,11 @@ def write_report(out_dir: Path, *, net: nn.Module, images: np.ndarray, labels: n
         "filters": ("First-layer filters", _filters(net, figs) if convs else unavailable(why)),
         "feature-maps": ("Feature maps", _feature_maps(net, x, images, layers, figs, seed) if convs
                          else unavailable(why)),
-        "saliency": ("Saliency and Grad-CAM",
+        "top-activations": ("What excites a feature map: top activating patches",
+                            _top_activations(net, *((val_images, "validation") if val_images is not None
+                                                    and len(val_images) else (images, "test")), layers, figs)
+                            if convs else unavailable(why)),
+        "saliency": ("Saliency, localisation from saliency, and Grad-CAM",
                      _saliency(net, x, images, labels, pred, classes, figs, seed, gradcam=bool(convs))
                      + ("" if convs else unavailable(f"Grad-CAM ({why})"))),
         "layers": ("Layers: parameters, MACs, receptive field",

@@ -22,6 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis.stats import summarize
@@ -37,10 +38,12 @@ from pipeline.validation import prepare, refuse_resume
 # Metrics aggregated over folds (what each fold's train + evaluate return).
 CV_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro")
 CANCEL_TIMEOUT_S = 30  # for cancelled folds to wind down before Ray shuts down
+TEST_PROBS = "test_probs"  # a fold result's test-split probabilities (not a metric)
+ENSEMBLE_METRICS = ("acc", "loss", "f1_macro")  # of the fold ensemble, as ensemble/test/*
 
 
 def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None,
-             record: RecordedRun | None = None, data: TrainingData | None = None) -> dict[str, float]:
+             record: RecordedRun | None = None, data: TrainingData | None = None) -> dict[str, Any]:
     """Train and evaluate one fold (a plain dict config, so a Ray task can take it); with
     `record`, its MLflow run is recorded there instead of written; with `data`, nothing is
     read from the data folders."""
@@ -53,7 +56,18 @@ def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None,
     tags = {"fold": str(i), **({"repetition": str(rep)} if cfg["cv"]["repeats"] > 1 else {})}
     metrics = train(fold_cfg, parent_run_id=parent_run_id, run_tags=tags, record=record, data=data)
     metrics.update(evaluate(fold_cfg, run=record, data=data))
-    return {"fold": fold, **metrics}
+    # The test probabilities travel back with the scores: a parallel fold's folder may be on
+    # another node, and the driver averages them into the fold ensemble.
+    return {"fold": fold, **metrics, TEST_PROBS: np.load(Layout.from_cfg(fold_cfg).predictions)}
+
+
+def fold_ensemble(probs: list[np.ndarray], labels: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """The fold models as one ensemble on the test split: the mean of their softmax outputs
+    (each as evaluate computed it, test-time augmentation included), scored like one model."""
+    from pipeline.tasks.evaluate import scores
+
+    overall, _, _ = scores(np.mean(probs, axis=0), labels, classes)
+    return {"ensemble/models": len(probs), **{f"ensemble/test/{k}": overall[k] for k in ENSEMBLE_METRICS}}
 
 
 @dataclass
@@ -63,7 +77,7 @@ class FoldOutcome:
     fold: int
     host: str
     record: RecordedRun | None
-    result: dict[str, float] | None = None
+    result: dict[str, Any] | None = None
     error: Exception | None = None
     trace: str = ""  # the error's traceback, which pickling drops
 
@@ -134,8 +148,10 @@ def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | No
 
 
 def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train one model per fold; writes `metrics/cv.json` (mean, std, 95% CI, per-fold values)
-    and returns what it holds, keyed `val/acc` as in the code (the file has `val_acc`).
+    """Train one model per fold; writes `metrics/cv.json` (mean, std, 95% CI, per-fold values,
+    and the fold ensemble's `ensemble/test/*`: every fold model's test probabilities averaged,
+    as He et al. report their ensembles) and returns what it holds, keyed `val/acc` as in the
+    code (the file has `val_acc`).
 
     The CV run is an MLflow parent of the fold runs (and itself a child of `parent_run_id`,
     e.g. a comparison's run, when given).
@@ -157,11 +173,16 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
         if parent is not None:
             parent.log_params(flatten(plain))
         parent_id = parent.run_id if parent is not None else None
-        if cfg.cv.parallel:
-            results = _run_parallel(plain, folds, parent_id, load_data(cfg, layout))
+        data = load_data(cfg, layout) if cfg.cv.parallel else None
+        if data is not None:
+            results = _run_parallel(plain, folds, parent_id, data)
         else:
             results = [run_fold(plain, fold, parent_id) for fold in folds]
         results.sort(key=lambda r: r["fold"])
+        if data is None:
+            data = load_data(cfg, layout)
+        ensemble = fold_ensemble([r.pop(TEST_PROBS) for r in results], data.raw.labels[data.splits.test],
+                                 data.raw.classes)
         # Repeated folds share data: their interval is the corrected one (a fold tests on one
         # of k parts and trains on k - 1); one repetition keeps the plain t-interval.
         factor = 1 / len(folds) + 1 / (cfg.data.split.folds - 1) if repeats > 1 else None
@@ -170,11 +191,13 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
         # "folds" is per repetition; the values run repetition-major (rep * folds + i).
         out = {"folds": cfg.data.split.folds, **({"repeats": repeats} if repeats > 1 else {}),
                "confidence": cfg.cv.confidence,
-               "model/params": results[0]["model/params"], "model/macs": results[0]["model/macs"], **summary}
+               "model/params": results[0]["model/params"], "model/macs": results[0]["model/macs"], **summary,
+               **ensemble}
         write_json(layout.metrics / "cv.json", file_row(out))
         if parent is not None:
             parent.log_metrics({f"cv/{key}/{stat}": value for key, stats in summary.items()
                                 for stat, value in stats.items() if stat in ("mean", "std", "ci_low", "ci_high")})
+            parent.log_metrics({f"cv/{key}": value for key, value in ensemble.items()})
             parent.log_artifact(layout.metrics / "cv.json")
     return out
 

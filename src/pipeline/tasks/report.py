@@ -151,7 +151,8 @@ def _write(run_cfg: DictConfig, cfg: DictConfig, net: nn.Module, curves: list[di
             "MACs per image": f"{count_macs(net, shape):,}" if eager else "n/a",
             "test-time augmentation": run_cfg.regularizer.tta if eager else "none", "seed (examples)": cfg.seed}
     return write_report(out, net=net, images=images, labels=labels, probs=probs, classes=raw.classes,
-                        curves=curves, seed=int(cfg.seed), meta=meta, notes=notes, hooks=eager)
+                        curves=curves, seed=int(cfg.seed), meta=meta, notes=notes, hooks=eager,
+                        val_images=raw.images[splits.val])
 
 
 def _curves_from_history(client, run_id: str) -> list[dict]:

@@ -45,6 +45,7 @@ _NUMBER_CHECKS: dict[str, dict[str, Any]] = {
     "eps": dict(low=0, low_open=True),
     "lr_decay": dict(low=0),
     "initial_accumulator_value": dict(low=0),
+    "rho": dict(low=0, high=1),                            # Adadelta: decay of both running means
     "alpha": dict(low=0, high=1, low_open=True),           # Lookahead: slow-weight step size
     "k": dict(integer=True, low=1),                        # Lookahead: inner steps per sync
 }
@@ -72,6 +73,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "momentum": OptimizerSpec.of(functools.partial(torch.optim.SGD, momentum=0.9)),
     "nesterov": OptimizerSpec.of(functools.partial(torch.optim.SGD, momentum=0.9, nesterov=True)),
     "adagrad": OptimizerSpec.of(torch.optim.Adagrad),
+    "adadelta": OptimizerSpec.of(torch.optim.Adadelta),
     "rmsprop": OptimizerSpec.of(torch.optim.RMSprop, alpha=dict(low=0, high=1, high_open=True)),
     "adam": OptimizerSpec.of(torch.optim.Adam),
     "adamw": OptimizerSpec.of(torch.optim.AdamW),
