@@ -5,6 +5,7 @@ stopped."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -181,6 +183,37 @@ def test_a_changed_folder_or_size_starts_over(tmp_path, small_chunks, monkeypatc
     _same_folder(out, tmp_path / "in_memory")
 
 
+def test_a_fetch_waits_while_another_fetches_into_the_same_folder(tmp_path, small_chunks, caplog):
+    """Two fetches would share one partial state: the second waits for the first's lock (held
+    here as another fetch would hold it), touches nothing meanwhile, then fetches."""
+    root = _folder(tmp_path / "imgs")
+    out = tmp_path / "raw" / "imagefolder"
+    out.parent.mkdir()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fetch("imagefolder", out_dir=out, download_dir=tmp_path, path=root, image_size=6, workers=1)
+        except BaseException as err:
+            errors.append(err)
+
+    lock = os.open(out.parent, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with caplog.at_level(logging.INFO, logger="pipeline.data.imagefolder"):
+        waiting = threading.Thread(target=run)
+        waiting.start()
+        deadline = time.monotonic() + 60
+        while "waiting for another image-folder fetch" not in caplog.text:
+            assert waiting.is_alive() and time.monotonic() < deadline, (errors, caplog.text)
+            time.sleep(0.01)
+        assert list(out.parent.iterdir()) == []  # no listing, no partial state while it waits
+        os.close(lock)  # as the other fetch ending would
+        waiting.join(timeout=120)
+    assert errors == [] and not waiting.is_alive()
+    _in_memory(root, tmp_path / "in_memory", tmp_path, image_size=6)
+    _same_folder(out, tmp_path / "in_memory")
+
+
 # ---------------------------------------------------------------------------- real signals, real stage
 
 
@@ -237,11 +270,11 @@ def _wait_for_progress(proc: subprocess.Popen, done_file: Path, timeout: float =
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, status", [
     pytest.param(signal.SIGTERM, 143, marks=pytest.mark.fault(
-        "2. Fetch interrupted", fault="SIGTERM to the fetch stage part-way through a 2,400-PNG image folder",
+        "1. Fetch process killed", fault="SIGTERM to the fetch stage part-way through a 2,400-PNG image folder",
         expected="exit 143 with the progress saved; the rerun resumes there; data/raw byte-identical to an "
                  "uninterrupted fetch")),
     pytest.param(signal.SIGKILL, -signal.SIGKILL, marks=pytest.mark.fault(
-        "2. Fetch interrupted", fault="SIGKILL to the fetch stage part-way through a 2,400-PNG image folder",
+        "1. Fetch process killed", fault="SIGKILL to the fetch stage part-way through a 2,400-PNG image folder",
         expected="the rerun resumes from the last saved image (at most ~1 s of work lost); data/raw "
                  "byte-identical to an uninterrupted fetch")),
 ], ids=["SIGTERM", "SIGKILL"])

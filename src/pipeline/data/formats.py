@@ -143,18 +143,22 @@ def class_folders(root: Path) -> list[Path]:
     return class_dirs
 
 
-def list_class_images(class_dir: Path) -> list[Path]:
-    """Image files under ``class_dir`` (recursively, skipping hidden entries), sorted; at least one."""
+def list_class_files(class_dir: Path) -> list[str]:
+    """The image files under ``class_dir`` (recursively, skipping hidden entries) as paths
+    relative to it, sorted by their parts; at least one. Strings, not ``Path`` objects: a class
+    of 100,000 images is held here at once (its names only) while a folder is listed."""
     found, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(class_dir):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        sub = os.path.relpath(dirpath, class_dir)
         for f in filenames:
             if not f.startswith("."):
-                (found if f.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(Path(dirpath, f))
+                rel = f if sub == os.curdir else os.path.join(sub, f)
+                (found if f.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(rel)
     if skipped:
         # Notes and label files beside the images are common (torchvision skips them too), but
         # images in a format not listed would vanish from the dataset: say which were left out.
-        first = sorted(skipped)[0]
+        first = Path(min(skipped, key=_by_parts))
         log.warning("%s: skipped %d file(s) without an image extension (%s), e.g. %s; move them out of "
                     "the class folders, or convert them to PNG if they are images",
                     class_dir, len(skipped), ", ".join(IMAGE_EXTENSIONS), first.name)
@@ -163,7 +167,19 @@ def list_class_images(class_dir: Path) -> list[Path]:
             f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
             "add images or remove the folder"
         )
-    return sorted(found, key=lambda p: p.relative_to(class_dir).parts)
+    found.sort(key=_by_parts)
+    return found
+
+
+def _by_parts(rel: str) -> str:
+    # The separator as the smallest character orders joined paths as their parts tuples would
+    # be ordered ("a/b" before "a-c", as ("a", "b") < ("a-c",)); no name can hold a NUL.
+    return rel.replace(os.sep, "\0")
+
+
+def list_class_images(class_dir: Path) -> list[Path]:
+    """The image files under ``class_dir`` (``list_class_files``), as paths."""
+    return [Path(class_dir, rel) for rel in list_class_files(class_dir)]
 
 
 def image_mode(channels: int) -> str:

@@ -2,8 +2,8 @@
 folder (``store.py``) without ever holding the images in memory.
 
 1. List. Class folders sorted, files sorted within a class (``read_image_folder``'s order),
-   one class's names in memory at a time, written to a listing file with each file's size and
-   modification time. Today's checks run here, before anything is decoded: no class folders,
+   one class's names in memory at a time (as strings), written to a listing file with each
+   file's size and modification time. Today's checks run here, before anything is decoded: no class folders,
    an empty class folder.
 2. Decode and write. ``images.npy`` is created at its full size (``open_memmap``), with the
    space reserved up front so that a full disk fails at once, not with SIGBUS mid-way. Chunks
@@ -34,14 +34,15 @@ GIL; a process pool did not decode them faster on this shared 2-core machine (be
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
@@ -81,14 +82,27 @@ def fetch_image_folder(
     ``workers`` decoding threads (default: one per CPU; at least one)."""
     root, out_dir = Path(root), Path(out_dir)
     source = check_output(out_dir, dataset, source)
-    partial = partial_folder(out_dir)
     created = _missing_folders(out_dir.parent)
-    planned = False
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out_dir.parent):
+            return _fetch(root, out_dir, image_size, channels, dataset, source,
+                          max(1, workers or os.cpu_count() or 1), progress_s)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _fetch(
+    root: Path, out_dir: Path, image_size: int, channels: int, dataset: str, source: dict, workers: int,
+    progress_s: float,
+) -> dict:  # fmt: skip
+    partial = partial_folder(out_dir)
+    planned = False
+    try:
         plan, done = _prepare(root, out_dir, image_size, channels)
         planned = True
-        _decode_rest(partial, root, plan, done, max(1, workers or os.cpu_count() or 1), progress_s)
+        _decode_rest(partial, root, plan, done, workers, progress_s)
         labels = np.repeat(np.arange(len(plan["classes"]), dtype=np.int64), plan["counts"])
         manifest = complete_raw(partial / OUT, labels, plan["classes"], dataset=dataset,
                                 source={**source, "num_files": plan["num_images"]})
@@ -99,12 +113,30 @@ def fetch_image_folder(
         # full disk needs the space back). A signal or a crash keeps the partial state to resume.
         if planned and (isinstance(err, DataError) or no_space):
             shutil.rmtree(partial, ignore_errors=True)
-        _remove_empty(created)
         if no_space:
             raise no_room(out_dir / Path(getattr(err, "filename", None) or IMAGES_FILE).name, err) from err
         raise
     shutil.rmtree(partial, ignore_errors=True)
     return manifest
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """One image-folder fetch at a time into ``folder``: two would share (and wreck) one partial
+    state. A lock on the folder itself, so no lock file is left behind; the kernel releases it
+    when the process ends, however it ends."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another image-folder fetch into %s to finish", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # a filesystem without locks: go on unguarded, as before streaming
+            log.debug("cannot lock %s (%s)", folder, err)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- listing and plan
@@ -113,10 +145,10 @@ def fetch_image_folder(
 def _prepare(root: Path, out_dir: Path, image_size: int, channels: int) -> tuple[dict, int]:
     """List the folder; return the plan and how many images are already on disk (resuming)."""
     partial = partial_folder(out_dir)
-    fd, name = tempfile.mkstemp(prefix=f".{out_dir.name}.listing-", suffix=".tmp", dir=out_dir.parent)
-    listing = Path(name)
+    # A fixed name (under the lock): a listing cut short by SIGKILL is overwritten by the next.
+    listing = out_dir.parent / f".{out_dir.name}.listing.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(listing, "wb") as f:
             classes, counts, digest = _write_listing(root, f)
         plan = {
             "version": PARTIAL_VERSION,
@@ -150,14 +182,16 @@ def _write_listing(root: Path, out: IO[bytes]) -> tuple[list[str], list[int], st
     digest = hashlib.sha256()
     classes, counts = [], []
     for class_dir in formats.class_folders(root):
-        files = formats.list_class_images(class_dir)
-        for path in files:
-            st = path.stat()
-            line = (json.dumps([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns]) + "\n").encode()
+        files = formats.list_class_files(class_dir)
+        for rel in files:
+            st = os.stat(os.path.join(class_dir, rel))
+            posix = rel if os.sep == "/" else rel.replace(os.sep, "/")
+            line = (json.dumps([f"{class_dir.name}/{posix}", st.st_size, st.st_mtime_ns]) + "\n").encode()
             digest.update(line)
             out.write(line)
         classes.append(class_dir.name)
         counts.append(len(files))
+        del files  # one class's names at a time
     return classes, counts, digest.hexdigest()
 
 
