@@ -15,7 +15,7 @@ write in chunks, publish) in a fresh process, which reports:
 ``--in-memory`` also runs the path the fetch took before it streamed (decode the whole folder
 into one array with ``load_source``, then ``write_raw``) for comparison.
 
-    .venv/bin/python bench/fetch.py [--sizes 5000 20000] [--workers 2] [--in-memory]
+    .venv/bin/python bench/fetch.py [--sizes 5000 20000] [--workers 4] [--in-memory]
 
 Last line: ``fetch: N images, X images/s, peak memory 20k/5k Y.YY`` (the VmHWM ratio of the
 streamed fetch at the largest size to the smallest).
@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000], help="image counts to fetch")
     parser.add_argument("--classes", type=int, default=CLASSES, help="class folders")
     parser.add_argument("--image-size", type=int, default=32, help="data.image_size: the PNGs are 32x32")
-    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: one per CPU)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding threads (default: data.num_workers of conf/data/imagefolder.yaml)")
     parser.add_argument("--in-memory", action="store_true", help="also run the pre-streaming in-memory path")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -121,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         return line
 
     sizes = sorted(args.sizes)
+    workers = args.workers if args.workers is not None else _configured_workers()
     load = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-fetch-"))
     try:
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             if root != full:
                 _subset(full, root, count, args.classes)
             for mode in ("streamed", "in-memory") if args.in_memory else ("streamed",):
-                row = _run(mode, root, tmp / "raw" / f"{mode}_{count}", args.image_size, args.workers)
+                row = _run(mode, root, tmp / "raw" / f"{mode}_{count}", args.image_size, workers)
                 rows.append(row)
                 print(f"{mode:>9} {row['images']:>7} images: {row['images'] / row['seconds']:>6.0f} images/s "
                       f"({row['seconds']:.1f} s; CPU {1e6 * row['cpu_s'] / row['images']:.0f} us/image), VmHWM {row['vm_hwm_kb'] / 1024:.0f} MB, RssAnon peak "
@@ -146,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     end_load = os.getloadavg()
+    print(f"streamed fetch: {workers} decoding thread(s); in-memory path: its own pool "
+          f"({min(32, (os.cpu_count() or 1) + 4)} threads)")
     print(f"load average (1, 5, 15 min): {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the start, "
           f"{end_load[0]:.1f} {end_load[1]:.1f} {end_load[2]:.1f} at the end; {os.cpu_count()} CPUs")
     small, big = _ends(rows, "streamed", sizes)
@@ -162,6 +166,13 @@ def main(argv: Sequence[str] | None = None) -> str:
             f"peak memory {_k(sizes[-1])}/{_k(sizes[0])} {big['vm_hwm_kb'] / small['vm_hwm_kb']:.2f}")
     print(line)
     return line
+
+
+def _configured_workers() -> int:
+    """What `dvc repro` uses: data.num_workers of the image-folder config."""
+    from pipeline.config import compose
+
+    return int(compose(["data=imagefolder", "data.path=unused"]).data.num_workers)
 
 
 def _ends(rows: list[dict], mode: str, sizes: list[int]) -> tuple[dict, dict]:
