@@ -184,7 +184,12 @@ def _write_listing(root: Path, out: IO[bytes]) -> tuple[list[str], list[int], st
     for class_dir in formats.class_folders(root):
         files = formats.list_class_files(class_dir)
         for rel in files:
-            st = os.stat(os.path.join(class_dir, rel))
+            path = os.path.join(class_dir, rel)
+            try:
+                st = os.stat(path)
+            except OSError as e:  # gone (or unreadable) since the folder was walked
+                raise DataError(f"{path} cannot be read ({e.strerror}); if something is changing {root}, "
+                                "let it finish, then fetch again") from e
             posix = rel if os.sep == "/" else rel.replace(os.sep, "/")
             line = (json.dumps([f"{class_dir.name}/{posix}", st.st_size, st.st_mtime_ns]) + "\n").encode()
             digest.update(line)
