@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import os
 import signal
 import subprocess
@@ -92,9 +93,21 @@ def _end_with_dvc(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="end-with-dvc", daemon=True).start()
 
 
+def _show_progress() -> None:
+    """The image-folder fetch's progress lines (INFO) on stderr, as the Hydra apps show them
+    (conf/hydra/job_logging); every other logger keeps Python's default (warnings only)."""
+    progress = logging.getLogger("pipeline.data.imagefolder")
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+
+
 def run_stage(stage: str, params: str = "params.yaml") -> int:
     """Run one stage's task on `params`; its exit status."""
     _end_with_dvc()
+    _show_progress()
 
     def body() -> None:
         from pipeline.config import PARAMS_FIX, load_params

@@ -132,25 +132,63 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x.transpose(3, 0, 1, 2)), labels
 
 
-def _list_images(class_dir: Path) -> list[Path]:
-    """Image files under ``class_dir`` (recursively, skipping hidden entries), sorted."""
+def class_folders(root: Path) -> list[Path]:
+    """The class sub-folders of an image folder ``root``, sorted by name (hidden ones skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a directory")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root} has no class sub-folders: expected {root}/<class name>/<images>")
+    return class_dirs
+
+
+def list_class_files(class_dir: Path) -> list[str]:
+    """The image files under ``class_dir`` (recursively, skipping hidden entries) as paths
+    relative to it, sorted by their parts; at least one. Strings, not ``Path`` objects: a class
+    of 100,000 images is held here at once (its names only) while a folder is listed."""
     found, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(class_dir):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        sub = os.path.relpath(dirpath, class_dir)
         for f in filenames:
             if not f.startswith("."):
-                (found if f.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(Path(dirpath, f))
+                rel = f if sub == os.curdir else os.path.join(sub, f)
+                (found if f.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(rel)
     if skipped:
         # Notes and label files beside the images are common (torchvision skips them too), but
         # images in a format not listed would vanish from the dataset: say which were left out.
-        first = sorted(skipped)[0]
+        first = Path(min(skipped, key=_by_parts))
         log.warning("%s: skipped %d file(s) without an image extension (%s), e.g. %s; move them out of "
                     "the class folders, or convert them to PNG if they are images",
                     class_dir, len(skipped), ", ".join(IMAGE_EXTENSIONS), first.name)
-    return sorted(found, key=lambda p: p.relative_to(class_dir).parts)
+    if not found:
+        raise DataError(
+            f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            "add images or remove the folder"
+        )
+    found.sort(key=_by_parts)
+    return found
 
 
-def _decode(path: Path, mode: str, size: int) -> np.ndarray:
+def _by_parts(rel: str) -> str:
+    # The separator as the smallest character orders joined paths as their parts tuples would
+    # be ordered ("a/b" before "a-c", as ("a", "b") < ("a-c",)); no name can hold a NUL.
+    return rel.replace(os.sep, "\0")
+
+
+def list_class_images(class_dir: Path) -> list[Path]:
+    """The image files under ``class_dir`` (``list_class_files``), as paths."""
+    return [Path(class_dir, rel) for rel in list_class_files(class_dir)]
+
+
+def image_mode(channels: int) -> str:
+    """The Pillow mode images are converted to for ``channels`` (1: "L", else "RGB")."""
+    return "L" if channels == 1 else "RGB"
+
+
+def decode_image(path: Path, mode: str, size: int) -> np.ndarray:
+    """One image file as uint8 pixels in Pillow ``mode``, resized to ``size`` squared."""
     from PIL import Image
 
     try:
@@ -171,36 +209,28 @@ def _decode(path: Path, mode: str, size: int) -> np.ndarray:
 def read_image_folder(
     root: Path, *, image_size: int, channels: int = 3, max_workers: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[Path]]:
-    """Read ``root/<class>/<images>`` into (images NHWC uint8, labels, classes, files).
+    """Read ``root/<class>/<images>`` into (images NHWC uint8, labels, classes, files), in memory.
 
     Classes are the sorted sub-folder names; files are sorted within a class, so the
     order is deterministic. Images become "L" (channels=1) or "RGB" and are resized to
     ``image_size`` squared. Decoding runs in a thread pool: Pillow releases the GIL
     while decoding, so threads give real parallelism without pickling images around.
+    The fetch streams instead (``imagefolder.fetch_image_folder``): same order, same pixels,
+    never the whole array in memory.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist or is not a directory")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"{root} has no class sub-folders: expected {root}/<class name>/<images>")
+    class_dirs = class_folders(root)
     files: list[Path] = []
     labels: list[int] = []
     for index, class_dir in enumerate(class_dirs):
-        images = _list_images(class_dir)
-        if not images:
-            raise DataError(
-                f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                "add images or remove the folder"
-            )
+        images = list_class_images(class_dir)
         files += images
         labels += [index] * len(images)
 
-    mode = "L" if channels == 1 else "RGB"
+    mode = image_mode(channels)
     out = np.empty((len(files), image_size, image_size, channels), dtype=np.uint8)
 
     def decode_into(i: int) -> None:
-        out[i] = _decode(files[i], mode, image_size).reshape(image_size, image_size, channels)
+        out[i] = decode_image(files[i], mode, image_size).reshape(image_size, image_size, channels)
 
     pool = ThreadPoolExecutor(max_workers=max_workers)
     try:

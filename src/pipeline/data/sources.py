@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.data import downloads, formats
 from pipeline.data.downloads import RawFiles, download_file, obtain
+from pipeline.data.imagefolder import fetch_image_folder
 from pipeline.data.store import write_raw
 from pipeline.errors import ConfigError, DataError
 
@@ -49,10 +50,17 @@ class _Request:
 
 
 _LOADERS: dict[str, Callable[[_Request], Loaded]] = {}
+# Sources that `fetch` streams to disk instead of loading whole (request, out_dir, workers).
+_STREAMED: dict[str, Callable[[_Request, Path, int | None], dict]] = {}
 
 
-def _register(name: str, loader: Callable[[_Request], Loaded]) -> None:
+def _register(
+    name: str, loader: Callable[[_Request], Loaded],
+    streamed: Callable[[_Request, Path, int | None], dict] | None = None,
+) -> None:  # fmt: skip
     _LOADERS[name] = loader
+    if streamed is not None:
+        _STREAMED[name] = streamed
 
 
 def _tv():
@@ -188,7 +196,7 @@ def _load_svhn(req: _Request) -> Loaded:
     )
 
 
-def _load_imagefolder(req: _Request) -> Loaded:
+def _imagefolder_args(req: _Request) -> tuple[Path, int, int]:
     if req.path is None:
         raise ConfigError(
             "imagefolder needs `path`: a directory with one sub-folder of images per class"
@@ -200,16 +208,29 @@ def _load_imagefolder(req: _Request) -> Loaded:
         raise ConfigError(
             f"imagefolder `channels` must be 1 (grayscale) or 3 (RGB), got {channels!r}"
         )
+    return req.path, size, channels
+
+
+def _load_imagefolder(req: _Request) -> Loaded:
+    path, size, channels = _imagefolder_args(req)
     images, labels, classes, files = formats.read_image_folder(
-        req.path, image_size=size, channels=channels
+        path, image_size=size, channels=channels
     )
     info = {
-        "path": str(req.path),
+        "path": str(path),
         "image_size": size,
         "channels": channels,
         "num_files": len(files),
     }
     return images, labels, classes, info
+
+
+def _stream_imagefolder(req: _Request, out_dir: Path, workers: int | None) -> dict:
+    path, size, channels = _imagefolder_args(req)
+    # The same source info as _load_imagefolder's; the fetch adds num_files once it has listed.
+    source = {"name": "imagefolder", "path": str(path), "image_size": size, "channels": channels}
+    return fetch_image_folder(path, out_dir, image_size=size, channels=channels,
+                              dataset="imagefolder", source=source, workers=workers)
 
 
 _register("digits", _load_digits)
@@ -231,7 +252,7 @@ _register(
     partial(_load_cifar, dataset="cifar100", tv_name="CIFAR100", label_key="fine_labels"),
 )
 _register("svhn", _load_svhn)
-_register("imagefolder", _load_imagefolder)
+_register("imagefolder", _load_imagefolder, streamed=_stream_imagefolder)
 
 
 # --------------------------------------------------------------------------- public API
@@ -240,6 +261,24 @@ _register("imagefolder", _load_imagefolder)
 def list_sources() -> list[str]:
     """Names accepted by ``load_source`` / ``fetch``, sorted."""
     return sorted(_LOADERS)
+
+
+def _request(
+    name: str, download_dir: Path, download: bool, path: Path | None, image_size: int | None,
+    channels: int | None, checksums: Mapping[str, str] | None,
+) -> _Request:  # fmt: skip
+    if name not in _LOADERS:
+        raise DataError(
+            f"unknown dataset source {name!r}; valid names: {', '.join(list_sources())}"
+        )
+    return _Request(
+        download_dir=Path(download_dir),
+        download=download,
+        path=None if path is None else Path(path),
+        image_size=image_size,
+        channels=channels,
+        checksums=dict(checksums or {}),
+    )
 
 
 def load_source(
@@ -258,20 +297,8 @@ def load_source(
     sources have a fixed native size. ``checksums`` (filename -> md5) overrides
     torchvision's published md5 sums for the raw files.
     """
-    loader = _LOADERS.get(name)
-    if loader is None:
-        raise DataError(
-            f"unknown dataset source {name!r}; valid names: {', '.join(list_sources())}"
-        )
-    req = _Request(
-        download_dir=Path(download_dir),
-        download=download,
-        path=None if path is None else Path(path),
-        image_size=image_size,
-        channels=channels,
-        checksums=dict(checksums or {}),
-    )
-    images, labels, classes, info = loader(req)
+    req = _request(name, download_dir, download, path, image_size, channels, checksums)
+    images, labels, classes, info = _LOADERS[name](req)
     # Loaders already return C-ordered arrays; this is a no-op guard for future ones.
     return np.ascontiguousarray(images), labels, classes, {"name": name, **info}
 
@@ -286,8 +313,18 @@ def fetch(
     image_size: int | None = None,
     channels: int | None = None,
     checksums: Mapping[str, str] | None = None,
+    workers: int | None = None,
 ) -> dict:
-    """Load dataset ``name`` and write it atomically to ``out_dir``; return the manifest."""
+    """Write dataset ``name`` atomically to ``out_dir``; return the manifest.
+
+    Image folders are streamed: decoded by ``workers`` threads (default: one per CPU) straight
+    into the file on disk, with memory that does not grow with the number of images, resuming
+    an interrupted fetch (``imagefolder.py``). The other sources are loaded whole, then written.
+    """
+    streamed = _STREAMED.get(name)
+    if streamed is not None:
+        req = _request(name, download_dir, download, path, image_size, channels, checksums)
+        return streamed(req, Path(out_dir), workers)
     images, labels, classes, info = load_source(
         name,
         download_dir=download_dir,

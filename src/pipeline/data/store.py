@@ -116,6 +116,50 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def check_output(out_dir: Path, dataset: Any, source: dict | None) -> dict:
+    """The checks of a dataset's name, source info and output folder before anything is written;
+    returns the source info as a plain dict."""
+    if not isinstance(dataset, str) or not dataset:
+        raise DataError(f"dataset must be a non-empty name, got {dataset!r}")
+    source = dict(source or {})
+    try:
+        json.dumps(source)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"source info for {dataset!r} must be JSON-serialisable: {e}") from e
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(
+            f"{out_dir} exists and is not a directory; remove it or choose another output"
+        )
+    return source
+
+
+def _write_rest(
+    folder: Path, images_info: dict, shape: tuple[int, ...], labels: np.ndarray, classes: list[str],
+    dataset: str, source: dict,
+) -> dict:  # fmt: skip
+    """Labels, classes and (last) the manifest beside an images.npy described by ``images_info``."""
+    files = {
+        IMAGES_FILE: images_info,
+        LABELS_FILE: _save_npy(folder / LABELS_FILE, labels),
+        CLASSES_FILE: _fsync_write(folder / CLASSES_FILE, lambda f: f.write(_json_bytes(classes))),
+    }
+    counts = np.bincount(labels, minlength=len(classes))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "num_samples": int(shape[0]),
+        "image_shape": [int(s) for s in shape[1:]],
+        "num_classes": len(classes),
+        "classes": classes,
+        "class_counts": {c: int(n) for c, n in zip(classes, counts, strict=True)},
+        "files": files,
+        "source": source,
+    }
+    # The manifest is written last: a folder with a manifest is a complete folder.
+    _fsync_write(folder / MANIFEST_FILE, lambda f: f.write(_json_bytes(manifest)))
+    return manifest
+
+
 def write_raw(
     out_dir: Path,
     images: np.ndarray,
@@ -131,40 +175,37 @@ def write_raw(
     """
     out_dir = Path(out_dir)
     images, labels, classes = _validate(images, labels, classes)
-    if not isinstance(dataset, str) or not dataset:
-        raise DataError(f"dataset must be a non-empty name, got {dataset!r}")
-    source = dict(source or {})
-    try:
-        json.dumps(source)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"source info for {dataset!r} must be JSON-serialisable: {e}") from e
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(
-            f"{out_dir} exists and is not a directory; remove it or choose another output"
-        )
-
+    source = check_output(out_dir, dataset, source)
     # Written into a hidden sibling folder that replaces out_dir only once complete.
     with replacing_folder(out_dir) as tmp:
-        files = {
-            IMAGES_FILE: _save_npy(tmp / IMAGES_FILE, images),
-            LABELS_FILE: _save_npy(tmp / LABELS_FILE, labels),
-            CLASSES_FILE: _fsync_write(tmp / CLASSES_FILE, lambda f: f.write(_json_bytes(classes))),
-        }
-        counts = np.bincount(labels, minlength=len(classes))
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "dataset": dataset,
-            "num_samples": int(images.shape[0]),
-            "image_shape": [int(s) for s in images.shape[1:]],
-            "num_classes": len(classes),
-            "classes": classes,
-            "class_counts": {c: int(n) for c, n in zip(classes, counts, strict=True)},
-            "files": files,
-            "source": source,
-        }
-        # The manifest is written last: a folder with a manifest is a complete folder.
-        _fsync_write(tmp / MANIFEST_FILE, lambda f: f.write(_json_bytes(manifest)))
+        images_info = _save_npy(tmp / IMAGES_FILE, images)
+        manifest = _write_rest(tmp, images_info, images.shape, labels, classes, dataset, source)
     return manifest
+
+
+def complete_raw(
+    folder: Path, labels: np.ndarray, classes: list[str], *, dataset: str, source: dict | None = None
+) -> dict:
+    """Complete a dataset folder whose ``images.npy`` was written in place (the streamed fetch
+    fills it chunk by chunk): validate, then write labels, classes and the manifest exactly as
+    ``write_raw`` does; return the manifest. Moving the folder into place is the caller's."""
+    folder = Path(folder)
+    path = folder / IMAGES_FILE
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)  # the header, not the pixels
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path} cannot be read as a .npy array ({e})") from e
+    _, labels, classes = _validate(images, labels, classes)
+    shape, dtype = images.shape, str(images.dtype)
+    del images  # unmapped before the digest reads the file
+    source = check_output(folder, dataset, source)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written through memory maps: on disk before the manifest vouches for it
+    finally:
+        os.close(fd)
+    images_info = {"sha256": file_digest(path), "bytes": path.stat().st_size, "shape": list(shape), "dtype": dtype}
+    return _write_rest(folder, images_info, shape, labels, classes, dataset, source)
 
 
 def read_manifest(raw_dir: Path) -> dict:

@@ -16,8 +16,10 @@ def fetch(cfg: DictConfig) -> dict:
     cfg = prepare(cfg)
     layout = Layout.from_cfg(cfg)
     d = cfg.data
+    # data.num_workers: the image-folder fetch's decoding threads (0 counts as 1); the output
+    # does not depend on it, so it is no parameter of the fetch stage.
     return fetch_source(d.name, out_dir=layout.raw, download_dir=layout.downloads, download=d.download,
-                        path=d.path, image_size=d.image_size, channels=d.channels)
+                        path=d.path, image_size=d.image_size, channels=d.channels, workers=d.num_workers)
 
 
 def split(cfg: DictConfig) -> dict:
