@@ -18,7 +18,7 @@ from pipeline.errors import DataError
 from pipeline.files import write_with
 from pipeline.layout import Layout
 from pipeline.reports.figures import confusion_matrix_png
-from pipeline.tasks.common import TrainingData, load_data, write_json
+from pipeline.tasks.common import TrainingData, dataset_inputs, load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.tracking.server import check_tracking
 from pipeline.training.module import Classifier, load_classifier
@@ -91,6 +91,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
         run = _resume_run(layout)
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
+            run.log_inputs(dataset_inputs(layout, data, cfg.data.name, {"testing": ("test", splits.test)}))
             run.log_metrics({f"test/{k}": v for k, v in overall.items() if k != "n"})
             for name in ("confusion.png", "per_class.json", "confusion.json"):
                 run.log_artifact(layout.plots / name)

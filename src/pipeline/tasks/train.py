@@ -25,7 +25,7 @@ from pipeline.models.checkpoints import load_file
 from pipeline.models.transfer import freeze, load_state, transfer_weights
 from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
-from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
+from pipeline.tasks.common import TrainingData, dataset_inputs, load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
@@ -96,6 +96,9 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
             _log_start(run, layout, resolved, module.hparams["arch"], size)
+            fold = "" if cfg.data.fold is None else f"-fold{cfg.data.fold}"
+            run.log_inputs(dataset_inputs(layout, data, cfg.data.name, {"training": (f"train{fold}", train_idx),
+                                                                       "validation": (f"val{fold}", val_idx)}))
         recorder = EpochRecorder(run)
         # Saved at the end of the epoch, after the recorder's row (Lightning runs checkpoint
         # callbacks last), so a checkpoint holds the curves up to its own epoch: a run resumed

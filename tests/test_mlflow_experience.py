@@ -1,0 +1,129 @@
+"""What a user sees of a run in MLflow, checked through MLflow's own client and loaders (issue
+#16): the experiment marked as model development (the UI opens on its runs table), each run's
+datasets as MLflow datasets, MLflow's own source tags, and a logged model that loads as an
+`nn.Module` a user can put in eval mode, move, and predict with.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.tracking._tracking_service import utils as tracking_utils
+
+from conftest import make_cfg
+from pipeline.data.batches import to_tensors
+from pipeline.layout import Layout
+from pipeline.tasks.common import load_data
+from pipeline.tasks.data import ensure_data
+from pipeline.tasks.evaluate import evaluate
+from pipeline.tasks.train import train
+from pipeline.tracking.mlflow_run import KIND_TAG, MODEL_DEVELOPMENT
+
+EXPERIMENT = "cnn-pipeline"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch: pytest.MonkeyPatch):
+    """Tiny models train fastest on one thread on a shared 2-CPU machine; MLflow's
+    process-global tracking URI is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    yield
+    torch.set_num_threads(before)
+
+
+def _git_repo(root: Path) -> str:
+    """Make `root` a git repository with one commit; its HEAD."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (root / "README").write_text("a project\n")
+    git("add", "README")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "start")
+    return git("rev-parse", "HEAD")
+
+
+def _runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _inputs(run) -> dict[str, tuple[str, str, str]]:
+    """{context: (name, digest, source)} of a run's dataset inputs."""
+    found = {}
+    for item in run.inputs.dataset_inputs:
+        context = {t.key: t.value for t in item.tags}["mlflow.data.context"]
+        assert context not in found, f"{context} logged twice"
+        found[context] = (item.dataset.name, item.dataset.digest, json.loads(item.dataset.source)["uri"])
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_runs_carry_their_datasets_source_and_kind(tmp_path: Path) -> None:
+    head = _git_repo(tmp_path)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shared = [f"tracking.tracking_uri={store}", f"tracking.artifact_location={tmp_path / 'mlartifacts'}",
+              "tracking.log_model=false"]
+    first = make_cfg(tmp_path / "a", shared, epochs=1)
+    other = make_cfg(tmp_path / "b", [*shared, "data.split.seed=1"], epochs=1)  # another split
+    for cfg in (first, other):
+        ensure_data(cfg)
+        train(cfg)
+        evaluate(cfg)
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags[KIND_TAG] == MODEL_DEVELOPMENT == "custom_model_development"
+    runs = _runs(client)
+    assert len(runs) == 2
+    seen = []
+    for run, cfg in zip(runs, (first, other)):
+        inputs = _inputs(run)
+        assert set(inputs) == {"training", "validation", "testing"}
+        raw = str(Layout.from_cfg(cfg).raw)
+        for name, digest, source in inputs.values():
+            assert name == "digits" and len(digest) == 8 and source == raw
+        assert len({digest for _, digest, _ in inputs.values()}) == 3  # three subsets, three digests
+        seen.append(inputs)
+        # MLflow's own source tags, beside ours: the commit is the repository's HEAD.
+        tags = run.data.tags
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"] == head
+        assert tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.name"]
+        assert tags["mlflow.user"]
+    for context in ("training", "validation", "testing"):
+        assert seen[0][context][1] != seen[1][context][1], context  # other split: other digest
+
+    # The same split and subsets give the same digests: runs on the same data read alike.
+    data = load_data(first, Layout.from_cfg(first))
+    from pipeline.tasks.common import dataset_inputs
+    again = dataset_inputs(Layout.from_cfg(first), data, "digits", {"training": ("train", data.splits.train)})
+    assert again[0]["digest"] == seen[0]["training"][1]
+
+
+def test_an_existing_experiment_is_marked_unless_its_kind_was_chosen(tmp_path: Path) -> None:
+    from pipeline.tracking.mlflow_run import get_experiment_id
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    plain = client.create_experiment("made-elsewhere")
+    guessed = client.create_experiment("guessed", tags={KIND_TAG: "genai_development_inferred"})
+    chosen = client.create_experiment("chosen", tags={KIND_TAG: "genai_development"})
+    assert get_experiment_id(client, "made-elsewhere", None) == plain
+    assert get_experiment_id(client, "guessed", None) == guessed
+    assert get_experiment_id(client, "chosen", None) == chosen
+    assert client.get_experiment(plain).tags[KIND_TAG] == MODEL_DEVELOPMENT
+    assert client.get_experiment(guessed).tags[KIND_TAG] == MODEL_DEVELOPMENT
+    assert client.get_experiment(chosen).tags[KIND_TAG] == "genai_development"  # a person's choice stays
