@@ -10,17 +10,12 @@ import json
 import subprocess
 from pathlib import Path
 
-import mlflow
-import mlflow.pyfunc
-import mlflow.pytorch
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from conftest import make_cfg
-from pipeline.data.batches import to_tensors
 from pipeline.layout import Layout
 from pipeline.tasks.common import load_data
 from pipeline.tasks.data import ensure_data

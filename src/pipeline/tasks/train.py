@@ -25,7 +25,13 @@ from pipeline.models.checkpoints import load_file
 from pipeline.models.transfer import freeze, load_state, transfer_weights
 from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
-from pipeline.tasks.common import TrainingData, dataset_inputs, load_data, write_json, write_run_file
+from pipeline.tasks.common import (
+    TrainingData,
+    dataset_inputs,
+    load_data,
+    write_json,
+    write_run_file,
+)
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking

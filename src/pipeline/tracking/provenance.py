@@ -13,7 +13,6 @@ import yaml
 
 from pipeline.errors import DataError
 
-
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI's Source column and run page show it
 
 
