@@ -83,6 +83,21 @@ def dataset_inputs(layout: Layout, data: TrainingData, name: str,
     return inputs
 
 
+def sweep_inputs(cfg: DictConfig, data: TrainingData) -> dict[str, Any]:
+    """A sweep's runs' dataset inputs: `{"trial": [...], "folds": {"<i>": [...]}}`. A trial
+    trains on the split's train subset; a cross-validated one (`tune.cv`) on the folds, and
+    each fold run on its own part of them."""
+    layout, name, splits = Layout.from_cfg(cfg), cfg.data.name, data.splits
+    folds = {str(i): dataset_inputs(layout, data, name, {"training": (f"train-fold{i}", splits.fold(i)[0]),
+                                                         "validation": (f"val-fold{i}", splits.fold(i)[1])})
+             for i in range(len(splits.folds))}
+    if cfg.tune.get("cv"):
+        pool = np.sort(np.concatenate(splits.fold(0)))
+        return {"trial": dataset_inputs(layout, data, name, {"training": ("folds", pool)}), "folds": folds}
+    return {"trial": dataset_inputs(layout, data, name, {"training": ("train", splits.train),
+                                                         "validation": ("val", splits.val)}), "folds": folds}
+
+
 def write_json(path: Path, data: Any) -> Path:
     """Write `data` as JSON, atomically: never a half-written file, even on a full disk."""
     return write_text(path, json.dumps(data, indent=2) + "\n")
