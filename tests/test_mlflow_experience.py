@@ -10,14 +10,20 @@ import json
 import subprocess
 from pathlib import Path
 
+import mlflow
+import mlflow.models
+import mlflow.pyfunc
+import mlflow.pytorch
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from conftest import make_cfg
+from pipeline.data.batches import to_tensors
 from pipeline.layout import Layout
-from pipeline.tasks.common import load_data
+from pipeline.tasks.common import dataset_inputs, load_data
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.evaluate import evaluate
 from pipeline.tasks.train import train
@@ -104,7 +110,6 @@ def test_runs_carry_their_datasets_source_and_kind(tmp_path: Path) -> None:
 
     # The same split and subsets give the same digests: runs on the same data read alike.
     data = load_data(first, Layout.from_cfg(first))
-    from pipeline.tasks.common import dataset_inputs
     again = dataset_inputs(Layout.from_cfg(first), data, "digits", {"training": ("train", data.splits.train)})
     assert again[0]["digest"] == seen[0]["training"][1]
 
@@ -122,3 +127,60 @@ def test_an_existing_experiment_is_marked_unless_its_kind_was_chosen(tmp_path: P
     assert client.get_experiment(plain).tags[KIND_TAG] == MODEL_DEVELOPMENT
     assert client.get_experiment(guessed).tags[KIND_TAG] == MODEL_DEVELOPMENT
     assert client.get_experiment(chosen).tags[KIND_TAG] == "genai_development"  # a person's choice stays
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_logged_model_is_a_network_a_user_can_use(digits_cfg, tmp_path: Path, monkeypatch) -> None:
+    train(digits_cfg)
+    evaluate(digits_cfg)
+    layout = Layout.from_cfg(digits_cfg)
+    run_id = json.loads(layout.run_file.read_text())["run_id"]
+    expected = np.load(layout.predictions)  # the run's own test probabilities
+
+    # What a user types.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"runs:/{run_id}/model"
+    model = mlflow.pytorch.load_model(uri)
+    assert isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule)
+    model = model.eval().to("cpu")
+    assert not model.training
+    state = model.state_dict()
+    assert {"0.mean", "0.std"} <= set(state)  # normalisation inside the model
+    data = load_data(digits_cfg, layout)
+    images = data.raw.images[data.splits.test]
+    x = to_tensors(images, np.zeros(len(images)))[0].float().div(255)  # raw [0, 1] images, NCHW
+    with torch.no_grad():
+        probs = torch.softmax(model(x), dim=1).numpy()
+    np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-5)
+    model.train()  # an eager module switches mode (a torch.export graph raises here)
+    assert model.training
+
+    # pyfunc on a numpy batch; the signature and input example kept.
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    logits = pyfunc.predict(x.numpy())
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), dim=1).numpy(), expected, rtol=1e-4, atol=1e-5)
+    info = mlflow.models.get_model_info(uri)
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, *x.shape[1:])
+    assert info.saved_input_example_info is not None
+
+    # The pipeline's own reader (transfer learning, reports) takes it weights-only.
+    from pipeline.models.transfer import load_state
+
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    weights = load_state(uri)
+    own = {k[len("1."):]: v for k, v in state.items() if k.startswith("1.")}
+    assert weights.keys() == own.keys() and all(torch.equal(weights[k], own[k]) for k in own)
+
+
+def test_a_pickled_model_naming_anything_but_network_classes_is_refused(tmp_path: Path) -> None:
+    from pipeline.errors import DataError
+    from pipeline.models.checkpoints import load_network_file
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    torch.save(net, tmp_path / "fine.pth")
+    assert isinstance(load_network_file(tmp_path / "fine.pth", "fine"), torch.nn.Sequential)
+    net.hook = print  # a function the file would make unpickling look up
+    torch.save(net, tmp_path / "bad.pth")
+    with pytest.raises(DataError, match=r"names builtins\.print"):
+        load_network_file(tmp_path / "bad.pth", "bad")

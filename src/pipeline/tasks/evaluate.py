@@ -125,7 +125,14 @@ def _resume_run(layout: Layout) -> TrackedRun | None:
 
 
 def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray) -> None:
-    """`mlflow.pytorch.log_model` into the run, with an input example (N, C, H, W) in [0, 1]."""
+    """`mlflow.pytorch.log_model` into the run, with an input example (N, C, H, W) in [0, 1]
+    (MLflow infers the signature from it).
+
+    Saved whole (MLflow's "pickle" format), so that `mlflow.pytorch.load_model` gives back
+    the network itself, preprocessing included: an `nn.Module` one can `.eval()`, move with
+    `.to(device)`, fine-tune or inspect. MLflow 3's default, a `torch.export` program, loads as
+    a graph whose `.eval()` and `.train()` raise. Loading needs this package importable (the
+    file names its classes); `models.checkpoints.load_mlflow_model` reads it weights-only."""
     import mlflow
     import mlflow.pytorch
 
@@ -138,6 +145,7 @@ def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray)
         with mlflow.start_run(run_id=run.run_id):
             # Explicit requirements skip MLflow's slow import-scanning inference.
             mlflow.pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
+                                     serialization_format="pickle",
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     finally:
         if previous is None:
