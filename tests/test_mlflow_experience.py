@@ -184,3 +184,28 @@ def test_a_pickled_model_naming_anything_but_network_classes_is_refused(tmp_path
     torch.save(net, tmp_path / "bad.pth")
     with pytest.raises(DataError, match=r"names builtins\.print"):
         load_network_file(tmp_path / "bad.pth", "bad")
+
+
+@pytest.mark.integration
+def test_a_train_run_records_system_metrics(cfg_factory, tmp_path: Path) -> None:
+    cfg = cfg_factory(["tracking.system_metrics_interval_s=0.5", "tracking.log_model=false"], epochs=3)
+    ensure_data(cfg)
+    train(cfg)
+    run = _runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))[0]
+    metrics = run.data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics), sorted(metrics)
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+
+    off = cfg_factory(["tracking.system_metrics=false", "tracking.system_metrics_interval_s=0.5",
+                       "tracking.log_model=false", "tracking.experiment_name=off"], epochs=3)
+    train(off)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [quiet] = client.search_runs([client.get_experiment_by_name("off").experiment_id])
+    assert not any(k.startswith("system/") for k in quiet.data.metrics)
+
+
+def test_a_bad_system_metrics_interval_is_a_config_error(cfg_factory) -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tracking\.system_metrics_interval_s=0 is out of range"):
+        train(cfg_factory(["tracking.system_metrics_interval_s=0"]))

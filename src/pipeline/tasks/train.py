@@ -35,6 +35,7 @@ from pipeline.tasks.common import (
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
+from pipeline.tracking.system import system_metrics
 from pipeline.training.builders import build_datamodule, build_module, build_trainer, input_stats
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder, RandomState
 from pipeline.training.fit import fit
@@ -119,7 +120,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
         # Not trainer.fit: a stop signal must raise, never return as if training had ended.
         # A resumed trial's checkpoint may sit on shared storage (tune.storage_path): read it
         # weights-only like every checkpoint (pipeline.models.checkpoints).
-        fit(trainer, module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        with system_metrics(run if cfg.tracking.system_metrics else None, cfg.tracking.system_metrics_interval_s):
+            fit(trainer, module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         elapsed = time.perf_counter() - start
 
         metrics = _summary(recorder.rows, cfg.optimized_metric, size, elapsed)
