@@ -29,8 +29,9 @@ BATCH = 100  # MLflow's limit on params (and tags) per log_batch call
 METRIC_BATCH = 1000  # and on metrics
 PROBE_TIMEOUT_S = 5  # one request, no retries: is the server back?
 INCOMPLETE_TAG = "tracking.incomplete"
-# The experiment tag the MLflow UI (3.x) picks an experiment's first page by: model training
-# opens on its runs table, not on the GenAI overview of traces.
+# The experiment's type as MLflow records it: model training, not GenAI. The UI's type selector
+# shows it; MLflow 3.17's UI opens an experiment by its own GenAI / Model training switch instead
+# (remembered by the browser, or `?workflowType=machine_learning` in the address: README).
 KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 
 
