@@ -209,3 +209,32 @@ def test_a_bad_system_metrics_interval_is_a_config_error(cfg_factory) -> None:
 
     with pytest.raises(ConfigError, match=r"tracking\.system_metrics_interval_s=0 is out of range"):
         train(cfg_factory(["tracking.system_metrics_interval_s=0"]))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sweep_trials_record_system_metrics_when_asked(cfg_factory, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.tasks.tune import tune
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # a Ray of our own, not another test run's
+    cfg = cfg_factory(["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.num_samples=2",
+                       "tune.max_epochs=2", "tune.scheduler=fifo", "tune.system_metrics=true"])
+    ensure_data(cfg)
+    tune(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = _runs(client)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    for child in children:
+        for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+            history = client.get_metric_history(child.info.run_id, key)
+            assert sorted(m.step for m in history) == [0, 1], key  # one sample per epoch
+        assert 0 < child.data.metrics["system/system_memory_usage_megabytes"]
+
+
+def test_a_bad_tune_system_metrics_is_a_config_error(cfg_factory) -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.tasks.tune import check_sweep
+
+    with pytest.raises(ConfigError, match=r"tune\.system_metrics"):
+        check_sweep(cfg_factory(["tune.system_metrics=maybe"]))

@@ -190,6 +190,7 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
         assert set(contexts) == {"training", "validation"} and {d.name for d in contexts.values()} == {"digits"}
         digests.add(contexts["training"].digest)
     assert len(digests) == 1  # one split for all trials
+    assert not any(k.startswith("system/") for c in children for k in c.data.metrics)  # only when asked
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     shot = tmp_path / "mlflow-ui.png"

@@ -52,7 +52,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "tune": ("name", "space", "fixed", "num_samples", "search_alg", "scheduler", "asha", "hyperband", "pbt", "metric",
              "mode", "max_epochs", "max_concurrent_trials", "resources", "workers", "num_cpus", "address",
              "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv", "objectives",
-             "selection"),
+             "selection", "system_metrics"),
     "tune.asha": ("grace_period", "reduction_factor", "brackets"),
     "tune.hyperband": ("reduction_factor",),
     "tune.pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate"),

@@ -226,6 +226,9 @@ class MlflowTreeCallback(Callback):
         metrics = {k: float(result[k]) for k in EPOCH_METRICS if isinstance(result.get(k), (int, float))}
         if "time_this_iter_s" in result:
             metrics["time/epoch_s"] = float(result["time_this_iter_s"])
+        # A trial's machine use over the epoch, when the sweep asks (tune.system_metrics).
+        metrics.update({k: float(v) for k, v in result.items() if k.startswith("system/")
+                        and isinstance(v, (int, float)) and not isinstance(v, bool)})
         if self.log_hyperparameters:  # PBT changes them during the trial: params cannot
             # The values this epoch trained with: PBT's exploit has already given the trial
             # its next config when the callbacks see the result that triggered it.
