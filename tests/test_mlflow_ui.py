@@ -183,9 +183,21 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
     names = {r.info.run_id: r.info.run_name for r in runs}
     assert all(names.values()) and len(set(names.values())) == 5, names
     child_ids = {c.info.run_id for c in children}
+    # Each trial's datasets, as MLflow datasets: the split's train and validation subsets.
+    digests = set()
+    for child in children:
+        contexts = {{t.key: t.value for t in d.tags}["mlflow.data.context"]: d.dataset for d in child.inputs.dataset_inputs}
+        assert set(contexts) == {"training", "validation"} and {d.name for d in contexts.values()} == {"digits"}
+        digests.add(contexts["training"].digest)
+    assert len(digests) == 1  # one split for all trials
+    assert not any(k.startswith("system/") for c in children for k in c.data.metrics)  # only when asked
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     shot = tmp_path / "mlflow-ui.png"
-    page_url = f"{url}/#/experiments/{experiment.experiment_id}/runs"
+    # The experiment's own address in the "Model training" view (the link the
+    # README gives): the UI opens on the runs table. MLflow 3.17's UI picks the view from that
+    # switch (default GenAI, remembered by the browser), not from the experiment's kind tag.
+    page_url = f"{url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
 
     async def check(page: Page) -> dict[str, Any]:
         await page.call("Page.navigate", url=page_url)
@@ -211,6 +223,7 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
     assert seen["expanded"][0] == parent.info.run_id and set(seen["expanded"][1:]) == child_ids, seen["expanded"]
     for name in names.values():
         assert name in seen["text"], f"run {name!r} is not on the rendered page"
+    assert f"digits ({digests.pop()})" in seen["text"], "the Dataset column does not show the trials' dataset"
 
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n", "the screenshot is not a PNG"
@@ -241,6 +254,17 @@ def test_cv_sweep_shows_fold_runs_under_their_trial(mlflow_server, cfg_factory, 
     trial = trials[0]
     folds = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id}
     assert len(folds) == 2
+    # Datasets: the trial trained on the folds; each fold run on its own part of them.
+    fold_digests = set()
+    for run in runs:
+        contexts = {{t.key: t.value for t in d.tags}["mlflow.data.context"]: d.dataset.digest
+                    for d in run.inputs.dataset_inputs}
+        if run.info.run_id in folds:
+            assert set(contexts) == {"training", "validation"}
+            fold_digests.add(contexts["validation"])
+        elif run.info.run_id == trial.info.run_id:
+            assert set(contexts) == {"training"}
+    assert len(fold_digests) == 2  # fold 0 and fold 1 validate on different images
 
     async def check(page: Page) -> dict[str, Any]:
         await page.call("Page.navigate", url=f"{url}/#/experiments/{experiment.experiment_id}/runs")

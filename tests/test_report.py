@@ -447,12 +447,29 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
     assert path == tmp_path / "elsewhere" / "reports" / "runs" / info["run_id"] / "report.html"
     _check_report(path)
     page = path.read_text()
-    assert f"runs:/{info['run_id']}/model (weights loaded into the eager network)" in page
-    assert "Not available" not in page
+    assert f"runs:/{info['run_id']}/model" in page  # the logged network itself, eager
+    assert "Not available" not in page and "weights loaded into the eager network" not in page
     curves = _curves_from_history(MlflowClient(info["tracking_uri"]), info["run_id"])
     on_disk = json.loads((out / "plots" / "train_curves.json").read_text())
     keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
     assert [{k: r[k] for k in keys} for r in map(file_row, curves)] == [{k: r[k] for k in keys} for r in on_disk]
+
+    # A run logged by an earlier version, as a torch.export program (the newest model of that
+    # name is the one runs:/<id>/model resolves to): its weights go into the eager network.
+    import mlflow
+    import mlflow.pytorch
+
+    from pipeline.tasks.report import _tracking_uri
+    from pipeline.training.module import load_classifier
+
+    net = load_classifier(out / "models" / "best.ckpt").net.eval()
+    example = torch.rand(2, int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size)).numpy()
+    with _tracking_uri(info["tracking_uri"]), mlflow.start_run(run_id=info["run_id"]):
+        mlflow.pytorch.log_model(net, name="model", serialization_format="pt2", input_example=example,
+                                 pip_requirements=["torch"])
+    page = report_for_run(info["run_id"], here).read_text()
+    assert f"runs:/{info['run_id']}/model (weights loaded into the eager network)" in page
+    assert "Not available" not in page
 
     # Neither rebuild nor checkpoint: the exported graph alone, with the limitation stated.
     import pipeline.tasks.report as task

@@ -7,10 +7,10 @@ MLflow 3 notes these tests rely on:
   so `client.list_artifacts(run_id)` does not show `model/`. The documented way to find it is
   `search_logged_models` (filterable by `source_run_id`) and to load `models:/<model_id>`;
   `runs:/<run_id>/model` is still resolved to the same logged model.
-- Outside Databricks the PyTorch flavor saves with `torch.export` ("pt2") by default, so
-  `load_model` returns an exported `GraphModule` whose `.eval()` raises: it is already in the
-  eval mode it was exported in, and `pipeline.tasks.evaluate.predict` (which calls `.eval()`)
-  cannot be used on it. `_probs` below runs it directly.
+- Outside Databricks the PyTorch flavor saves with `torch.export` ("pt2") by default, which
+  loads as a `GraphModule` whose `.eval()` raises; the pipeline logs its models whole
+  ("pickle") instead, so `load_model` gives the eager network (tests/test_mlflow_experience.py
+  uses it as a user would). `_probs` below runs a loaded model as it is.
 - `mlflow.set_tracking_uri` also sets `MLFLOW_TRACKING_URI` in `os.environ`, so `evaluate`
   scopes the URI with the variable alone; the autouse fixture still guards the process
   globals, and the SQLite test checks nothing leaks.

@@ -184,25 +184,32 @@ def test_our_own_checkpoints_load_weights_only(cfg_factory):
     assert all(torch.equal(state[k], v) for k, v in net[1].state_dict().items())
 
 
-def test_an_mlflow_model_saved_with_pickle_is_refused(tmp_path, monkeypatch):
+def test_an_mlflow_model_saved_with_pickle_loads_weights_only(tmp_path, monkeypatch):
+    """A whole network saved by MLflow (pickle format, as the pipeline logs its models) loads
+    weights-only when it names only network classes; one naming anything else is refused
+    unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true."""
     import mlflow
     import mlflow.pytorch
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
     net = build_network("mlp", {"in_channels": 1, "num_classes": 3, "image_size": 8}, mean=[0.5], std=[0.2])
+    foreign = build_network("mlp", {"in_channels": 1, "num_classes": 3, "image_size": 8}, mean=[0.5], std=[0.2])
+    foreign.hook = print  # unpickling would look up and hand over a function
     example = torch.zeros(2, 1, 8, 8).numpy()
     with mlflow.start_run() as run:
         mlflow.pytorch.log_model(net, name="pickled", serialization_format="pickle", pip_requirements=["torch"])
+        mlflow.pytorch.log_model(foreign, name="foreign", serialization_format="pickle", pip_requirements=["torch"])
         mlflow.pytorch.log_model(net, name="exported", serialization_format="pt2", input_example=example,
                                  pip_requirements=["torch"])
-    with pytest.raises(DataError, match=r"Refused to load runs:/.*/pickled: it is saved with pickle"):
-        load_state(f"runs:/{run.info.run_id}/pickled")
+    assert load_state(f"runs:/{run.info.run_id}/pickled").keys() == net[1].state_dict().keys()
+    with pytest.raises(DataError, match=r"Refused to load runs:/.*/foreign: it names builtins\.print"):
+        load_state(f"runs:/{run.info.run_id}/foreign")
     assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION" not in os.environ  # the switch was scoped to the load
     state = load_state(f"runs:/{run.info.run_id}/exported")
     assert state.keys() == net[1].state_dict().keys()
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # an operator who trusts the server
-    assert load_state(f"runs:/{run.info.run_id}/pickled").keys() == net[1].state_dict().keys()
+    assert load_state(f"runs:/{run.info.run_id}/foreign").keys() == net[1].state_dict().keys()
 
 
 def test_cli_models_lists_every_model(capsys):

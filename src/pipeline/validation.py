@@ -42,7 +42,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "data.split": ("val_fraction", "test_fraction", "folds", "seed"),
     "trainer": ("max_epochs", "accelerator", "devices", "precision", "deterministic", "gradient_clip_val",
                 "limit_train_batches", "limit_val_batches", "enable_progress_bar", "resume_from"),
-    "tracking": ("enabled", "tracking_uri", "artifact_location", "experiment_name", "run_name", "log_model"),
+    "tracking": ("enabled", "tracking_uri", "artifact_location", "experiment_name", "run_name", "log_model",
+                 "system_metrics", "system_metrics_interval_s"),
     "cv": ("parallel", "cpus_per_fold", "confidence", "repeats", "nested", "inner_folds"),
     "compare": ("grid", "metric", "higher_is_better", "alpha", "test"),
     "init": ("scheme", "std"),
@@ -51,7 +52,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "tune": ("name", "space", "fixed", "num_samples", "search_alg", "scheduler", "asha", "hyperband", "pbt", "metric",
              "mode", "max_epochs", "max_concurrent_trials", "resources", "workers", "num_cpus", "address",
              "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv", "objectives",
-             "selection"),
+             "selection", "system_metrics"),
     "tune.asha": ("grace_period", "reduction_factor", "brackets"),
     "tune.hyperband": ("reduction_factor",),
     "tune.pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate"),
@@ -126,6 +127,8 @@ def validate(cfg: DictConfig) -> None:
 
     check_bool(cfg, "tracking.enabled")
     check_bool(cfg, "tracking.log_model")
+    check_bool(cfg, "tracking.system_metrics")
+    check_number(cfg, "tracking.system_metrics_interval_s", low=0.1)
     if not isinstance(get_required(cfg, "tracking.tracking_uri"), str):
         raise ConfigError("tracking.tracking_uri must be a URI string, e.g. sqlite:///mlflow.db or http://127.0.0.1:5000.")
     _check_string(cfg, "tracking.experiment_name")

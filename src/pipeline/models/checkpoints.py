@@ -6,9 +6,16 @@ Every load here is weights-only: tensors, containers, numbers and strings, torch
 allowlist. Our checkpoints need nothing more (the LightningModule's hyperparameters are
 plain dicts, and Lightning stores callback states as plain values); a test keeps it so.
 `weights_only=True` is passed explicitly, so `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` cannot turn
-it off. MLflow models are the same risk: MLflow unpickles a pickle-format model unless
-MLFLOW_ALLOW_PICKLE_DESERIALIZATION is false, so `load_mlflow_model` makes that the default
-(ours are logged as torch.export programs, which load without unpickling code).
+it off.
+
+MLflow models are the same risk: MLflow unpickles a pickle-format model. Ours are logged in
+that format, since it is the one `mlflow.pytorch.load_model` gives back as the eager
+`nn.Module` users expect (a `torch.export` program loads as a graph that cannot switch mode
+or device). `load_mlflow_model` reads one weights-only, allowing only network classes
+(`nn.Module` subclasses of torch.nn and of this package), which unpickling builds without
+calling any code of the file's choosing; anything else is refused unless the environment
+sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true. A `torch.export` model (earlier runs) loads
+as before.
 """
 
 from __future__ import annotations
@@ -56,23 +63,63 @@ def load_file(path: Path | str) -> Any:
 
 
 def load_mlflow_model(uri: str) -> nn.Module:
-    """The PyTorch model at MLflow `uri`, on the CPU; a pickle-format model is refused unless
-    the environment sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true (a server one trusts)."""
+    """The PyTorch model at MLflow `uri`, on the CPU. A pickle-format model loads weights-only
+    (network classes only) unless the environment sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true
+    (a source one trusts), which lets MLflow unpickle it."""
+    import mlflow.artifacts
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
-    # The environment variable scopes the switch to this call (MLflow reads it at load time).
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    pickled = local / Model.load(local).flavors["pytorch"]["model_data"] / "model.pth"
     chosen = os.environ.get(PICKLE_SWITCH)
+    if pickled.is_file() and (chosen or "").lower() not in ("true", "1"):
+        return load_network_file(pickled, uri)
+    # The environment variable scopes the switch to this call (MLflow reads it at load time).
     os.environ[PICKLE_SWITCH] = chosen if chosen is not None else "false"
     try:
-        return mlflow.pytorch.load_model(uri, map_location="cpu")
+        return mlflow.pytorch.load_model(str(local), map_location="cpu")
     except MlflowException as err:
         if "pickle" not in str(err).lower():
             raise
         raise DataError(f"Refused to load {uri}: it is saved with pickle, which loading would run as code. "
-                        "Log it as a torch.export program (mlflow.pytorch.log_model(..., "
-                        "serialization_format='pt2'), as this pipeline does), or, for a model from a "
-                        f"source you trust, set {PICKLE_SWITCH}=true.") from err
+                        f"For a model from a source you trust, set {PICKLE_SWITCH}=true.") from err
     finally:
         if chosen is None:
             os.environ.pop(PICKLE_SWITCH, None)
+
+
+NETWORK_PACKAGES = ("torch.nn.", "pipeline.")
+
+
+def load_network_file(path: Path, source: str) -> nn.Module:
+    """An `nn.Module` saved whole with `torch.save` (MLflow's pickle format), read weights-only:
+    the only classes it may name are `nn.Module` subclasses from `NETWORK_PACKAGES`, which
+    unpickling creates and fills with tensors and plain values without calling code of the
+    file's choosing. Anything else is a DataError naming it."""
+    with refusals_explained(path):
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    classes = [_network_class(name, source) for name in names]
+    with torch.serialization.safe_globals(classes), refusals_explained(path):
+        model = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(model, nn.Module):
+        raise DataError(f"{source} holds a {type(model).__name__}, not a PyTorch network.")
+    return model
+
+
+def _network_class(name: str, source: str) -> type:
+    module_name, _, attr = name.rpartition(".")
+    found = None
+    if name.startswith(NETWORK_PACKAGES):
+        import importlib
+
+        try:
+            found = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError:
+            found = None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise DataError(f"Refused to load {source}: it names {name}, which is not a network class of torch.nn or "
+                        f"this pipeline, and loading it could run code. For a model from a source you trust, set "
+                        f"{PICKLE_SWITCH}=true.")
+    return found

@@ -5,7 +5,7 @@ Sources (`transfer.source`):
   Files load weights-only (`models.checkpoints`): a pickled module is refused, since
   unpickling one could run any code (save its `state_dict()` instead);
 - an MLflow model URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<id>`
-  (a pickle-format model is refused there too);
+  (a pickle-format model loads weights-only there too: network classes only);
 - torchvision weights by name: `torchvision:ResNet18_Weights.IMAGENET1K_V1` (downloaded
   once into torch's cache on a networked machine).
 Weights are matched by parameter name and shape; if the names differ (torchvision's

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.data.splits import Splits, check_params, load_splits
-from pipeline.data.store import RawDataset, read_raw
+from pipeline.data.store import MANIFEST_FILE, RawDataset, file_digest, read_raw
 from pipeline.errors import DataError
 from pipeline.files import write_text
 from pipeline.layout import Layout
+from pipeline.tracking.datasets import dataset_input
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.tracking.provenance import dvc_out_hash, git_commit, tree_sha256
 
@@ -30,7 +34,7 @@ class TrainingData:
 
     raw: RawDataset
     splits: Splits
-    tags: dict[str, str]  # split_sha256, dvc_split_md5, git_commit, git_dirty
+    tags: dict[str, str]  # split_sha256, dvc_split_md5, data_manifest_sha256, git_commit, git_dirty
 
 
 def load_data(cfg: DictConfig, layout: Layout, data: TrainingData | None = None) -> TrainingData:
@@ -53,12 +57,45 @@ def load_data(cfg: DictConfig, layout: Layout, data: TrainingData | None = None)
 
 
 def provenance_tags(layout: Layout) -> dict[str, str]:
-    """The split's content hash, the md5 DVC recorded for it (if any) and the git commit."""
+    """The split's content hash, the md5 DVC recorded for it (if any), the hash of the fetched
+    data's manifest (which holds every data file's sha256) and the git commit."""
     tags = {"split_sha256": tree_sha256(layout.splits), **git_commit(layout.root)}
+    if (layout.raw / MANIFEST_FILE).is_file():
+        tags["data_manifest_sha256"] = file_digest(layout.raw / MANIFEST_FILE)
     dvc_hash = dvc_out_hash(layout.root, "split", layout.splits)
     if dvc_hash:
         tags["dvc_split_md5"] = dvc_hash
     return tags
+
+
+def dataset_inputs(layout: Layout, data: TrainingData, name: str,
+                   subsets: Mapping[str, tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """A run's MLflow dataset inputs, `{context: (subset name, indices)}` (e.g. `{"training":
+    ("train", idx)}`): digests from the hashes the data already has, plus the subset's indices
+    (a nested cross-validation's inner split shares its outer split's hashes)."""
+    split_hash = data.tags.get("dvc_split_md5") or data.tags.get("split_sha256", "")
+    inputs = []
+    for context, (subset, idx) in subsets.items():
+        members = hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
+        inputs.append(dataset_input(name=name, data_hash=data.tags.get("data_manifest_sha256", ""),
+                                    split_hash=split_hash, subset=f"{subset}:{members}", source=str(layout.raw),
+                                    context=context, image_shape=tuple(data.raw.images.shape[1:]), rows=len(idx)))
+    return inputs
+
+
+def sweep_inputs(cfg: DictConfig, data: TrainingData) -> dict[str, Any]:
+    """A sweep's runs' dataset inputs: `{"trial": [...], "folds": {"<i>": [...]}}`. A trial
+    trains on the split's train subset; a cross-validated one (`tune.cv`) on the folds, and
+    each fold run on its own part of them."""
+    layout, name, splits = Layout.from_cfg(cfg), cfg.data.name, data.splits
+    folds = {str(i): dataset_inputs(layout, data, name, {"training": (f"train-fold{i}", splits.fold(i)[0]),
+                                                         "validation": (f"val-fold{i}", splits.fold(i)[1])})
+             for i in range(len(splits.folds))}
+    if cfg.tune.get("cv"):
+        pool = np.sort(np.concatenate(splits.fold(0)))
+        return {"trial": dataset_inputs(layout, data, name, {"training": ("folds", pool)}), "folds": folds}
+    return {"trial": dataset_inputs(layout, data, name, {"training": ("train", splits.train),
+                                                         "validation": ("val", splits.val)}), "folds": folds}
 
 
 def write_json(path: Path, data: Any) -> Path:

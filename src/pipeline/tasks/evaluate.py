@@ -18,7 +18,7 @@ from pipeline.errors import DataError
 from pipeline.files import write_with
 from pipeline.layout import Layout
 from pipeline.reports.figures import confusion_matrix_png
-from pipeline.tasks.common import TrainingData, load_data, write_json
+from pipeline.tasks.common import TrainingData, dataset_inputs, load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.tracking.server import check_tracking
 from pipeline.training.module import Classifier, load_classifier
@@ -91,6 +91,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
         run = _resume_run(layout)
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
+            run.log_inputs(dataset_inputs(layout, data, cfg.data.name, {"testing": ("test", splits.test)}))
             run.log_metrics({f"test/{k}": v for k, v in overall.items() if k != "n"})
             for name in ("confusion.png", "per_class.json", "confusion.json"):
                 run.log_artifact(layout.plots / name)
@@ -124,7 +125,14 @@ def _resume_run(layout: Layout) -> TrackedRun | None:
 
 
 def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray) -> None:
-    """`mlflow.pytorch.log_model` into the run, with an input example (N, C, H, W) in [0, 1]."""
+    """`mlflow.pytorch.log_model` into the run, with an input example (N, C, H, W) in [0, 1]
+    (MLflow infers the signature from it).
+
+    Saved whole (MLflow's "pickle" format), so that `mlflow.pytorch.load_model` gives back
+    the network itself, preprocessing included: an `nn.Module` one can `.eval()`, move with
+    `.to(device)`, fine-tune or inspect. MLflow 3's default, a `torch.export` program, loads as
+    a graph whose `.eval()` and `.train()` raise. Loading needs this package importable (the
+    file names its classes); `models.checkpoints.load_mlflow_model` reads it weights-only."""
     import mlflow
     import mlflow.pytorch
 
@@ -137,6 +145,7 @@ def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray)
         with mlflow.start_run(run_id=run.run_id):
             # Explicit requirements skip MLflow's slow import-scanning inference.
             mlflow.pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
+                                     serialization_format="pickle",
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     finally:
         if previous is None:

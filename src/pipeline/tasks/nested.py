@@ -34,7 +34,7 @@ from pipeline.data.nested import OuterFold, outer_fold
 from pipeline.errors import ConfigError, Terminated
 from pipeline.files import write_text
 from pipeline.layout import Layout
-from pipeline.tasks.common import TrainingData, load_data, write_json
+from pipeline.tasks.common import TrainingData, load_data, sweep_inputs, write_json
 from pipeline.tasks.evaluate import predict, scores
 from pipeline.tasks.train import train
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
@@ -144,7 +144,7 @@ def run_outer(cfg: DictConfig, outer: OuterFold, data: TrainingData, layout: Lay
         inner_data = TrainingData(data.raw, outer.inner, data.tags)
         try:
             best = run_sweep(sweep_config(cfg, outer.fold, out), train=train, parent_run_id=run_id,
-                             load=lambda c: load_data(c, Layout.from_cfg(c), inner_data))
+                             load=lambda c: load_data(c, Layout.from_cfg(c), inner_data), inputs=sweep_inputs)
         except (SweepInterrupted, Terminated) as err:
             # A stop signal: every run above the sweep ends KILLED, not FAILED, and the sweep's
             # own "resume it" does not apply: nested CV starts its sweeps anew.

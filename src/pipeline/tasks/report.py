@@ -31,6 +31,7 @@ from torch import nn
 from pipeline.errors import DataError, PipelineError
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
+from pipeline.models.checkpoints import load_mlflow_model
 from pipeline.reports.page import FILES, write_report
 from pipeline.tasks.common import load_data
 from pipeline.tasks.evaluate import predict
@@ -200,17 +201,15 @@ def rebuild_eager(exported: nn.Module, run_cfg: DictConfig, num_classes: int) ->
 def _run_network(run_id: str, tracking_uri: str, run_cfg: DictConfig, num_classes: int, run_out: Path,
                  notes: list[str]) -> tuple[nn.Module, str, bool]:
     """(network, where its weights came from, whether it is an eager module) for a run."""
-    import mlflow.pytorch
-
     uri = f"runs:/{run_id}/model"
     loaded = None
     try:
         with _tracking_uri(tracking_uri):
-            loaded = mlflow.pytorch.load_model(uri, map_location="cpu")
+            loaded = load_mlflow_model(uri)  # weights-only, as transfer learning reads it
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for "no model"
         notes.append(f"No loadable MLflow model at {uri} ({type(err).__name__}).")
     if loaded is not None and not isinstance(loaded, torch.fx.GraphModule):
-        return loaded.eval(), uri, True  # an eagerly pickled module (MLflow 2)
+        return loaded.eval(), uri, True  # the eager module (logged whole, as MLflow 2 did and we do again)
     if loaded is not None:
         try:
             return rebuild_eager(loaded, run_cfg, num_classes), f"{uri} (weights loaded into the eager network)", True

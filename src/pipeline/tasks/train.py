@@ -25,10 +25,17 @@ from pipeline.models.checkpoints import load_file
 from pipeline.models.transfer import freeze, load_state, transfer_weights
 from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
-from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
+from pipeline.tasks.common import (
+    TrainingData,
+    dataset_inputs,
+    load_data,
+    write_json,
+    write_run_file,
+)
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
+from pipeline.tracking.system import system_metrics
 from pipeline.training.builders import build_datamodule, build_module, build_trainer, input_stats
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder, RandomState
 from pipeline.training.fit import fit
@@ -96,6 +103,9 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     with run if run is not None else contextlib.nullcontext():
         if run is not None:
             _log_start(run, layout, resolved, module.hparams["arch"], size)
+            fold = "" if cfg.data.fold is None else f"-fold{cfg.data.fold}"
+            run.log_inputs(dataset_inputs(layout, data, cfg.data.name, {"training": (f"train{fold}", train_idx),
+                                                                       "validation": (f"val{fold}", val_idx)}))
         recorder = EpochRecorder(run)
         # Saved at the end of the epoch, after the recorder's row (Lightning runs checkpoint
         # callbacks last), so a checkpoint holds the curves up to its own epoch: a run resumed
@@ -110,7 +120,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
         # Not trainer.fit: a stop signal must raise, never return as if training had ended.
         # A resumed trial's checkpoint may sit on shared storage (tune.storage_path): read it
         # weights-only like every checkpoint (pipeline.models.checkpoints).
-        fit(trainer, module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        with system_metrics(run if cfg.tracking.system_metrics else None, cfg.tracking.system_metrics_interval_s):
+            fit(trainer, module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         elapsed = time.perf_counter() - start
 
         metrics = _summary(recorder.rows, cfg.optimized_metric, size, elapsed)

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.layout import Layout
-from pipeline.tasks.common import TrainingData, load_data
+from pipeline.tasks.common import TrainingData, load_data, sweep_inputs
 from pipeline.tasks.train import train
 from pipeline.tuning.driver import run_sweep
 from pipeline.tuning.plan import plan_sweep
@@ -23,7 +23,7 @@ def tune(cfg: DictConfig, *, trial_callbacks: Sequence[Any] = ()) -> dict[str, A
     refuse_resume(cfg, "a sweep")
     # The tuning library sits below the tasks: it is handed the function each trial trains
     # with, and the one that reads the data they all train on.
-    return run_sweep(cfg, train=train, load=_load, trial_callbacks=trial_callbacks)
+    return run_sweep(cfg, train=train, load=_load, inputs=sweep_inputs, trial_callbacks=trial_callbacks)
 
 
 def check_sweep(cfg: DictConfig) -> DictConfig:

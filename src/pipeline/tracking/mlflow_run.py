@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import STOPPED, ConfigError
 from pipeline.tracking.liveness import process_tags, reap_gone_runs
+from pipeline.tracking.provenance import source_tags
 
 if TYPE_CHECKING:
     from mlflow.exceptions import MlflowException
@@ -28,6 +29,10 @@ BATCH = 100  # MLflow's limit on params (and tags) per log_batch call
 METRIC_BATCH = 1000  # and on metrics
 PROBE_TIMEOUT_S = 5  # one request, no retries: is the server back?
 INCOMPLETE_TAG = "tracking.incomplete"
+# The experiment's type as MLflow records it: model training, not GenAI. The UI's type selector
+# shows it; MLflow 3.17's UI opens an experiment by its own GenAI / Model training switch instead
+# (remembered by the browser, or `?workflowType=machine_learning` in the address: README).
+KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -60,19 +65,24 @@ def tracking_target(tracking: Mapping[str, Any], root: Path | str) -> dict[str, 
 
 
 def get_experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The experiment's id, creating it (race-safely: trials may start together) if needed."""
+    """The experiment's id, creating it (race-safely: trials may start together) if needed,
+    and marked as model development (`KIND_TAG`) unless someone chose its kind already."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={KIND_TAG: MODEL_DEVELOPMENT})
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    kind = experiment.tags.get(KIND_TAG)
+    # The UI writes its own guesses as "..._inferred" (or "no_inferred_type"): a guess, not a choice.
+    if kind is None or kind.endswith("_inferred") or kind == "no_inferred_type":
+        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, MODEL_DEVELOPMENT)
+    return experiment.experiment_id
 
 
 def open_client(tracking_uri: str) -> MlflowClient:
@@ -176,7 +186,8 @@ class TrackedRun:
         client = open_client(tracking_uri)
         reap_gone_runs(client)
         experiment_id = get_experiment_id(client, experiment, artifact_location)
-        tags = {**(tags or {}), **process_tags()}  # so that the next command can tell if we died
+        # process_tags: so that the next command can tell if we died.
+        tags = {**source_tags(), **(tags or {}), **process_tags()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=tags)
@@ -218,6 +229,10 @@ class TrackedRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._send("text", (text, artifact_file))
+
+    def log_inputs(self, inputs: list[dict[str, Any]]) -> None:
+        """The datasets the run used (`tracking.datasets.dataset_input`), as MLflow datasets."""
+        self._send("inputs", [dict(item) for item in inputs])
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2), artifact_file)
@@ -265,6 +280,10 @@ class TrackedRun:
             self.client.log_artifact(self.run_id, *payload)
         elif kind == "text":
             self.client.log_text(self.run_id, *payload)
+        elif kind == "inputs":
+            from pipeline.tracking.datasets import to_entities
+
+            self.client.log_inputs(self.run_id, datasets=to_entities(payload))
         else:  # log_batch, in chunks MLflow accepts
             size = METRIC_BATCH if kind == "metrics" else BATCH
             for i in range(0, len(payload), size):
@@ -335,8 +354,8 @@ def _missing(held: list[tuple[str, Any]]) -> str:
     for kind, payload in held:
         if kind == "metrics":
             steps |= {m.step for m in payload}
-        name = {"metrics": "metric value", "params": "param", "tags": "tag"}.get(kind, "artifact")
-        counts[name] = counts.get(name, 0) + (len(payload) if kind in ("metrics", "params", "tags") else 1)
+        name = {"metrics": "metric value", "params": "param", "tags": "tag", "inputs": "dataset"}.get(kind, "artifact")
+        counts[name] = counts.get(name, 0) + (len(payload) if kind in ("metrics", "params", "tags", "inputs") else 1)
     parts = [f"{n} {name}{'s' if n != 1 else ''}" + (f" (steps {min(steps)}-{max(steps)})" if steps and
                                                       name == "metric value" else "")
              for name, n in counts.items()]

@@ -1,19 +1,24 @@
-"""Where a run came from: git commit, and the content hash of the data split it used."""
+"""Where a run came from: git commit, entry point, and the content hash of the data split it used."""
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from pipeline.errors import DataError
 
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI's Source column and run page show it
+
 
 def git_commit(root: Path) -> dict[str, str]:
-    """`{"git_commit": sha, "git_dirty": "true"|"false"}`, or `{}` outside a git repository."""
+    """`{"git_commit": sha, "git_dirty": "true"|"false"}` and MLflow's own commit tag, or `{}`
+    outside a git repository."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -21,7 +26,22 @@ def git_commit(root: Path) -> dict[str, str]:
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return {}
-    return {"git_commit": sha, "git_dirty": str(bool(dirty)).lower()}
+    return {"git_commit": sha, "git_dirty": str(bool(dirty)).lower(), GIT_COMMIT_TAG: sha}
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own tags for the program that starts a run, as `mlflow.start_run` sets them
+    (we create runs through the client, which sets none): its entry point (the script, and
+    the subcommand: `.../bin/pipeline train`), a local source, and the user."""
+    argv = [a for a in sys.argv if a]
+    name = argv[0] if argv else "<console>"
+    if len(argv) > 1 and argv[1].isidentifier():  # a subcommand (`train`), not an override (`a=b`)
+        name = f"{name} {argv[1]}"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name for this uid (a container)
+        user = "unknown"
+    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL", "mlflow.user": user}
 
 
 def dvc_out_hash(root: Path, stage: str, out_path: Path) -> str | None:

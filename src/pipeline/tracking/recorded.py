@@ -60,6 +60,9 @@ class RecordedRun(TrackedRun):
     def log_text(self, text: str, artifact_file: str) -> None:
         self.calls.append(("log_text", (text, artifact_file)))
 
+    def log_inputs(self, inputs: list[dict[str, Any]]) -> None:
+        self.calls.append(("log_inputs", ([dict(item) for item in inputs],)))
+
     def finish(self, status: str = "FINISHED", *, end_time: int | None = None) -> None:
         # Train ends the run and evaluate reopens it: the last end is the run's.
         self.status, self.end_time = status, end_time or _now()

@@ -126,7 +126,8 @@ def _experiment(plan: Plan) -> tuple[str, bool]:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", False
 
 
-def _mlflow_callback(plan: Plan, path: str, parent_run_id: str | None = None) -> Any:
+def _mlflow_callback(plan: Plan, path: str, parent_run_id: str | None = None,
+                     datasets: dict[str, Any] | None = None) -> Any:
     from pipeline.tuning.mlflow_tree import MlflowTreeCallback, map_path
 
     cfg = plan.cfg
@@ -139,7 +140,8 @@ def _mlflow_callback(plan: Plan, path: str, parent_run_id: str | None = None) ->
                               parent_name=f"tune-{plan.tune['name']}-{cfg.model.name}-{cfg.data.name}",
                               parent_params=params, parent_tags=tags, fixed=plan.fixed,
                               max_steps=plan.steps, step_key=plan.step_key,
-                              log_hyperparameters=plan.tune["scheduler"] == "pbt", parent_run_id=parent_run_id)
+                              log_hyperparameters=plan.tune["scheduler"] == "pbt", parent_run_id=parent_run_id,
+                              datasets=datasets)
 
 
 def _json_logger() -> Any:
@@ -160,7 +162,8 @@ def _json_logger() -> Any:
 
 
 def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
-                data: Shared | None = None, parent_run_id: str | None = None) -> tuple[Any, str]:
+                data: Shared | None = None, parent_run_id: str | None = None,
+                datasets: dict[str, Any] | None = None) -> tuple[Any, str]:
     """The Tuner (new or restored) and its experiment path; each trial trains with `train`,
     on `data` (train's `data=`) if given; the sweep's MLflow parent nests under `parent_run_id`."""
     from ray import tune
@@ -188,7 +191,7 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
                                   param_space=param_space(plan)), path
     callbacks: list[Any] = [_json_logger()]  # result.json: per-trial curves for the outputs
     if plan.cfg.tracking.enabled:
-        callbacks.append(_mlflow_callback(plan, path, parent_run_id))
+        callbacks.append(_mlflow_callback(plan, path, parent_run_id, datasets))
     callbacks.append(record_reported_callback())  # each result's checkpoint, where retries resume
     search_alg, limit = _search(plan)
     # Several objectives: the search algorithm holds them (Tune's own metric is one name), the
@@ -217,7 +220,8 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
 
 
 def run_sweep(cfg: DictConfig, *, train: TrainFn, load: Callable[[DictConfig], Any] | None = None,
-              trial_callbacks: Sequence[Any] = (), parent_run_id: str | None = None) -> dict[str, Any]:
+              trial_callbacks: Sequence[Any] = (), parent_run_id: str | None = None,
+              inputs: Callable[[DictConfig, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the configured sweep, each trial fitting with `train` (the train task, passed in
     by `pipeline.tasks.tune`: this library sits below the tasks); returns the best trial's
     summary (`best.yaml` without the config). `load(config)` reads the data every trial
@@ -225,19 +229,23 @@ def run_sweep(cfg: DictConfig, *, train: TrainFn, load: Callable[[DictConfig], A
     store, so they read nothing from the data folders. `trial_callbacks` are extra Lightning
     callbacks for every trial's Trainer (picklable). The sweep's MLflow parent run is a child
     of `parent_run_id` when given (an outer fold of a nested cross-validation).
+    `inputs(config, data)` names the MLflow datasets of the trials' and their folds' runs
+    (`{"trial": [...], "folds": {"<i>": [...]}}`: plain values, from what `load` read).
     """
     plan = plan_sweep(cfg)
     check_tracking(plan.cfg.tracking, plan.cfg.paths.root)  # before Ray starts
     # Before Ray starts, so a missing or stale split fails in seconds; from the trials'
     # shared config (`tune.fixed` applied), which each trial checks it against again.
-    data = load(OmegaConf.create(plan.base)) if load is not None else None
+    base = OmegaConf.create(plan.base)
+    data = load(base) if load is not None else None
+    datasets = inputs(base, data) if inputs is not None and data is not None else None
     started = init_ray(plan.tune)
     import ray
 
     try:
         check_storage(plan)
         tuner, path = build_tuner(plan, train, trial_callbacks, Shared(data) if data is not None else None,
-                                  parent_run_id)
+                                  parent_run_id, datasets)
         start = time.perf_counter()
         try:
             with sigterm_stops_sweep() as terminated:

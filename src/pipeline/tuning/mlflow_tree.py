@@ -19,6 +19,7 @@ from typing import Any
 from ray.tune import Callback
 
 from pipeline.tracking.mlflow_run import TrackedRun, open_client
+from pipeline.tracking.provenance import GIT_COMMIT_TAG
 from pipeline.training.metrics import EPOCH_METRICS
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,8 @@ class SweepRuns:
         run.log_params(params)
         return run
 
-    def open_child(self, trial_id: str, name: str, params: dict[str, Any],
-                   tags: dict[str, str]) -> tuple[TrackedRun, bool]:
+    def open_child(self, trial_id: str, name: str, params: dict[str, Any], tags: dict[str, str],
+                   inputs: list[dict[str, Any]] | None = None) -> tuple[TrackedRun, bool]:
         """The trial's child run and whether it is new (a retried or resumed trial reuses its run)."""
         run_id = self.ids["children"].get(trial_id)
         if run_id:
@@ -96,6 +97,8 @@ class SweepRuns:
         self.ids["children"][trial_id] = run.run_id
         self._save()
         run.log_params(params)
+        if inputs:
+            run.log_inputs(inputs)
         return run, True
 
     def adopt(self, experiment: str) -> list[str]:
@@ -130,7 +133,8 @@ class SweepRuns:
         return adopted
 
     def log_fold(self, trial_id: str, fold: int, name: str, params: dict[str, Any], tags: dict[str, str],
-                 history: list[dict[str, Any]], best: dict[str, float]) -> str | None:
+                 history: list[dict[str, Any]], best: dict[str, float],
+                 inputs: list[dict[str, Any]] | None = None) -> str | None:
         """A finished fold of a trial as a run nested under the trial's run, written once: a
         retried or resumed trial that reports the fold again adds nothing. Returns its run id."""
         folds = self.ids["folds"].setdefault(trial_id, {})
@@ -139,6 +143,8 @@ class SweepRuns:
             return folds.get(str(fold))
         run = TrackedRun.start(**self.target, run_name=name, tags=tags, parent_run_id=parent_id)
         run.log_params(params)
+        if inputs:
+            run.log_inputs(inputs)
         for row in history:  # the fold's epochs, as a plain train run logs them
             step = int(row["epoch"])
             run.log_metrics({k: float(v) for k, v in row.items()
@@ -172,11 +178,14 @@ class MlflowTreeCallback(Callback):
     def __init__(self, *, target: dict[str, Any], map_path: str, parent_name: str,
                  parent_params: dict[str, Any], parent_tags: dict[str, str], fixed: dict[str, Any],
                  max_steps: int, step_key: str = "epoch", log_hyperparameters: bool = False,
-                 parent_run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, datasets: dict[str, Any] | None = None) -> None:
         self.target, self.map_path, self.parent_run_id = target, map_path, parent_run_id
         self.parent_name, self.parent_params, self.parent_tags = parent_name, parent_params, parent_tags
         self.fixed, self.log_hyperparameters = fixed, log_hyperparameters
         self.max_steps, self.step_key = max_steps, step_key  # epochs, or folds (tune.cv)
+        self.datasets = datasets or {"trial": [], "folds": {}}  # `pipeline.tuning.driver.run_sweep`'s inputs
+        # The code version the parent records, on every run of the tree (MLflow's Source column).
+        self.code_tags = {k: v for k, v in parent_tags.items() if k in ("git_commit", "git_dirty", GIT_COMMIT_TAG)}
         self.runs: SweepRuns | None = None
         self.state: dict[str, dict[str, Any]] = {}
 
@@ -192,8 +201,10 @@ class MlflowTreeCallback(Callback):
 
     def _open(self, trial: Any) -> TrackedRun:
         params = {**{f"fixed.{k}": v for k, v in self.fixed.items()}, **trial.config}
-        tags = {"trial_id": trial.trial_id, "trial_name": str(trial), "sweep": self.parent_tags.get("sweep", "")}
-        run, _ = self.runs.open_child(trial.trial_id, f"{self.parent_name}-{trial.trial_id}", params, tags)
+        tags = {"trial_id": trial.trial_id, "trial_name": str(trial), "sweep": self.parent_tags.get("sweep", ""),
+                **self.code_tags}
+        run, _ = self.runs.open_child(trial.trial_id, f"{self.parent_name}-{trial.trial_id}", params, tags,
+                                      self.datasets["trial"])
         return run
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -215,6 +226,9 @@ class MlflowTreeCallback(Callback):
         metrics = {k: float(result[k]) for k in EPOCH_METRICS if isinstance(result.get(k), (int, float))}
         if "time_this_iter_s" in result:
             metrics["time/epoch_s"] = float(result["time_this_iter_s"])
+        # A trial's machine use over the epoch, when the sweep asks (tune.system_metrics).
+        metrics.update({k: float(v) for k, v in result.items() if k.startswith("system/")
+                        and isinstance(v, (int, float)) and not isinstance(v, bool)})
         if self.log_hyperparameters:  # PBT changes them during the trial: params cannot
             # The values this epoch trained with: PBT's exploit has already given the trial
             # its next config when the callbacks see the result that triggered it.
@@ -237,10 +251,10 @@ class MlflowTreeCallback(Callback):
                 if k.startswith("fold/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         diverged = bool(result.get("diverged"))
         tags = {"trial_id": trial.trial_id, "fold": str(fold), "sweep": self.parent_tags.get("sweep", ""),
-                "diverged": str(diverged).lower()}
+                "diverged": str(diverged).lower(), **self.code_tags}
         params = {**{f"fixed.{k}": v for k, v in self.fixed.items()}, **trial.config, "data.fold": fold}
         self.runs.log_fold(trial.trial_id, fold, f"{self.parent_name}-{trial.trial_id}-fold{fold}", params, tags,
-                           history, best)
+                           history, best, self.datasets["folds"].get(str(fold), []))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self.runs.child(trial.trial_id)

@@ -77,7 +77,7 @@ def _check_tune_block(cfg: DictConfig) -> None:
     check_number(cfg, "tune.num_cpus", integer=True, low=1, optional=True)
     check_number(cfg, "tune.time_budget_s", low=0, low_open=True, optional=True)
     check_number(cfg, "tune.max_failures", integer=True, low=-1)
-    for key in ("resume", "use_best", "cv"):
+    for key in ("resume", "use_best", "cv", "system_metrics"):
         check_bool(cfg, f"tune.{key}")
     check_number(cfg, "tune.selection.alpha", low=0, high=1, low_open=True, high_open=True)
     check_choice(cfg, "tune.selection.tie_break", TIE_BREAKS)

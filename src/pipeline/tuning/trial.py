@@ -44,11 +44,13 @@ class TuneReporter(ValPredictions):
     `lr_scale` rescales the restored optimizer's rates when PBT changed `optimizer.lr`.
     `costs` (`pareto.measure_costs`' keyword arguments): the model's costs, measured once at
     the start, go with every report (what `tune.objectives` ranks on besides accuracy).
+    `system`: also this machine's CPU and memory use over the epoch (`tune.system_metrics`).
     """
 
-    def __init__(self, *, lr: float = 0.0, lr_scale: float = 1.0, costs: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, *, lr: float = 0.0, lr_scale: float = 1.0, costs: Mapping[str, Any] | None = None,
+                 system: bool = False) -> None:
         super().__init__()
-        self.lr, self.lr_scale, self.costs = lr, lr_scale, costs
+        self.lr, self.lr_scale, self.costs, self.system = lr, lr_scale, costs, system
         self._first = True
         self._measured: dict[str, float] = {}
 
@@ -57,6 +59,10 @@ class TuneReporter(ValPredictions):
             rescale_lr(trainer, self.lr_scale)
         if self.costs is not None:
             self._measured = measure_costs(pl_module.net, **self.costs)
+        if self.system:
+            import psutil
+
+            psutil.cpu_percent()  # starts the count: the next call gives the mean since this one
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from ray import tune
@@ -65,6 +71,8 @@ class TuneReporter(ValPredictions):
         metrics: dict[str, Any] = {k: float(logged[k]) for k in EPOCH_METRICS if k in logged}
         metrics.update(tune_iteration(trainer.current_epoch))
         metrics.update(self._measured)
+        if self.system:
+            metrics.update(system_sample())
         diverged = not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train/loss", "val/loss"))
         metrics["diverged"] = int(diverged)
         if self.packed() is not None:
@@ -84,6 +92,18 @@ class TuneReporter(ValPredictions):
             trainer.save_checkpoint(Path(folder) / CKPT_FILE)
             (Path(folder) / META_FILE).write_text(json.dumps({"lr": self.lr, "epoch": trainer.current_epoch}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def system_sample() -> dict[str, float]:
+    """This machine's CPU use since the last call (the epoch) and its memory use now, under the
+    names MLflow's system-metrics monitor gives train runs (psutil; mlflow itself is not
+    imported in a trial: it costs a second or more)."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return {"system/cpu_utilization_percentage": float(psutil.cpu_percent()),
+            "system/system_memory_usage_megabytes": memory.used / 1e6,
+            "system/system_memory_usage_percentage": memory.used / memory.total * 100}
 
 
 def tune_iteration(epoch: int) -> dict[str, int]:
@@ -181,14 +201,16 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
     lr = float(OmegaConf.select(cfg, "optimizer.lr", default=None) or OmegaConf.select(cfg, "optimizer.base.lr") or 0)
 
     costs = cost_probe(plain)
+    system = bool(plain["tune"].get("system_metrics"))
     checkpoint = _own_checkpoint(driver)
     if checkpoint is None:
-        train(cfg, callbacks=[TuneReporter(lr=lr, costs=costs), *callbacks], figures=False, data=loaded)
+        train(cfg, callbacks=[TuneReporter(lr=lr, costs=costs, system=system), *callbacks], figures=False,
+              data=loaded)
         return
     with checkpoint.as_directory() as folder:
         meta_file = Path(folder) / META_FILE
         old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
-        reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0, costs=costs)
+        reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0, costs=costs, system=system)
         train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE), figures=False,
               data=loaded)
 
