@@ -130,7 +130,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
             extra[label] = {"params": result["model/params"], "macs": result["model/macs"], "time_s": elapsed,
                             **training_budget(alt_cfg, [Path(fold_config(alt_cfg, i).paths.out_dir)
                                                        for i in range(len(scores[label]))])}
-        raw = read_raw(layout.raw)
+        raw = read_raw(layout.raw, in_memory=False)  # the labels are all it needs
         splits = load_splits(layout.splits)
         labels = raw.labels[splits.test]
         # The corrected t-test's n_test / n_train: a fold's validation and training sizes. With
