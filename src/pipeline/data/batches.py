@@ -155,6 +155,18 @@ def to_batch(images: np.ndarray) -> torch.Tensor:
     return x.permute(0, 3, 1, 2) if keep else x
 
 
+def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small NHWC uint8 array whole -> contiguous NCHW uint8 tensor, and int64 labels (both
+    copies when the arrays are read-only, as those read zero-copy from Ray's object store are:
+    torch tensors are writable). For checks on a few images; batches never copy a split whole."""
+    x = torch.from_numpy(_writable(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    return x, torch.from_numpy(_writable(np.asarray(labels, dtype=np.int64)))
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    return array if array.flags.writeable else array.copy()
+
+
 def channel_stats(images: np.ndarray, indices: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and (sample) std in [0, 1] units of `images[indices]` (the training
     split only): the same numbers whether the images are in memory or memory-mapped.
