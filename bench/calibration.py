@@ -38,7 +38,7 @@ from scipy import stats as sps
 
 from pipeline.analysis.stats import compare_alternatives
 from pipeline.config import compose, to_container
-from pipeline.data.batches import TensorBatches, channel_stats, to_tensors
+from pipeline.data.batches import TensorBatches, channel_stats, gather, to_batch
 from pipeline.data.sources import load_source
 from pipeline.data.splits import Splits, make_splits
 from pipeline.training.module import build_network
@@ -112,8 +112,7 @@ def headline(found: list[Rate], kfold: str = "kfold") -> str:
 
 @dataclass
 class Bench:
-    x: torch.Tensor
-    y: torch.Tensor
+    images: np.ndarray  # NHWC uint8
     labels: np.ndarray
     cfg: object
     epochs: int
@@ -123,14 +122,14 @@ class Bench:
         (its weights and its batch order), as one fold of `pipeline cv` would be."""
         cfg = self.cfg
         torch.manual_seed(seed)
-        xt, yt = self.x[train_idx], self.y[train_idx]
-        mean, std = channel_stats(xt)  # data.normalize: the training images' own
+        mean, std = channel_stats(self.images, train_idx)  # data.normalize: the training images' own
         arch = model_args(cfg, num_classes=10)
         net = build_network(arch.pop("name"), arch, mean=mean, std=std, resize=cfg.data.resize,
                             init=to_container(cfg.init))
         opt_cfg = to_container(cfg.optimizer)
         optimizer = build_optimizer(net.parameters(), opt_cfg.pop("name"), **opt_cfg)
-        batches = TensorBatches(xt, yt, batch_size=cfg.data.batch_size, shuffle=True, seed=seed)
+        batches = TensorBatches(self.images, self.labels, train_idx, batch_size=cfg.data.batch_size, shuffle=True,
+                                seed=seed)
         net.train()
         for _ in range(self.epochs):
             for xb, yb in batches:
@@ -140,8 +139,8 @@ class Bench:
                 optimizer.step()
         net.eval()
         with torch.no_grad():
-            logits = net(self.x[val_idx].float().div_(255.0))
-        return float((logits.argmax(dim=1) == self.y[val_idx]).float().mean())
+            logits = net(to_batch(gather(self.images, val_idx)))
+        return float((logits.argmax(dim=1) == torch.from_numpy(self.labels[val_idx])).float().mean())
 
     def null(self, splits: Splits, seeds: tuple[int, int]) -> dict[str, list[float]]:
         """Both seeds' fold scores on every fold of `splits` (repetition-major)."""
@@ -162,8 +161,7 @@ def run(nulls: int, epochs: int, folds: int, seed: int, five_by_two: bool = True
     cfg = compose(["model=mlp", "scheduler=none", "regularizer=none"], conf=CONF_DIR)
     with tempfile.TemporaryDirectory() as tmp:  # digits ships with scikit-learn: nothing is downloaded
         images, labels, _, _ = load_source("digits", download_dir=Path(tmp))
-    x, y = to_tensors(images, labels)
-    bench = Bench(x, y, labels, cfg, epochs)
+    bench = Bench(images, labels.astype(np.int64), cfg, epochs)
     s = cfg.data.split
     p_values: dict[tuple[str, str], list[float]] = {}
     start = time.perf_counter()

@@ -146,7 +146,8 @@ def run_bare(s: Setup, warmup: int, steps: int) -> Result:
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic))
     dm = s.datamodule()
-    batches = TensorBatches(*dm.subset("train"), batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.seed)
+    batches = TensorBatches(dm.images, dm.labels, dm.parts["train"], batch_size=cfg.data.batch_size, shuffle=True,
+                            seed=cfg.seed)
     # The network alone (Preprocess + model), as `configured_module` builds it inside its Classifier.
     mean, std = input_stats(dm, cfg.data)
     arch_kwargs = model_args(cfg, num_classes=s.num_classes)

@@ -102,6 +102,8 @@ def test_every_experiment_composes_and_validates(experiment):
         ("optimized_metric=val/loss", r"optimized_metric='val/loss' is not one of"),
         ("tracking.experiment_name=-3", r"tracking\.experiment_name must be a non-empty string"),
         ("data.download=maybe", r"data\.download must be true or false"),
+        ("data.in_memory=maybe", r"data\.in_memory='maybe' is not one of auto, true, false"),
+        ("data.in_memory=1", r"data\.in_memory=1 is not one of auto, true, false"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, message):

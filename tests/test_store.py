@@ -1,15 +1,17 @@
-"""The canonical dataset folder: round trip, manifest, integrity checks, atomic writes."""
+"""The canonical dataset folder: round trip, manifest, integrity checks, atomic writes, memory-mapped
+reads, and files verified once until they change."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from pipeline.data import store
+from pipeline.data import residency, store, verified
 from pipeline.data.store import RawDataset, read_manifest, read_raw, write_raw
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -238,3 +240,73 @@ def test_manifest_entries_cannot_escape_folder(written):
     (written / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="invalid entry"):
         read_raw(written)
+
+
+# ---------------------------------------------------------------------------- memory-mapped reads
+
+def test_images_are_memory_mapped_or_read_into_memory(written):
+    images, labels = _data()
+    mapped = read_raw(written, in_memory=False)
+    assert isinstance(mapped.images, np.memmap) and not mapped.images.flags.writeable
+    held = read_raw(written, in_memory=True)
+    assert not isinstance(held.images, np.memmap)
+    for ds in (mapped, held):
+        np.testing.assert_array_equal(ds.images, images)
+        np.testing.assert_array_equal(ds.labels, labels)
+    assert not isinstance(read_raw(written, in_memory="auto").images, np.memmap)  # 720 bytes
+
+
+def test_auto_holds_in_memory_only_what_is_small_beside_the_available_memory(monkeypatch):
+    monkeypatch.setattr(residency, "available_memory", lambda: 8_000_000)
+    assert residency.choose_in_memory("auto", 1_000_000)[0]  # an eighth of what is available
+    keep, why = residency.choose_in_memory("auto", 1_000_001)
+    assert not keep and "memory-mapped" in why and "data.in_memory=auto" in why
+    monkeypatch.setattr(residency, "available_memory", lambda: 1 << 40)
+    assert not residency.choose_in_memory("auto", residency.MAX_BYTES + 1)[0]  # the absolute limit
+    assert residency.choose_in_memory(True, 1 << 50)[0] and not residency.choose_in_memory(False, 1)[0]
+    with pytest.raises(ConfigError, match="data.in_memory='yes' is not one of auto, true, false"):
+        residency.choose_in_memory("yes", 1)
+
+
+def _hashed(monkeypatch) -> list[str]:
+    """The names of the files `store` hashes from now on."""
+    names: list[str] = []
+    digest = store.file_digest
+
+    def counting(path, *args, **kwargs):
+        names.append(path.name)
+        return digest(path, *args, **kwargs)
+
+    monkeypatch.setattr(store, "file_digest", counting)
+    return names
+
+
+def test_a_verified_file_is_not_hashed_again_until_it_changes(written, monkeypatch):
+    monkeypatch.setattr(verified, "RACY_S", 0.0)  # else files written this second are always re-hashed
+    for path in written.iterdir():  # written long ago: the edit below cannot fall in the same tick
+        os.utime(path, (1e9, 1e9))
+    hashed = _hashed(monkeypatch)
+    read_raw(written, in_memory=False)
+    assert sorted(hashed) == ["classes.json", "images.npy", "labels.npy"]
+    assert verified.record_path(written).is_file()
+    assert sorted(p.name for p in written.iterdir()) == ["classes.json", "images.npy", "labels.npy", "manifest.json"]
+    hashed.clear()
+    read_raw(written, in_memory=False)
+    assert hashed == []
+    # Edited in place, same size: its times change, so it is hashed again, and fails.
+    path = written / "images.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        read_raw(written)
+    assert hashed == ["images.npy"]
+
+
+def test_a_file_changed_just_before_its_check_is_hashed_every_time(written, monkeypatch):
+    hashed = _hashed(monkeypatch)
+    read_raw(written)
+    read_raw(written)
+    assert hashed.count("images.npy") == 2  # a change within the same timestamp tick could hide
+    assert not verified.record_path(written).exists()

@@ -38,7 +38,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "seed", "optimized_metric", "data", "model", "optimizer", "scheduler", "trainer", "tracking",
          "regularizer", "cv", "compare", "init", "transfer", "tune", "paths"),
     "data": ("name", "channels", "image_size", "num_classes", "path", "resize", "normalize", "batch_size",
-             "eval_batch_size", "num_workers", "download", "fold", "split"),
+             "eval_batch_size", "num_workers", "in_memory", "download", "fold", "split"),
     "data.split": ("val_fraction", "test_fraction", "folds", "seed"),
     "trainer": ("max_epochs", "accelerator", "devices", "precision", "deterministic", "gradient_clip_val",
                 "limit_train_batches", "limit_val_batches", "enable_progress_bar", "resume_from"),
@@ -75,6 +75,7 @@ def validate(cfg: DictConfig) -> None:
     the optimizer and scheduler tables dry-build theirs, each regularizer entry checks its
     key), so a new option is validated by the same code that builds it.
     """
+    from pipeline.data.residency import check_in_memory
     from pipeline.data.sources import list_sources
     from pipeline.training.optim import validate_optimizer
     from pipeline.training.regularizers import check_regularizers
@@ -95,6 +96,7 @@ def validate(cfg: DictConfig) -> None:
     check_number(cfg, "data.batch_size", integer=True, low=1)
     check_number(cfg, "data.eval_batch_size", integer=True, low=1)
     check_number(cfg, "data.num_workers", integer=True, low=0)
+    check_in_memory(get_required(cfg, "data.in_memory"))
     check_number(cfg, "data.split.val_fraction", low=0, high=1, high_open=True)
     check_number(cfg, "data.split.test_fraction", low=0, high=1, high_open=True)
     check_number(cfg, "data.split.folds", integer=True, low=2)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import verified
+from pipeline.data.residency import choose_in_memory
 from pipeline.errors import DataError
 from pipeline.files import replacing_folder
+
+log = logging.getLogger(__name__)
 
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.npy"
@@ -44,7 +49,7 @@ def _fix(raw_dir: Path) -> str:
 class RawDataset:
     """A dataset loaded from its canonical folder."""
 
-    images: np.ndarray  # uint8, N x H x W x C
+    images: np.ndarray  # uint8, N x H x W x C; a read-only np.memmap when memory-mapped
     labels: np.ndarray  # int64, N
     classes: list[str]
     manifest: dict
@@ -227,7 +232,7 @@ def read_manifest(raw_dir: Path) -> dict:
     return manifest
 
 
-def _check_file(raw_dir: Path, name: str, meta: Any, verify: bool) -> Path:
+def _check_file(raw_dir: Path, name: str, meta: Any, verify: bool, record: dict, hashed: dict[str, str]) -> Path:
     path = raw_dir / name
     # Names come from the manifest; refuse anything that could point outside the folder.
     if Path(name).name != name or not isinstance(meta, dict):
@@ -243,18 +248,21 @@ def _check_file(raw_dir: Path, name: str, meta: Any, verify: bool) -> Path:
                 f"{path} has {size} bytes but the manifest says {meta['bytes']}: it is truncated "
                 "or was modified; " + _fix(raw_dir)
             )
+        if verified.still_verified(record, path, meta.get("sha256")):
+            return path  # hashed before, and not changed since (pipeline.data.verified)
         actual = file_digest(path)
         if actual != meta.get("sha256"):
             raise DataError(
                 f"{path} sha256 mismatch (manifest {meta.get('sha256')}, file {actual}): it is "
                 "corrupt or was modified; " + _fix(raw_dir)
             )
+        hashed[name] = actual
     return path
 
 
-def _load_npy(path: Path, meta: dict, raw_dir: Path) -> np.ndarray:
+def _load_npy(path: Path, meta: dict, raw_dir: Path, *, mmap: bool = False) -> np.ndarray:
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path} cannot be read as a .npy array ({e}); " + _fix(raw_dir)) from e
     if not isinstance(array, np.ndarray):
@@ -267,12 +275,15 @@ def _load_npy(path: Path, meta: dict, raw_dir: Path) -> np.ndarray:
     return array
 
 
-def read_raw(raw_dir: Path, *, verify: bool = True) -> RawDataset:
+def read_raw(raw_dir: Path, *, verify: bool = True, in_memory: bool | str = True) -> RawDataset:
     """Load a dataset folder written by ``write_raw``.
 
-    With ``verify`` every listed file's size and sha256 are checked first. Structural
+    With ``verify`` every listed file's size and sha256 are checked first (a file hashed
+    before and unchanged since is not hashed again: ``pipeline.data.verified``). Structural
     checks (shapes, dtypes, label range) always run. Every problem raises DataError naming
-    the offending file and how to fix it.
+    the offending file and how to fix it. The images are read into memory, or memory-mapped
+    read-only with ``in_memory=False``, or either as ``pipeline.data.residency`` chooses for
+    their size with ``in_memory="auto"`` (the labels are always read).
     """
     raw_dir = Path(raw_dir)
     manifest = read_manifest(raw_dir)
@@ -280,9 +291,15 @@ def read_raw(raw_dir: Path, *, verify: bool = True) -> RawDataset:
     for name in (IMAGES_FILE, LABELS_FILE, CLASSES_FILE):
         if name not in files:
             raise DataError(f"{raw_dir / MANIFEST_FILE} does not list {name}; " + _fix(raw_dir))
-    paths = {name: _check_file(raw_dir, name, meta, verify) for name, meta in files.items()}
+    record = verified.load(raw_dir) if verify else {}
+    hashed: dict[str, str] = {}  # files hashed by this load, which all matched
+    paths = {name: _check_file(raw_dir, name, meta, verify, record, hashed) for name, meta in files.items()}
+    if hashed:
+        verified.remember(raw_dir, record, hashed)
 
-    images = _load_npy(paths[IMAGES_FILE], files[IMAGES_FILE], raw_dir)
+    keep, why = choose_in_memory(in_memory, paths[IMAGES_FILE].stat().st_size)
+    log.info("%s: %s", raw_dir, why)
+    images = _load_npy(paths[IMAGES_FILE], files[IMAGES_FILE], raw_dir, mmap=not keep)
     labels = _load_npy(paths[LABELS_FILE], files[LABELS_FILE], raw_dir)
     try:
         classes = json.loads(paths[CLASSES_FILE].read_text(encoding="utf-8"))

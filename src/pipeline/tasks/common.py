@@ -39,9 +39,11 @@ class TrainingData:
 
 def load_data(cfg: DictConfig, layout: Layout, data: TrainingData | None = None) -> TrainingData:
     """The verified raw arrays and the split made with the configured parameters, read from
-    `layout`'s folders; or `data`, as a driver read them there. Either way checked against `cfg`."""
+    `layout`'s folders (the images in memory or memory-mapped, as `data.in_memory` says); or
+    `data`, as a driver read them there. Either way checked against `cfg`."""
     if data is None:
-        data = TrainingData(read_raw(layout.raw), load_splits(layout.splits), provenance_tags(layout))
+        raw = read_raw(layout.raw, in_memory=cfg.data.get("in_memory", "auto"))  # absent from older runs' configs
+        data = TrainingData(raw, load_splits(layout.splits), provenance_tags(layout))
     raw = data.raw
     if raw.manifest.get("dataset") != cfg.data.name:
         raise DataError(f"The data holds dataset {raw.manifest.get('dataset')!r} but the config asks "

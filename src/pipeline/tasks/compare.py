@@ -132,7 +132,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                             "ensemble_test_acc": result["ensemble/test/acc"],
                             **training_budget(alt_cfg, [Path(fold_config(alt_cfg, i).paths.out_dir)
                                                        for i in range(len(scores[label]))])}
-        raw = read_raw(layout.raw)
+        raw = read_raw(layout.raw, in_memory=False)  # the labels are all it needs
         splits = load_splits(layout.splits)
         labels = raw.labels[splits.test]
         # The corrected t-test's n_test / n_train: a fold's validation and training sizes. With

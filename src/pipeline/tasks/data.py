@@ -26,7 +26,7 @@ def split(cfg: DictConfig) -> dict:
     """Write `data/splits/<dataset>/` (train/val/test and cv.repeats x k folds); returns split sizes."""
     cfg = prepare(cfg)
     layout = Layout.from_cfg(cfg)
-    raw = read_raw(layout.raw)
+    raw = read_raw(layout.raw, in_memory=False)  # the labels are all it needs
     s = cfg.data.split
     splits = make_splits(raw.labels, val_fraction=s.val_fraction, test_fraction=s.test_fraction,
                          folds=s.folds, seed=s.seed, repeats=cfg.cv.repeats)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline.data.batches import TensorBatches, to_tensors
+from pipeline.data.batches import TensorBatches, gather, to_batch
 from pipeline.errors import DataError
 from pipeline.files import write_with
 from pipeline.layout import Layout
@@ -27,14 +27,15 @@ from pipeline.validation import prepare
 
 
 @torch.inference_mode()
-def predict(net: torch.nn.Module, images: np.ndarray, *, batch_size: int = 512,
+def predict(net: torch.nn.Module, images: np.ndarray, *, indices: np.ndarray | None = None, batch_size: int = 512,
             regularizer: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Class probabilities for NHWC uint8 images, in order, as the `regularizer` block's
-    evaluation-time entry computes them (e.g. averaged over test-time augmentation views)."""
+    """Class probabilities for the NHWC uint8 `images[indices]` (all when None), in order, as the
+    `regularizer` block's evaluation-time entry computes them (e.g. averaged over test-time
+    augmentation views). Only a batch's own images are read: `images` may be a memory map."""
     net.eval()
     regularizers = Regularizers(regularizer)
-    x, y = to_tensors(images, np.zeros(len(images), dtype=np.int64))
-    batches = TensorBatches(x, y, batch_size=batch_size, shuffle=False)
+    batches = TensorBatches(images, np.zeros(len(images), dtype=np.int64), indices, batch_size=batch_size,
+                            shuffle=False)
     return torch.cat([regularizers.probabilities(net, xb) for xb, _ in batches]).numpy()
 
 
@@ -71,8 +72,9 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
     raw, splits = data.raw, data.splits
     module = load_classifier(layout.best_ckpt)
     _check_fits(module, layout, raw.images.shape[1:], len(raw.classes))
-    images, labels = raw.images[splits.test], raw.labels[splits.test]
-    probs = predict(module.net, images, batch_size=cfg.data.eval_batch_size, regularizer=cfg.regularizer)
+    labels = raw.labels[splits.test]
+    probs = predict(module.net, raw.images, indices=splits.test, batch_size=cfg.data.eval_batch_size,
+                    regularizer=cfg.regularizer)
     overall, per_class, cm = scores(probs, labels, raw.classes)
 
     write_json(layout.metrics / "test.json", {"test": overall})
@@ -97,7 +99,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
                 run.log_artifact(layout.plots / name)
             run.log_artifact(layout.metrics / "test.json")
             if cfg.tracking.log_model:
-                log_model(run, module.net, images[:4])
+                log_model(run, module.net, gather(raw.images, splits.test[:4]))
     return {f"test/{k}": v for k, v in overall.items()}
 
 
@@ -136,7 +138,7 @@ def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray)
     import mlflow
     import mlflow.pytorch
 
-    example = to_tensors(example_images, np.zeros(len(example_images)))[0].float().div(255).numpy()
+    example = to_batch(example_images).numpy()
     # log_model only speaks to the "current" tracking URI. The environment variable scopes it
     # to this call; mlflow.set_tracking_uri would leak into the rest of the process.
     previous = os.environ.get("MLFLOW_TRACKING_URI")

@@ -125,7 +125,8 @@ def refit_config(cfg: DictConfig, fold: int, out: Path) -> DictConfig:
 def _score(data: TrainingData, idx: np.ndarray, cfg: DictConfig) -> dict[str, float]:
     """The refitted model (`cfg`'s best checkpoint) on the samples `idx`, as evaluate scores."""
     module = load_classifier(Layout.from_cfg(cfg).best_ckpt)
-    probs = predict(module.net, data.raw.images[idx], batch_size=cfg.data.eval_batch_size, regularizer=cfg.regularizer)
+    probs = predict(module.net, data.raw.images, indices=idx, batch_size=cfg.data.eval_batch_size,
+                    regularizer=cfg.regularizer)
     overall, _, _ = scores(probs, data.raw.labels[idx], data.raw.classes)
     return {k: overall[k] for k in SCORES}
 

@@ -33,7 +33,7 @@ def input_stats(dm: ArrayDataModule, data: DictConfig) -> tuple[list[float], lis
     """The per-channel (mean, std) the network standardises its input with: the training
     images' own with `data.normalize` (never the validation or test images'), else (0, 1)."""
     if data.normalize:
-        return channel_stats(dm.subset("train")[0])
+        return channel_stats(dm.images, dm.parts["train"])
     return [0.0] * data.channels, [1.0] * data.channels
 
 
