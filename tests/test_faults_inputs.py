@@ -66,9 +66,12 @@ def _stage(project: Path, stage: str) -> subprocess.CompletedProcess:
 
 
 def _files(project: Path) -> dict[str, str]:
-    """Every file of the project but git's and DVC's own, by content hash."""
+    """Every file of the project but git's and DVC's own, and the data store's record of a
+    checksum it verified (`data/raw/.<name>.verified.json`: written by the first read of a
+    copied, unchanged dataset, a cache of a passed check rather than an output), by content hash."""
     return {p.relative_to(project).as_posix(): sha256(p.read_bytes()).hexdigest()
-            for p in sorted(project.rglob("*")) if p.is_file() and p.relative_to(project).parts[0] not in (".git", ".dvc")}
+            for p in sorted(project.rglob("*")) if p.is_file() and p.relative_to(project).parts[0] not in (".git", ".dvc")
+            and not (p.parent.name == "raw" and p.name.endswith(".verified.json"))}
 
 
 def _runs(db: Path) -> list[str]:
