@@ -87,13 +87,13 @@ class FitClock(Callback):
 
 
 def trial_times(experiment: str) -> dict[str, tuple[float, float]]:
-    """Per trial: (``time/train_s`` of its ``metrics/train.json``, last ``time_total_s`` of its ``result.json``)."""
+    """Per trial: (``time_train_s`` of its ``metrics/train.json``, last ``time_total_s`` of its ``result.json``)."""
     times = {}
     for result in sorted(Path(experiment.removeprefix("file://")).glob("*/result.json")):
         lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         train = json.loads((result.parent / "metrics" / "train.json").read_text())
         if lines:
-            times[lines[-1]["trial_id"]] = (float(train["time"]["train_s"]), float(lines[-1]["time_total_s"]))
+            times[lines[-1]["trial_id"]] = (float(train["time_train_s"]), float(lines[-1]["time_total_s"]))
     return times
 
 

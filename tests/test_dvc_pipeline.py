@@ -47,8 +47,8 @@ def test_repro_runs_every_stage_and_writes_outputs(project, first_repro):
     for rel in ("data/splits/digits/split.json", "models/best.ckpt", "models/last.ckpt", "metrics/train.json",
                 "plots/train_curves.json", "plots/confusion.json", "plots/confusion.png", "plots/learning_curves.png"):
         assert (project / rel).exists(), rel
-    test = json.loads((project / "metrics/test.json").read_text())["test"]
-    assert test["acc"] >= 0.97, test  # the defaults' promise on digits
+    test = json.loads((project / "metrics/test.json").read_text())
+    assert test["test_acc"] >= 0.97, test  # the defaults' promise on digits
     assert (project / "mlflow.db").exists()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
     assert status.strip() in ("", "M dvc.lock", "A  dvc.lock", "?? dvc.lock"), status  # outputs are ignored
@@ -75,10 +75,21 @@ def test_second_repro_is_a_noop(project, first_repro):
 
 def test_metrics_and_plots_show(project, first_repro):
     out = run([str(BIN / "dvc"), "metrics", "show"], project)
-    assert "test.acc" in out and "val.acc" in out
+    assert "test_acc" in out and "val_acc" in out
+    # One key per quantity across the metrics files: the same spelling (`model_macs`) in each.
+    shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], project).strip().splitlines()[-1])
+    files = {path: found["data"] for path, found in shown["workspace"]["data"].items()}
+    assert set(files) == {"metrics/train.json", "metrics/test.json", "metrics/cv.json"}, files
+    train, cv = files["metrics/train.json"], files["metrics/cv.json"]
+    assert train["model_macs"] == cv["model_macs"] and train["model_params"] == cv["model_params"]
+    assert "test_acc" in files["metrics/test.json"] and "val_acc" in train and "mean" in cv["val_acc"]
+    for data in files.values():
+        assert not {"model", "test", "val", "train", "time"} & set(data), data  # no nested spelling
     run([str(BIN / "dvc"), "plots", "show", "-o", "dvc_plots"], project)
     html = (project / "dvc_plots" / "index.html").read_text()
     assert "train_curves.json" in html and "confusion" in html
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
+    assert "dvc_plots" not in status  # ignored, as every output is
 
 
 def test_exp_run_model_change_reruns_training_but_not_the_data_stages(project, first_repro):

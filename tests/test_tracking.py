@@ -119,7 +119,9 @@ def _check_loaded_model(uri: str, model_uri: str, cfg) -> None:
 
 
 def _test_json(cfg) -> dict:
-    return json.loads((Path(cfg.paths.out_dir) / "metrics" / "test.json").read_text())["test"]
+    """metrics/test.json's test figures by metric name (the file spells `test/acc` `test_acc`)."""
+    written = json.loads((Path(cfg.paths.out_dir) / "metrics" / "test.json").read_text())
+    return {k.removeprefix("test_"): v for k, v in written.items()}
 
 
 def _check_test_metrics(run: Run, cfg) -> None:

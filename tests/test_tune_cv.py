@@ -66,7 +66,7 @@ def test_a_cv_sweep_with_repeats_trains_every_repetitions_folds(cfg_factory, tmp
     for fold, folder in enumerate(sorted((tmp_path / "results" / "ray").glob("*/*/cv/rep_*/fold_*"))):
         idx = np.load(folder / "models" / "indices.npz")
         assert set(idx["val"].tolist()) == set(splits.folds[fold].tolist())  # repetition 1 has its own folds
-        accs.append(json.loads((folder / "metrics" / "train.json").read_text())["val"]["acc"])
+        accs.append(json.loads((folder / "metrics" / "train.json").read_text())["val_acc"])
     assert float(trial["cv_val_acc"]) == pytest.approx(np.mean(accs))
 
 

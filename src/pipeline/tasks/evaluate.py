@@ -21,6 +21,7 @@ from pipeline.reports.figures import confusion_matrix_png
 from pipeline.tasks.common import TrainingData, dataset_inputs, load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.tracking.server import check_tracking
+from pipeline.training.metrics import file_row
 from pipeline.training.module import Classifier, load_classifier
 from pipeline.training.regularizers import Regularizers
 from pipeline.validation import prepare
@@ -77,7 +78,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
                     regularizer=cfg.regularizer)
     overall, per_class, cm = scores(probs, labels, raw.classes)
 
-    write_json(layout.metrics / "test.json", {"test": overall})
+    write_json(layout.metrics / "test.json", file_row({f"test/{k}": v for k, v in overall.items()}))
     # Per-sample test probabilities: what paired tests between designs (McNemar) compare.
     # (Not in models/: that folder is the train stage's output and must not change here.)
     write_with(layout.predictions, lambda f: np.save(f, probs.astype(np.float32)))

@@ -244,14 +244,9 @@ def _summary(rows: list[dict], monitor: str, size: dict, elapsed: float) -> dict
 
 
 def _write_outputs(layout: Layout, rows: list[dict], metrics: dict[str, float], *, figures: bool) -> None:
-    nested: dict = {}
-    for k, v in metrics.items():
-        head, _, tail = k.partition("/")
-        if tail:
-            nested.setdefault(head, {})[tail] = v
-        else:
-            nested[head] = v
-    write_json(layout.metrics / "train.json", nested)
+    # Spelled as every DVC file spells metrics (`val_acc`, `model_macs`), so `dvc metrics show`
+    # has one column per quantity across train.json, test.json and cv.json.
+    write_json(layout.metrics / "train.json", file_row(metrics))
     write_json(layout.plots / "train_curves.json", [file_row(r) for r in rows])
     if figures:
         learning_curves_png(rows, layout.plots / "learning_curves.png")
