@@ -246,7 +246,7 @@ def test_a_stopped_nested_cv_ends_its_run_tree_killed(cfg_factory, tmp_path: Pat
         try:
             deadline = time.monotonic() + 300
             # A trial's first epoch of its first inner fold (its checkpoint; it reports per fold).
-            while not list(tmp_path.glob("results/ray/*-nested-outer0-*/*/cv/fold_0/models/last.ckpt")):
+            while not list(tmp_path.glob("out/results/ray/*-nested-outer0-*/*/cv/fold_0/models/last.ckpt")):
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)

@@ -186,7 +186,7 @@ def test_retried_trial_keeps_every_epoch_in_its_results(local_ray, cfg_factory, 
     assert (tmp_path / "crashed").exists()
     (trial,) = sweeps.trials(tmp_path)
     assert trial["status"] == "TERMINATED" and trial["failures"] == "1" and trial["epochs"] == "4", trial
-    (results,) = list(tmp_path.glob("results/ray/*/*/result.json"))
+    (results,) = list(tmp_path.glob("out/results/ray/*/*/result.json"))
     epochs = [json.loads(line)["epoch"] for line in results.read_text().splitlines() if line.strip()]
     assert epochs == [0, 1, 2, 3]
 
@@ -273,7 +273,7 @@ def test_trial_lost_before_its_checkpoint_commit_resumes_from_it(local_ray, cfg_
     assert trial["status"] == "TERMINATED" and trial["failures"] == "1" and trial["epochs"] == "4", trial
     (child,) = children
     assert sweeps.steps(client, child.info.run_id) == [0, 1, 2, 3]  # the killed epoch not trained again
-    (results,) = list(tmp_path.glob("results/ray/*/*/result.json"))
+    (results,) = list(tmp_path.glob("out/results/ray/*/*/result.json"))
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     assert [(r["epoch"], r["training_iteration"]) for r in rows] == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert lost == {"runs": 0, "metrics": 0, "checkpoints": 0, "outputs": 0}

@@ -104,6 +104,9 @@ def sweep_config(cfg: DictConfig, fold: int, out: Path) -> DictConfig:
         sweep.tune.cv = True
         sweep.tune.use_best = False
         sweep.tune.name = f"{cfg.tune.name}-nested-outer{fold}"
+        # The Ray experiments stay where the cv run's sweep would keep its own, not inside the
+        # outer fold's folder (under cv/, a DVC output).
+        sweep.tune.storage_path = cfg.tune.get("storage_path") or str(Path(cfg.paths.out_dir) / "results" / "ray")
         sweep.paths.out_dir = str(out)
     return sweep
 

@@ -273,10 +273,10 @@ def run_sweep(cfg: DictConfig, *, train: TrainFn, load: Callable[[DictConfig], A
             ray.shutdown()
     if terminated.is_set():
         raise Terminated(f"terminated: the sweep stopped ({len(interrupted)} of {len(outcome.trials)} trials "
-                         f"unfinished); continue it with tune.resume=true (experiment {path}).")
+                         f"unfinished); continue it with {plan.resume_overrides} (experiment {path}).")
     if interrupted:
         raise SweepInterrupted(f"the sweep stopped with {len(interrupted)} trial(s) unfinished; continue it with "
-                               f"tune.resume=true (experiment {path}).")
+                               f"{plan.resume_overrides} (experiment {path}).")
     if outcome.best is None:
         raise PipelineError(f"no trial of {path} produced a finite {plan.tune['metric']}: see trials.csv.")
     print(f"best trial {outcome.best['trial_id']}: {plan.tune['metric']}={outcome.best['value']:.4f} "

@@ -44,6 +44,15 @@ class Plan:
     storage: str                  # Ray's storage_path (a folder or a URI)
 
     @property
+    def resume_overrides(self) -> str:
+        """What continues this sweep: `tune.resume=true`, and for an ad-hoc sweep (its Ray
+        experiment in its own outputs/ folder) that folder again as Hydra's run folder."""
+        out_dir = Path(self.cfg.paths.out_dir).resolve()
+        if out_dir == self.root.resolve() or self.tune.get("storage_path"):
+            return "tune.resume=true"
+        return f"tune.resume=true hydra.run.dir={out_dir}"
+
+    @property
     def steps(self) -> int:
         """What a trial reports at most: epochs, or folds with `tune.cv` (schedulers' max_t)."""
         return fold_count(self.cfg) if self.tune.get("cv") else int(self.tune["max_epochs"])
@@ -210,7 +219,9 @@ def plan_sweep(cfg: DictConfig) -> Plan:
             raise ConfigError(f"tune.space: trials with {label} would fail: {err}") from err
 
     root = Path(cfg.paths.root)
-    storage = tune.get("storage_path") or "results/ray"
+    # Beside the sweep's other outputs: the DVC stage's under the project's results/, an ad-hoc
+    # sweep's in its own outputs/<date>/<time>/ folder.
+    storage = tune.get("storage_path") or str(Path(cfg.paths.out_dir) / "results" / "ray")
     if "://" not in storage and not Path(storage).expanduser().is_absolute():
         storage = str((root / storage).resolve())
     results = Path(cfg.paths.out_dir) / "results" / "tune"
