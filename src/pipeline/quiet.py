@@ -1,13 +1,22 @@
 """Keep third-party chatter out of the way of progress bars and results.
 
 Warnings and log lines that are expected in this pipeline (and say nothing actionable to
-its users) are silenced here, in one place, rather than scattered through the code.
+its users) are silenced here, in one place, rather than scattered through the code. What
+stays: the training progress bar, a sweep's status table (once a minute), one line per event.
+`pipeline -v ...` (or PIPELINE_VERBOSE=1 in the environment, e.g. for `dvc repro`) gives
+everything back.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from types import ModuleType
+
+# The switch lives in the environment so that every process of a job sees it: Ray's trial
+# workers and DVC's stage processes inherit it from the command that started them.
+VERBOSE_ENV = "PIPELINE_VERBOSE"
 
 _EXPECTED_WARNINGS = (
     # We keep config.yaml and run.json beside the checkpoints on purpose.
@@ -23,19 +32,88 @@ _EXPECTED_WARNINGS = (
     r"It is recommended to use `self.log\('.*', \.\.\., sync_dist=True\)`",
 )
 
+# Lightning's accelerator header, printed by every Trainer (so once per fold, per model of a
+# comparison): the machine does not change within a process, so it is said once.
+_ONCE = ("GPU available:", "TPU available:", "HPU available:", "IPU available:")
+# Lightning's internal step of every fit with a step-based schedule: no news for a user.
+_DROPPED = ("Loading `train_dataloader` to estimate number of stepping batches",)
 
-class _DropTips(logging.Filter):
+# Environment defaults: MLflow's per-file "Downloading artifacts" bars (14 lines for one
+# report on a run id), read by MLflow at each download.
+_QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+# Loggers whose INFO lines are bookkeeping: MLflow's first-use database creation and
+# migrations, and its system-metrics monitor (four lines per run: started, skipped GPU, ...).
+_INFO_LOGGERS = ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics")
+
+# Lightning logs through one of these, whichever of `lightning` and `pytorch_lightning` was
+# imported last (see `import_mlflow_pytorch`).
+_RANK_ZERO = ("lightning.pytorch.utilities.rank_zero", "pytorch_lightning.utilities.rank_zero")
+
+
+def verbose() -> bool:
+    """Whether the user asked for everything (`pipeline -v`, PIPELINE_VERBOSE=1)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+class _Chatter(logging.Filter):
+    """Drops Lightning's advertising and internal steps, and repeats of its header."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡")
+        msg = str(record.msg)
+        if msg.startswith("💡") or msg.startswith(_DROPPED):
+            return False
+        if msg.startswith(_ONCE):
+            if msg in self.seen:
+                return False
+            self.seen.add(msg)
+        return True
+
+
+_chatter = _Chatter()
 
 
 def quiet() -> None:
-    """Silence expected warnings and advertising; idempotent."""
+    """Silence expected warnings, advertising and repeated lines (unless `verbose()`); idempotent.
+    Every way in calls it first, before anything is imported that logs."""
+    if verbose():
+        for name in _RANK_ZERO:
+            logging.getLogger(name).removeFilter(_chatter)
+        return
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropTips) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropTips())
-    # "Creating initial MLflow database tables..." and alembic migrations on first use.
-    for name in ("mlflow.store.db.utils", "alembic"):
+    for name in _RANK_ZERO:
+        logger = logging.getLogger(name)
+        if _chatter not in logger.filters:
+            logger.addFilter(_chatter)
+    for name in _INFO_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def import_mlflow_pytorch() -> ModuleType:
+    """`mlflow.pytorch`, without what importing it does to this process's logging.
+
+    Its import calls `logging.basicConfig` (a handler on the root logger: from then on every
+    propagating logger prints in another format, `INFO:name:message`, the pipeline's warnings
+    twice) and imports `pytorch_lightning`, which points Lightning's shared rank-zero logger at
+    its own logger: Lightning's lines then bypass `quiet`'s filter (the litmodels tip appears).
+    Both are put back as they were.
+    """
+    import lightning_utilities.core.rank_zero as rank_zero
+
+    root = logging.getLogger()
+    handlers, level, rank_zero_log = list(root.handlers), root.level, rank_zero.log
+    try:
+        import mlflow.pytorch
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        rank_zero.log = rank_zero_log
+    return mlflow.pytorch

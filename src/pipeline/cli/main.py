@@ -5,6 +5,10 @@
     pipeline params                                            rewrite params.yaml from conf/
     pipeline deps [--check]                                    rewrite (check) dvc.yaml's code deps
 
+`-v`/`--verbose` (anywhere, e.g. `pipeline -v cv`) shows everything the libraries print:
+Lightning's header for every fit, MLflow's download bars and INFO lines, Ray's status table
+every 10 s; PIPELINE_VERBOSE=1 does the same for `dvc repro`/`dvc exp run`.
+
 Exit statuses are set in one place, `pipeline.cli.exits`: 0 success, 1 a bug, 2 a user error,
 130 SIGINT, 143 SIGTERM.
 """
@@ -12,11 +16,15 @@ Exit statuses are set in one place, `pipeline.cli.exits`: 0 success, 1 a bug, 2 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.cli import exits
 from pipeline.config import find_root
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.quiet import VERBOSE_ENV, quiet
+
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -66,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true",
+                        help="show everything the libraries print (sets PIPELINE_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for job, (_, summary) in JOBS.items():  # parsed by Hydra (see main); listed here for --help
         sub.add_parser(job, help=summary, add_help=False)
@@ -83,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(arg in VERBOSE_FLAGS for arg in argv):
+        # In the environment, so Ray's workers and any process a job starts see it too.
+        os.environ[VERBOSE_ENV] = "1"
+        argv = [arg for arg in argv if arg not in VERBOSE_FLAGS]
+    quiet()  # before the jobs' imports, some of which log as they load
     from pipeline.cli.apps import JOBS, launch
 
     if argv and argv[0] in JOBS:  # Hydra parses the rest (-m, --help, --cfg job, overrides)

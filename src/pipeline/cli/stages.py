@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.cli import exits
 from pipeline.errors import ConfigError
+from pipeline.quiet import quiet
 
 STAGES: dict[str, str] = {
     "fetch": "pipeline.tasks.data:fetch",
@@ -107,6 +108,7 @@ def _show_progress() -> None:
 def run_stage(stage: str, params: str = "params.yaml") -> int:
     """Run one stage's task on `params`; its exit status."""
     _end_with_dvc()
+    quiet()  # PIPELINE_VERBOSE=1 dvc repro shows everything
     _show_progress()
 
     def body() -> None:

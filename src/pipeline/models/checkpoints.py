@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import DataError
+from pipeline.quiet import import_mlflow_pytorch
 
 PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
@@ -67,7 +68,6 @@ def load_mlflow_model(uri: str) -> nn.Module:
     (network classes only) unless the environment sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true
     (a source one trusts), which lets MLflow unpickle it."""
     import mlflow.artifacts
-    import mlflow.pytorch
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
@@ -79,7 +79,7 @@ def load_mlflow_model(uri: str) -> nn.Module:
     # The environment variable scopes the switch to this call (MLflow reads it at load time).
     os.environ[PICKLE_SWITCH] = chosen if chosen is not None else "false"
     try:
-        return mlflow.pytorch.load_model(str(local), map_location="cpu")
+        return import_mlflow_pytorch().load_model(str(local), map_location="cpu")
     except MlflowException as err:
         if "pickle" not in str(err).lower():
             raise

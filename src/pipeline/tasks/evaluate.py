@@ -17,6 +17,7 @@ from pipeline.data.batches import TensorBatches, gather, to_batch
 from pipeline.errors import DataError
 from pipeline.files import write_with
 from pipeline.layout import Layout
+from pipeline.quiet import import_mlflow_pytorch
 from pipeline.reports.figures import confusion_matrix_png
 from pipeline.tasks.common import TrainingData, dataset_inputs, load_data, write_json
 from pipeline.tracking.mlflow_run import TrackedRun
@@ -137,8 +138,8 @@ def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray)
     a graph whose `.eval()` and `.train()` raise. Loading needs this package importable (the
     file names its classes); `models.checkpoints.load_mlflow_model` reads it weights-only."""
     import mlflow
-    import mlflow.pytorch
 
+    mlflow_pytorch = import_mlflow_pytorch()
     example = to_batch(example_images).numpy()
     # log_model only speaks to the "current" tracking URI. The environment variable scopes it
     # to this call; mlflow.set_tracking_uri would leak into the rest of the process.
@@ -147,7 +148,7 @@ def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray)
     try:
         with mlflow.start_run(run_id=run.run_id):
             # Explicit requirements skip MLflow's slow import-scanning inference.
-            mlflow.pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
+            mlflow_pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
                                      serialization_format="pickle",
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     finally:
