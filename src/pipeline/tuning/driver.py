@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import flatten
 from pipeline.errors import ConfigError, PipelineError, Terminated
+from pipeline.quiet import verbose
 from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tracking.provenance import git_commit
 from pipeline.tracking.server import check_tracking
@@ -205,8 +206,10 @@ def build_tuner(plan: Plan, train: TrainFn, trial_callbacks: Sequence[Any] = (),
     metric = plan.tune["metric"]  # with tune.cv: the running mean over the folds done
     columns = {"training_iteration": f"{plan.step_key}s", metric: metric, "val/loss": "val/loss",
                "train/loss": "train/loss", **{m: m for m, _ in plan.objectives}}
+    # The status table at most once a minute (every 10 s with `pipeline -v`): a long sweep still
+    # shows its progress, a short one is not a scroll of repeated tables; the final one always.
     reporter = tune.CLIReporter(metric_columns=columns,
-                                parameter_columns=list(plan.space), max_report_frequency=10,
+                                parameter_columns=list(plan.space), max_report_frequency=10 if verbose() else 60,
                                 max_progress_rows=30)  # sort_by_metric fails on metric-less trials
     run_config = tune.RunConfig(
         name=folder, storage_path=plan.storage, verbose=1, callbacks=callbacks, progress_reporter=reporter,
