@@ -45,6 +45,10 @@ _QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 # Loggers whose INFO lines are bookkeeping: MLflow's first-use database creation and
 # migrations, and its system-metrics monitor (four lines per run: started, skipped GPU, ...).
 _INFO_LOGGERS = ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics")
+# Ray's notice on every start of a local instance that token authentication, its default, is
+# on. (Setting RAY_AUTH_MODE=token instead, as the notice suggests, does not work once `ray` is
+# imported: Ray reads its config at import, and the instance then fails to start.)
+_WARNING_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
 
 # Lightning logs through one of these, whichever of `lightning` and `pytorch_lightning` was
 # imported last (see `import_mlflow_pytorch`).
@@ -83,6 +87,8 @@ def quiet() -> None:
     if verbose():
         for name in _RANK_ZERO:
             logging.getLogger(name).removeFilter(_chatter)
+        for name in (*_INFO_LOGGERS, *_WARNING_LOGGERS):
+            logging.getLogger(name).setLevel(logging.NOTSET)
         return
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -94,6 +100,8 @@ def quiet() -> None:
             logger.addFilter(_chatter)
     for name in _INFO_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in _WARNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def import_mlflow_pytorch() -> ModuleType:

@@ -76,10 +76,6 @@ def init_ray(tune: Mapping[str, Any], *, num_cpus: int | None = None) -> bool:
     # whose CPUs, lifetime and jobs belong to someone else. A local Ray's workers inherit
     # TRIAL_ENV from the raylet this call starts; a runtime_env here would cost every sweep
     # about 1.5 s more before its first trial actor starts.
-    # Token authentication is what a new local Ray does by default; saying so explicitly, as
-    # Ray's own default sets it, spares a warning on every run ("Token authentication is
-    # enabled ... Set RAY_AUTH_MODE=disabled to opt out"). A user's own setting wins.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     with keeps_sigterm_handler():  # ray.init installs a SIGTERM handler of its own
         ray.init(address="local", num_cpus=tune.get("num_cpus") or num_cpus, include_dashboard=False)
     return True
