@@ -495,9 +495,13 @@ def test_hydra_cli_reports_on_a_run_id(trained, tmp_path: Path) -> None:
     root = Path(cfg.paths.root)
     cmd = [sys.executable, "-m", "pipeline", "report", f"run_id={info['run_id']}", f"paths.root={root}",
            f"tracking.tracking_uri={info['tracking_uri']}", "tracking.enabled=false", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PIPELINE_VERBOSE": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "reports" / "runs" / info["run_id"] / "report.html").exists()
+    # One line per event: no MLflow bar per downloaded file, no log lines in another format.
+    out = proc.stdout + proc.stderr
+    assert "Downloading artifacts" not in out and "INFO:" not in out and "💡" not in out, out
 
 
 @pytest.mark.slow
