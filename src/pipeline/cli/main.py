@@ -25,6 +25,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.quiet import VERBOSE_ENV, quiet
 
 VERBOSE_FLAGS = ("-v", "--verbose")
+STALE_LOCK = "dvc.lock no longer matches it: run `make lock` (dvc repro) and commit both."
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -52,8 +53,11 @@ def _params(args: argparse.Namespace) -> None:
     from pipeline.config import CONFIG_NAME, config_dir
 
     out = find_root() / "params.yaml"
+    before = out.read_text() if out.exists() else None
     compose_and_dump(out, str(config_dir()), None, CONFIG_NAME, str(find_root()), [])
     print(f"wrote {out}")
+    if out.read_text() != before:
+        print(STALE_LOCK)
 
 
 def _deps(args: argparse.Namespace) -> None:
@@ -67,6 +71,7 @@ def _deps(args: argparse.Namespace) -> None:
                               + "\nrun `make deps` (pipeline deps) to rewrite them.")
     elif write(dvc_yaml):
         print(f"wrote {dvc_yaml}")
+        print(STALE_LOCK)
 
 
 def _parser() -> argparse.ArgumentParser:
