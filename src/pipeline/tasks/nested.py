@@ -104,9 +104,12 @@ def sweep_config(cfg: DictConfig, fold: int, out: Path) -> DictConfig:
         sweep.tune.cv = True
         sweep.tune.use_best = False
         sweep.tune.name = f"{cfg.tune.name}-nested-outer{fold}"
-        # The Ray experiments stay where the cv run's sweep would keep its own, not inside the
-        # outer fold's folder (under cv/, a DVC output).
-        sweep.tune.storage_path = cfg.tune.get("storage_path") or str(Path(cfg.paths.out_dir) / "results" / "ray")
+        # On a private local Ray, the Ray experiments stay where the cv run's sweep would keep
+        # its own, not inside the outer fold's folder (under cv/, a DVC output). On a cluster
+        # (tune.address) an unset storage_path stays unset: the driver refuses a local folder
+        # on several nodes and asks for a shared one.
+        if not cfg.tune.get("storage_path") and not cfg.tune.get("address"):
+            sweep.tune.storage_path = str(Path(cfg.paths.out_dir) / "results" / "ray")
         sweep.paths.out_dir = str(out)
     return sweep
 
