@@ -59,6 +59,20 @@ def test_group_choices_are_composed_in_the_driver(cfg_factory):
     assert default.fixed == {"scheduler": "exponential"} and default.base["scheduler"]["name"] == "exponential"
 
 
+def test_a_sweep_keeps_its_ray_experiment_beside_its_other_outputs(cfg_factory, tmp_path):
+    """The DVC stage (out_dir = the root) in results/ray; an ad-hoc sweep in its own folder."""
+    adhoc = plan_sweep(cfg_factory())  # out_dir: tmp_path/out, as Hydra's run folder
+    assert Path(adhoc.storage) == tmp_path / "out" / "results" / "ray"
+    assert adhoc.results == tmp_path / "out" / "results" / "tune"
+    assert adhoc.resume_overrides == f"tune.resume=true hydra.run.dir={tmp_path / 'out'}"
+    stage_cfg = cfg_factory()
+    stage_cfg.paths.out_dir = str(tmp_path)  # the DVC stage's: outputs at the project root
+    stage = plan_sweep(stage_cfg)
+    assert Path(stage.storage) == tmp_path / "results" / "ray" and stage.resume_overrides == "tune.resume=true"
+    shared = plan_sweep(cfg_factory([f"tune.storage_path={tmp_path / 'shared'}"]))
+    assert Path(shared.storage) == tmp_path / "shared"
+
+
 def test_cluster_without_shared_storage_is_refused(cfg_factory, monkeypatch):
     import ray
 
