@@ -87,12 +87,20 @@ def test_second_repro_is_a_noop(project, first_repro):
     assert "up to date" in out.lower()
 
 
+def _metrics_by_file(project: Path) -> dict[str, dict]:
+    """`dvc metrics show --json` of the workspace: {file: its metrics}."""
+    done = subprocess.run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=project, env=project_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (workspace,) = json.loads(done.stdout).values()  # one revision: the workspace
+    return {path: found.get("data", found) for path, found in workspace["data"].items()}
+
+
 def test_metrics_and_plots_show(project, first_repro):
     out = run([str(BIN / "dvc"), "metrics", "show"], project)
     assert "test_acc" in out and "val_acc" in out
     # One key per quantity across the metrics files: the same spelling (`model_macs`) in each.
-    shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], project).strip().splitlines()[-1])
-    files = {path: found["data"] for path, found in shown["workspace"]["data"].items()}
+    files = _metrics_by_file(project)
     assert set(files) == {"metrics/train.json", "metrics/test.json", "metrics/cv.json"}, files
     train, cv = files["metrics/train.json"], files["metrics/cv.json"]
     assert train["model_macs"] == cv["model_macs"] and train["model_params"] == cv["model_params"]
