@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # pip's "no index page" warnings from local mirrors are noise, not news.
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test install lint params deps lock bench faults clean
+.PHONY: run test install lint params deps bench faults clean
 
 # The stamp is newer than pyproject.toml once installed, so a second `make` installs nothing.
 $(VENV)/.installed: pyproject.toml
@@ -41,6 +41,7 @@ deps: install
 # dvc.lock is committed (DVC's convention: `dvc exp run` on a fresh clone then has a baseline and
 # no "No file hash info" warnings). After changing src/, conf/ or params.yaml, regenerate it with
 # the default pipeline and commit it; tests/test_dvc_lock.py says when it is out of date.
+.PHONY: lock
 lock: install
 	$(BIN)/dvc repro
 

@@ -139,7 +139,7 @@ def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray)
     file names its classes); `models.checkpoints.load_mlflow_model` reads it weights-only."""
     import mlflow
 
-    mlflow_pytorch = import_mlflow_pytorch()
+    import_mlflow_pytorch()  # as `import mlflow.pytorch`, without its changes to logging
     example = to_batch(example_images).numpy()
     # log_model only speaks to the "current" tracking URI. The environment variable scopes it
     # to this call; mlflow.set_tracking_uri would leak into the rest of the process.
@@ -148,7 +148,7 @@ def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray)
     try:
         with mlflow.start_run(run_id=run.run_id):
             # Explicit requirements skip MLflow's slow import-scanning inference.
-            mlflow_pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
+            mlflow.pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
                                      serialization_format="pickle",
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     finally:
