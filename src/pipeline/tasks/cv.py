@@ -27,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis.stats import summarize
 from pipeline.config import flatten, fold_config, fold_count, fold_position, to_container
+from pipeline.data.splits import load_splits
+from pipeline.data.store import read_raw
 from pipeline.layout import Layout
 from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
@@ -179,10 +181,10 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
         else:
             results = [run_fold(plain, fold, parent_id) for fold in folds]
         results.sort(key=lambda r: r["fold"])
-        if data is None:
-            data = load_data(cfg, layout)
-        ensemble = fold_ensemble([r.pop(TEST_PROBS) for r in results], data.raw.labels[data.splits.test],
-                                 data.raw.classes)
+        # Sequential folds read the data themselves; the ensemble needs only the test labels.
+        raw, splits = ((data.raw, data.splits) if data is not None
+                       else (read_raw(layout.raw, in_memory=False), load_splits(layout.splits)))
+        ensemble = fold_ensemble([r.pop(TEST_PROBS) for r in results], raw.labels[splits.test], raw.classes)
         # Repeated folds share data: their interval is the corrected one (a fold tests on one
         # of k parts and trains on k - 1); one repetition keeps the plain t-interval.
         factor = 1 / len(folds) + 1 / (cfg.data.split.folds - 1) if repeats > 1 else None
