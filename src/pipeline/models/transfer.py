@@ -134,6 +134,24 @@ def freeze(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
     return frozen
 
 
+def describe(model: nn.Module, source: str, loaded: Iterable[str], frozen: Iterable[str],
+             prefixes: Iterable[str] = ()) -> str:
+    """One line saying what a transfer did to `model`: the parameters loaded from `source`,
+    the layers left at their fresh initialisation (the new head: no tensor of that name and
+    shape in the source) and what the `prefixes` (transfer.freeze) froze."""
+    loaded, frozen, prefixes = set(loaded), list(frozen), list(prefixes)
+    names = [n for n, _ in model.named_parameters()]
+    fresh = _layers(n for n in names if n not in loaded)
+    held = f"{', '.join(prefixes)} ({len(frozen)} tensors)" if frozen else "nothing"
+    return (f"transfer: loaded {len(loaded)} of {len(names)} parameter tensors from {source}; "
+            f"new (fresh weights): {', '.join(fresh) or 'none'}; froze {held}")
+
+
+def _layers(names: Iterable[str]) -> list[str]:
+    """The layers (`classifier.6`) owning these parameters (`classifier.6.weight`), in order."""
+    return list(dict.fromkeys(n.rpartition(".")[0] or n for n in names))
+
+
 def param_groups(model: nn.Module, pretrained: Iterable[str], *, lr: float, ratio: float) -> list[dict]:
     """Optimizer groups: pretrained parameters at lr * ratio, new ones at lr (frozen ones left out)."""
     pretrained = set(pretrained)
