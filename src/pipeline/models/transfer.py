@@ -121,7 +121,8 @@ def _checkpoint_arch(source: str) -> str | None:
 
 def freeze(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
     """Stop gradients for parameters whose name starts with any prefix; returns their names."""
-    prefixes = tuple(prefixes)
+    # str: a numbered layer (an MLP's `1`) comes from the config as an int (transfer.freeze=[1]).
+    prefixes = tuple(str(p) for p in prefixes)
     frozen = []
     for name, p in model.named_parameters():
         if prefixes and name.startswith(prefixes):
@@ -139,7 +140,7 @@ def describe(model: nn.Module, source: str, loaded: Iterable[str], frozen: Itera
     """One line saying what a transfer did to `model`: the parameters loaded from `source`,
     the layers left at their fresh initialisation (the new head: no tensor of that name and
     shape in the source) and what the `prefixes` (transfer.freeze) froze."""
-    loaded, frozen, prefixes = set(loaded), list(frozen), list(prefixes)
+    loaded, frozen, prefixes = set(loaded), list(frozen), [str(p) for p in prefixes]
     names = [n for n, _ in model.named_parameters()]
     fresh = _layers(n for n in names if n not in loaded)
     held = f"{', '.join(prefixes)} ({len(frozen)} tensors)" if frozen else "nothing"
