@@ -23,7 +23,7 @@ def is_server(tracking_uri: str) -> bool:
 
 def ui_hint(tracking_uri: str) -> str | None:
     """How to serve a local store at `LOCAL_UI` (None for a server: it serves itself)."""
-    return None if is_server(tracking_uri) else f"(to open it: mlflow ui --backend-store-uri {tracking_uri})"
+    return None if is_server(tracking_uri) else f"(start the UI with: mlflow ui --backend-store-uri {tracking_uri})"
 
 
 def experiment_of(tracking_uri: str, run_id: str) -> str:
