@@ -121,7 +121,8 @@ def _checkpoint_arch(source: str) -> str | None:
 
 def freeze(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
     """Stop gradients for parameters whose name starts with any prefix; returns their names."""
-    prefixes = tuple(prefixes)
+    # str: a numbered layer (an MLP's `1`) comes from the config as an int (transfer.freeze=[1]).
+    prefixes = tuple(str(p) for p in prefixes)
     frozen = []
     for name, p in model.named_parameters():
         if prefixes and name.startswith(prefixes):
@@ -132,6 +133,24 @@ def freeze(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
         raise ConfigError(f"transfer.freeze={list(prefixes)} matches no parameter; top-level layers are: "
                           f"{', '.join(names)}.")
     return frozen
+
+
+def describe(model: nn.Module, source: str, loaded: Iterable[str], frozen: Iterable[str],
+             prefixes: Iterable[str] = ()) -> str:
+    """One line saying what a transfer did to `model`: the parameters loaded from `source`,
+    the layers left at their fresh initialisation (the new head: no tensor of that name and
+    shape in the source) and what the `prefixes` (transfer.freeze) froze."""
+    loaded, frozen, prefixes = set(loaded), list(frozen), [str(p) for p in prefixes]
+    names = [n for n, _ in model.named_parameters()]
+    fresh = _layers(n for n in names if n not in loaded)
+    held = f"{', '.join(prefixes)} ({len(frozen)} tensors)" if frozen else "nothing"
+    return (f"transfer: loaded {len(loaded)} of {len(names)} parameter tensors from {source}; "
+            f"new (fresh weights): {', '.join(fresh) or 'none'}; froze {held}")
+
+
+def _layers(names: Iterable[str]) -> list[str]:
+    """The layers (`classifier.6`) owning these parameters (`classifier.6.weight`), in order."""
+    return list(dict.fromkeys(n.rpartition(".")[0] or n for n in names))
 
 
 def param_groups(model: nn.Module, pretrained: Iterable[str], *, lr: float, ratio: float) -> list[dict]:

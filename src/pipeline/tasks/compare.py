@@ -158,6 +158,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         if parent is not None:
             for name in ("compare.md", "compare.json", "compare_folds.png", "compare_cost.png"):
                 parent.log_artifact(reports / name)
+            stats["mlflow_run_id"] = parent.run_id  # for the summary; compare.json is written
     return stats
 
 
@@ -199,7 +200,8 @@ def budget_markdown(stats: dict[str, Any]) -> list[str]:
     lines = ["## Training budget", "", "| alternative | input (px) | epochs run per fold (best epoch) | max_epochs "
              "| ended before max_epochs |", "|---|---|---|---|---|"]
     for name, e in stats["extra"].items():
-        runs = ", ".join(f"{n} ({b})" for n, b in zip(e["epochs"], e["best_epoch"]))
+        # best_epoch is stored 0-based (Lightning's count); a reader counts epochs from 1
+        runs = ", ".join(f"{n} ({b + 1})" for n, b in zip(e["epochs"], e["best_epoch"]))
         stopped = sum(n < e["max_epochs"] for n in e["epochs"])
         lines.append(f"| {name} | {e['input_px']} | {runs} | {e['max_epochs']} | {stopped} of {len(e['epochs'])} |")
     warnings = stats.get("budget_warnings") or []

@@ -153,7 +153,7 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
     """Train one model per fold; writes `metrics/cv.json` (mean, std, 95% CI, per-fold values,
     and the fold ensemble's `ensemble/test/*`: every fold model's test probabilities averaged,
     as He et al. report their ensembles) and returns what it holds, keyed `val/acc` as in the
-    code (the file has `val_acc`).
+    code (the file has `val_acc`), and `mlflow_run_id`: the CV run's (when tracked).
 
     The CV run is an MLflow parent of the fold runs (and itself a child of `parent_run_id`,
     e.g. a comparison's run, when given).
@@ -201,6 +201,8 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
                                 for stat, value in stats.items() if stat in ("mean", "std", "ci_low", "ci_high")})
             parent.log_metrics({f"cv/{key}": value for key, value in ensemble.items()})
             parent.log_artifact(layout.metrics / "cv.json")
+    if parent_id is not None:  # for the command's summary; not in cv.json, a DVC metrics file
+        out["mlflow_run_id"] = parent_id
     return out
 
 

@@ -22,7 +22,7 @@ from pipeline.files import write_text, write_with
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
 from pipeline.models.checkpoints import load_file
-from pipeline.models.transfer import freeze, load_state, transfer_weights
+from pipeline.models.transfer import describe, freeze, load_state, transfer_weights
 from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
 from pipeline.tasks.common import (
@@ -217,6 +217,8 @@ def _transfer(module: Classifier, transfer: DictConfig) -> dict[str, str]:
     loaded = transfer_weights(net, load_state(transfer.source), source=transfer.source, arch=module.hparams["arch"])
     frozen = freeze(net, transfer.freeze)
     module.pretrained = (loaded, float(transfer.pretrained_lr_ratio))
+    # On the console, as the tuned hyperparameters' note (tuning.best): a run's starting point.
+    print(describe(net, transfer.source, loaded, frozen, transfer.freeze), flush=True)
     return {"transfer_source": transfer.source, "transfer_loaded": str(len(loaded)),
             "transfer_frozen": str(len(frozen))}
 
