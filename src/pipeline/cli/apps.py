@@ -45,6 +45,8 @@ def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any],
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     with open_dict(cfg):
         cfg.paths.out_dir = str(out_dir)
+        if cfg.tracking.get("register", False) is None:  # on for the DVC pipeline only (conf/tracking)
+            cfg.tracking.register = False
     try:
         checked = (check or prepare)(cfg)
         # Before the data, which may be a download.

@@ -101,6 +101,24 @@ def open_client(tracking_uri: str) -> MlflowClient:
 
 
 @contextmanager
+def scoped_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's "current" tracking URI (which `runs:/` and `models:/` URIs, `log_model` and
+    `load_model` resolve against) set to `uri` for a block. The environment variable scopes
+    it; `mlflow.set_tracking_uri` would leak into the rest of the process."""
+    import os
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@contextmanager
 def _store_creation_lock(uri: str) -> Iterator[None]:
     """An exclusive `flock` on a SQLite store's folder (other stores: nothing to hold).
 
