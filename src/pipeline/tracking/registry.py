@@ -66,7 +66,7 @@ def register(client: MlflowClient, name: str, *, run_id: str, model_uri: str, mo
                                               tags={SCORE_TAG: f"{test_acc:.6f}"}).version
     current = champion_version(client, name)
     if current is None:
-        moved, reason = True, f"champion: {test_acc:.4f} (version {version}, the first with a test accuracy)"
+        moved, reason = True, f"champion: {test_acc:.4f} (no champion before)"
     else:
         best, best_version = current
         moved = test_acc > best
