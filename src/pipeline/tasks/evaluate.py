@@ -92,7 +92,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
 
     # tracking.register: null is on here, the DVC pipeline's evaluate stage; an ad-hoc run's
     # app sets it false unless asked (pipeline.cli.apps); a cross-validation fold never registers.
-    registering = run is None and cfg.tracking.register is not False
+    registering = run is None and cfg.data.fold is None and cfg.tracking.register is not False
     if not cfg.tracking.enabled:
         run = None
     elif run is None:
