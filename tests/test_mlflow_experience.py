@@ -183,6 +183,10 @@ def test_the_logged_model_is_a_network_a_user_can_use(digits_cfg, tmp_path: Path
     assert client.get_run(run_id).data.tags["registry.champion"].startswith(f"champion: {test_acc:.4f}")
     champion = load_state(f"models:/{name}@champion")  # what transfer.source accepts
     assert champion.keys() == own.keys() and all(torch.equal(champion[k], own[k]) for k in own)
+    # `pipeline report run_id=models:/<name>@champion`: the report of the run that logged it.
+    from pipeline.tasks.report import report_for_run
+
+    assert report_for_run(f"models:/{name}@champion", digits_cfg).parent.name == run_id
     _the_champion_moves_only_on_a_better_test_accuracy(client, name, run_id, first.source, test_acc)
 
 
