@@ -22,6 +22,7 @@ def test_the_log_is_written_and_attached_even_on_failure(tmp_path: Path, capsys)
     level = pipeline_log.level
     pipeline_log.setLevel(logging.WARNING)
     pipeline_log.addHandler(console)
+    logging.getLogger("pipeline.tasks.chatty").setLevel(logging.INFO)  # as conf sets the fetch's progress
     out = tmp_path / "out"
     out.mkdir()
     try:
@@ -29,6 +30,7 @@ def test_the_log_is_written_and_attached_even_on_failure(tmp_path: Path, capsys)
             parent = TrackedRun.start(tracking_uri=store, experiment="e")
             child = TrackedRun.start(tracking_uri=store, experiment="e", parent_run_id=parent.run_id)
             logging.getLogger("pipeline.tasks.x").info("an info line for the file")
+            logging.getLogger("pipeline.tasks.chatty").info("progress for both")  # its own level: INFO
             logging.getLogger("pipeline.tasks.x").warning("a warning line for both")
             logging.getLogger("elsewhere").warning("not the pipeline's")
             warnings.warn("a library's warning", UserWarning, stacklevel=1)
@@ -38,6 +40,7 @@ def test_the_log_is_written_and_attached_even_on_failure(tmp_path: Path, capsys)
     finally:
         pipeline_log.removeHandler(console)
         pipeline_log.setLevel(level)
+        logging.getLogger("pipeline.tasks.chatty").setLevel(logging.NOTSET)
     text = path.read_text()
     assert path == out / "run.log"
     for line in ("INFO pipeline.tasks.x: an info line for the file", "WARNING pipeline.tasks.x: a warning line",
@@ -46,7 +49,8 @@ def test_the_log_is_written_and_attached_even_on_failure(tmp_path: Path, capsys)
     assert "not the pipeline's" not in text
     err = capsys.readouterr().err
     assert "a warning line for both" in err and "an info line" not in err  # the console's level holds
-    assert pipeline_log.level == level and console.level == logging.NOTSET  # all put back
+    assert "progress for both" in err and "progress for both" in text  # and so does a logger's own
+    assert pipeline_log.level == level and not console.filters  # all put back
     client = MlflowClient(store)
     assert [a.path for a in client.list_artifacts(parent.run_id)] == ["run.log"]
     assert client.list_artifacts(child.run_id) == []  # a nested run is part of its parent's story

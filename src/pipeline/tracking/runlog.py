@@ -31,14 +31,12 @@ def run_log(out_dir: Path | str) -> Iterator[Path]:
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(FORMAT))
     logger = logging.getLogger("pipeline")
-    level, pinned = logger.level, []
-    quieter = logger.getEffectiveLevel()
+    level, quieter = logger.level, logger.getEffectiveLevel()
+    as_before = _AsBefore(quieter)
     if quieter > logging.INFO:
-        # INFO records must be made for the file, but not reach the console's handlers.
+        # INFO records must be made for the file, but reach the console's handlers only as before.
         for existing in logger.handlers:
-            if existing.level == logging.NOTSET:
-                existing.setLevel(quieter)
-                pinned.append(existing)
+            existing.addFilter(as_before)
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     shown = warnings.showwarning
@@ -64,11 +62,30 @@ def run_log(out_dir: Path | str) -> Iterator[Path]:
         warnings.showwarning = shown
         logger.removeHandler(handler)
         logger.setLevel(level)
-        for existing in pinned:
-            existing.setLevel(logging.NOTSET)
+        for existing in logger.handlers:
+            existing.removeFilter(as_before)
         handler.close()
         if path.exists():
             _attach(path, top_level_runs[first:])
+
+
+class _AsBefore(logging.Filter):
+    """Passes what the "pipeline" logger's handlers showed before it was lowered to INFO: a
+    record at `level` or above, or at the level a logger below it sets for itself (e.g. the
+    image-folder fetch's progress at INFO)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        while name and name != "pipeline":
+            own = logging.root.manager.loggerDict.get(name)
+            if isinstance(own, logging.Logger) and own.level != logging.NOTSET:
+                return record.levelno >= own.level
+            name = name.rpartition(".")[0]
+        return record.levelno >= self.level
 
 
 def _attach(path: Path, runs: list[tuple[str, str]]) -> None:
