@@ -39,18 +39,22 @@ def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any],
 
     from pipeline.errors import PipelineError
     from pipeline.tasks.data import ensure_data
+    from pipeline.tracking.runlog import run_log
     from pipeline.tracking.server import check_tracking
     from pipeline.validation import prepare
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     with open_dict(cfg):
         cfg.paths.out_dir = str(out_dir)
+        if cfg.tracking.get("register", False) is None:  # on for the DVC pipeline only (conf/tracking)
+            cfg.tracking.register = False
     try:
         checked = (check or prepare)(cfg)
         # Before the data, which may be a download.
         check_tracking(checked.tracking, checked.paths.root)
-        ensure_data(cfg)
-        return task(cfg)
+        with run_log(out_dir):  # <out>/run.log, attached to the task's MLflow run
+            ensure_data(cfg)
+            return task(cfg)
     except PipelineError as err:
         _drop_if_unused(out_dir)
         raise _Carried(err) from err
@@ -59,12 +63,12 @@ def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any],
 
 
 def _drop_if_unused(out_dir: Path) -> None:
-    """Hydra made the folder, with only its `.hydra/` record, before the task could check the
-    config: remove it, and its parents that are now empty up to the working directory
-    (outputs/<date>/, outputs/), from which Hydra's relative run folders start. A folder at
-    or above the working directory (or elsewhere, with an absolute hydra.run.dir) was not
-    Hydra's to make: it stays."""
-    if not (out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra"}):
+    """Hydra made the folder, with only its `.hydra/` record (and `run.log`, the refusal's),
+    before the task could check the config: remove it, and its parents that are now empty up
+    to the working directory (outputs/<date>/, outputs/), from which Hydra's relative run
+    folders start. A folder at or above the working directory (or elsewhere, with an absolute
+    hydra.run.dir) was not Hydra's to make: it stays."""
+    if not (out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra", "run.log"}):
         return
     out_dir = out_dir.resolve()
     shutil.rmtree(out_dir)

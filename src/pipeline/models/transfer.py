@@ -4,8 +4,10 @@ Sources (`transfer.source`):
 - a checkpoint file: a Lightning `.ckpt` of this pipeline, or a `.pt`/`.pth` state dict.
   Files load weights-only (`models.checkpoints`): a pickled module is refused, since
   unpickling one could run any code (save its `state_dict()` instead);
-- an MLflow model URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<id>`
-  (a pickle-format model loads weights-only there too: network classes only);
+- an MLflow model URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<id>`,
+  `models:/<name>@champion` (the registry's best: `tracking.register`), read from the store
+  `tracking.tracking_uri` names (a pickle-format model loads weights-only there too:
+  network classes only);
 - torchvision weights by name: `torchvision:ResNet18_Weights.IMAGENET1K_V1` (downloaded
   once into torch's cache on a networked machine).
 Weights are matched by parameter name and shape; if the names differ (torchvision's
