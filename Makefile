@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # pip's "no index page" warnings from local mirrors are noise, not news.
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test install lint params deps bench faults clean
+.PHONY: run test install lint params deps bench faults screenshots clean
 
 # The stamp is newer than pyproject.toml once installed, so a second `make` installs nothing.
 $(VENV)/.installed: pyproject.toml
@@ -51,6 +51,10 @@ bench: install
 # The reliability suite: every fault scenario (tests marked `fault`), tabulated in reports/faults.md.
 faults: install
 	$(BIN)/python bench/faults.py
+
+# The README's screenshots of the MLflow UI and the HTML report (headless Chromium), into docs/img/.
+screenshots: install
+	$(BIN)/python bench/screenshots.py
 
 clean:
 	rm -rf outputs multirun lightning_logs .pytest_cache

@@ -60,6 +60,16 @@ def test_planted_worse_and_identical_designs(cfg_factory, tmp_path):
     # n_test / n_train is a fold's validation share: about 1/2 with 3 folds.
     assert stats["n_test"] / stats["n_train"] == pytest.approx(0.5, rel=0.01)
     assert (tmp_path / "out" / "reports" / "compare_folds.png").stat().st_size > 1000
+    # Each design's mean on the comparison's MLflow run.
+    from mlflow import MlflowClient
+
+    from pipeline.tasks.compare import design_metric
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id],
+                               "tags.compare = 'true'")
+    assert {design_metric(n, cfg.compare.metric): stats["summaries"][n]["mean"] for n in names} == \
+        {k: v for k, v in run.data.metrics.items() if k.startswith("design/")}
     # Reproducible: the same seed gives the same numbers.
     again = compare(cfg)
     assert json.dumps(again["summaries"]) == json.dumps(stats["summaries"])

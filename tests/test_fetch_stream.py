@@ -134,12 +134,18 @@ def _done(out: Path) -> int:
     return json.loads((imagefolder.partial_folder(out) / imagefolder.DONE).read_text())["images"]
 
 
-def test_a_stopped_fetch_resumes_where_it_stopped(tmp_path, small_chunks, monkeypatch, caplog):
+def _stopped_fetch(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """A 30-image folder whose fetch was interrupted after 13 decoded images: (folder, out)."""
     root = _folder(tmp_path / "imgs")
     out = tmp_path / "raw" / "imagefolder"
     monkeypatch.setattr(formats, "decode_image", _StopAfter(limit=13))
     with pytest.raises(KeyboardInterrupt):
         fetch("imagefolder", out_dir=out, download_dir=tmp_path, path=root, image_size=6, workers=1)
+    return root, out
+
+
+def test_a_stopped_fetch_resumes_where_it_stopped(tmp_path, small_chunks, monkeypatch, caplog):
+    root, out = _stopped_fetch(tmp_path, monkeypatch)
     assert not out.exists()
     done = _done(out)
     assert 0 < done <= 13 and done % 4 == 0  # whole chunks only: 12
@@ -157,11 +163,7 @@ def test_a_stopped_fetch_resumes_where_it_stopped(tmp_path, small_chunks, monkey
 
 
 def test_a_changed_folder_or_size_starts_over(tmp_path, small_chunks, monkeypatch, caplog):
-    root = _folder(tmp_path / "imgs")
-    out = tmp_path / "raw" / "imagefolder"
-    monkeypatch.setattr(formats, "decode_image", _StopAfter(limit=13))
-    with pytest.raises(KeyboardInterrupt):
-        fetch("imagefolder", out_dir=out, download_dir=tmp_path, path=root, image_size=6, workers=1)
+    root, out = _stopped_fetch(tmp_path, monkeypatch)
     assert _done(out) > 0
     monkeypatch.setattr(formats, "decode_image", _StopAfter(limit=13))
     with caplog.at_level(logging.INFO, logger="pipeline.data.imagefolder"), pytest.raises(KeyboardInterrupt):

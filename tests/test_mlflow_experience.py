@@ -173,6 +173,40 @@ def test_the_logged_model_is_a_network_a_user_can_use(digits_cfg, tmp_path: Path
     own = {k[len("1."):]: v for k, v in state.items() if k.startswith("1.")}
     assert weights.keys() == own.keys() and all(torch.equal(weights[k], own[k]) for k in own)
 
+    # The registry (tracking.register: null is on for the evaluate task, as in the DVC
+    # pipeline): version 1 of "<experiment>-<dataset>" and its champion.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name = "cnn-pipeline-digits"
+    first = client.get_model_version_by_alias(name, "champion")
+    assert (first.version, first.run_id) in (("1", run_id), (1, run_id))
+    test_acc = json.loads(layout.metrics.joinpath("test.json").read_text())["test"]["acc"]
+    assert client.get_run(run_id).data.tags["registry.champion"].startswith(f"champion: {test_acc:.4f}")
+    champion = load_state(f"models:/{name}@champion")  # what transfer.source accepts
+    assert champion.keys() == own.keys() and all(torch.equal(champion[k], own[k]) for k in own)
+    # `pipeline report run_id=models:/<name>@champion`: the report of the run that logged it.
+    from pipeline.tasks.report import report_for_run
+
+    assert report_for_run(f"models:/{name}@champion", digits_cfg).parent.name == run_id
+    _the_champion_moves_only_on_a_better_test_accuracy(client, name, run_id, first.source, test_acc)
+
+
+def _the_champion_moves_only_on_a_better_test_accuracy(client: MlflowClient, name: str, run_id: str, source: str,
+                                                       test_acc: float) -> None:
+    """More versions of the same logged model, as if scored lower, equal, then higher."""
+    from pipeline.tracking.registry import register, resolve_run_id
+
+    lower = register(client, name, run_id=run_id, model_uri=source, model_id=None, test_acc=test_acc - 0.01)
+    assert not lower.champion and lower.reason == f"kept version 1: {test_acc - 0.01:.4f} <= {test_acc:.4f}"
+    equal = register(client, name, run_id=run_id, model_uri=source, model_id=None, test_acc=test_acc)
+    assert not equal.champion  # a tie keeps the older champion
+    higher = register(client, name, run_id=run_id, model_uri=source, model_id=None, test_acc=test_acc + 0.001)
+    assert higher.champion and higher.version == "4"
+    assert higher.reason == f"champion: {test_acc + 0.001:.4f} > {test_acc:.4f} (version 1)"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "4"
+    assert client.get_model_version(name, "4").description == higher.reason
+    assert client.get_run(run_id).data.tags["registry.champion"] == higher.reason  # the run says why
+    assert resolve_run_id(client, f"models:/{name}@champion") == run_id == resolve_run_id(client, f"models:/{name}/2")
+
 
 def test_a_pickled_model_naming_anything_but_network_classes_is_refused(tmp_path: Path) -> None:
     from pipeline.errors import DataError
@@ -241,3 +275,12 @@ def test_a_bad_tune_system_metrics_is_a_config_error(cfg_factory) -> None:
 
     with pytest.raises(ConfigError, match=r"tune\.system_metrics"):
         check_sweep(cfg_factory(["tune.system_metrics=maybe"]))
+
+
+def test_a_bad_tracking_register_is_a_config_error(cfg_factory) -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tracking\.register must be true, false or null"):
+        evaluate(cfg_factory(["tracking.register=yes"]))
+    with pytest.raises(ConfigError, match=r"tracking\.register=true .* tracking\.log_model=false"):
+        evaluate(cfg_factory(["tracking.register=true", "tracking.log_model=false"]))

@@ -1,47 +1,32 @@
 """A Ray Tune sweep seen in the real MLflow UI: a real `mlflow server`, a tiny real sweep
-tracked to it, and the experiment's runs page rendered by headless Chromium.
-
-The MLflow UI is a React app, so the page is driven through Chromium's DevTools protocol
-(`--remote-debugging-port`, over the websocket client of aiohttp, which MLflow depends on):
-
-- MLflow 3 opens an experiment on its GenAI overview; the training runs table is the
-  `#/experiments/<id>/runs` route.
-- Child runs are collapsed under their parent: the parent's Run Name cell has an expander
-  button (`data-component-id` ending in `runnamecellrenderer.tsx_<n>`). Before it is
-  clicked only the parent row is shown; after, the children's rows follow it.
-- Table rows carry `row-id` = the run id (the grid renders each row twice: pinned and
-  scrolled columns).
+tracked to it, and the experiment's runs page rendered by headless Chromium (tests/browser.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import os
-import shutil
-import signal
 import struct
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
+from browser import ROW_IDS, Page, chromium, expand, in_chromium
+from pipeline.models.transfer import load_state
 from pipeline.tasks.data import ensure_data
+from pipeline.tasks.evaluate import evaluate
+from pipeline.tasks.train import train
 from pipeline.tasks.tune import tune
+from pipeline.tracking.mlflow_run import scoped_tracking_uri
 
 EXPERIMENT = "cnn-pipeline"
-UI_TIMEOUT_S = 90  # the first load of the UI bundle on a busy 2-CPU box
+# conf/tune/lr_decay_dropout.yaml's space, in the compare view's (alphabetical) order
+SEARCHED = ["optimizer.lr", "regularizer.dropout", "scheduler.decay"]
 SWEEP = ["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.num_samples=4",
          "tune.max_epochs=2", "tune.scheduler=fifo"]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000", "--remote-debugging-port=0"]
 
 
 @pytest.fixture(autouse=True)
@@ -57,131 +42,35 @@ def isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "local")
 
 
-# ---------------------------------------------------------------------------- chromium
-
-def _chromium() -> str:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
-    if not os.access(chromium, os.X_OK):
-        pytest.fail("Chromium is not installed: `apt-get install -y chromium` (Debian) to run this test.")
-    return chromium
-
-
-class Page:
-    """One Chromium tab over the DevTools protocol: `evaluate` JavaScript, `screenshot`."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws, self.n = ws, 0
-
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self.n += 1
-        await self.ws.send_json({"id": self.n, "method": method, "params": params})
-        while True:  # skip events and older replies
-            message = await asyncio.wait_for(self.ws.receive(), timeout=60)
-            assert message.type.name == "TEXT", f"DevTools connection closed: {message}"
-            reply = json.loads(message.data)
-            if reply.get("id") == self.n:
-                assert "error" not in reply, f"{method}: {reply['error']}"
-                return reply["result"]
-
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True,
-                                 awaitPromise=True)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    async def wait_for(self, expression: str, what: str, timeout: float = UI_TIMEOUT_S) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = await self.evaluate(expression)
-            if value:
-                return value
-            await asyncio.sleep(0.5)
-        text = await self.evaluate("document.body ? document.body.innerText : ''")
-        pytest.fail(f"the MLflow UI did not show {what} within {timeout} s; the page reads:\n{text[-3000:]}")
-
-    async def screenshot(self, path: Path) -> None:
-        path.write_bytes(base64.b64decode((await self.call("Page.captureScreenshot", format="png"))["data"]))
-
-
-def _devtools_page_url(profile: Path, proc: subprocess.Popen) -> str:
-    """The websocket URL of the browser's first tab (the port Chromium chose is written to
-    `<user-data-dir>/DevToolsActivePort`)."""
-    port_file = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 60
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if proc.poll() is not None:
-            pytest.fail(f"chromium exited with {proc.returncode} before opening DevTools")
-        if time.monotonic() > deadline:
-            pytest.fail("chromium did not open its DevTools port within 60 s")
-        time.sleep(0.1)
-    port = int(port_file.read_text().split()[0])
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
-        targets = json.load(response)
-    return next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-
-
-async def _with_page(ws_url: str, body) -> Any:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        page = Page(ws)
-        await page.call("Page.enable")
-        return await body(page)
-
-
-# JavaScript: the run-table row ids (run ids) shown, in order, and the parent row's expander.
-ROW_IDS = ("Array.from(new Set(Array.from(document.querySelectorAll('.ag-center-cols-container [role=row]'))"
-           ".sort((a, b) => Number(a.getAttribute('row-index')) - Number(b.getAttribute('row-index')))"
-           ".map(r => r.getAttribute('row-id'))))")
-
-
-def _expand(run_id: str) -> str:
-    return (f"(() => {{ const rows = document.querySelectorAll('[role=row][row-id=\"{run_id}\"]');"
-            "for (const row of rows) { const b = row.querySelector("
-            "'button[data-component-id*=\"runnamecellrenderer\"]'); if (b) { b.click(); return true; } }"
-            "return false; })()")
-
-
-def _in_chromium(chromium: str, tmp_path: Path, check) -> Any:
-    """Run `check(page)` in a fresh headless Chromium (its own profile), then close it."""
-    profile = tmp_path / "chromium-profile"
-    profile.mkdir()
-    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        return asyncio.run(_with_page(_devtools_page_url(profile, proc), check))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 # ---------------------------------------------------------------------------- test
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_path: Path) -> None:
-    chromium = _chromium()
+    """A sweep, then one train + evaluate run on its best values (the DVC pipeline's order),
+    tracked to a real server; in the UI: the runs table, the Dataset column, the nested sweep,
+    the Compare view of the trials (Runs table: select, Compare), the registered champion."""
+    browser = chromium()
     url = mlflow_server["url"]
     cfg = cfg_factory([*SWEEP, f"tracking.tracking_uri={url}"])
     ensure_data(cfg)
     best = tune(cfg)
+    train(cfg)
+    test = evaluate(cfg)  # registers the model: tracking.register is on for the evaluate task
 
-    # The tree as the server stores it: one parent, four finished children.
+    # The tree as the server stores it: one parent, four finished children; and the train run.
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1, [r.info.run_name for r in parents]
-    parent = parents[0]
+    assert len(parents) == 2, [r.info.run_name for r in parents]
+    parent = next(r for r in parents if r.data.tags.get("sweep"))
+    trained = next(r for r in parents if r is not parent)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4 == len(runs) - 1
+    assert len(children) == 4 == len(runs) - 2
     assert parent.data.tags["best_trial_id"] == best["trial_id"]
     names = {r.info.run_id: r.info.run_name for r in runs}
-    assert all(names.values()) and len(set(names.values())) == 5, names
+    assert all(names.values()) and len(set(names.values())) == 6, names
     child_ids = {c.info.run_id for c in children}
     # Each trial's datasets, as MLflow datasets: the split's train and validation subsets.
     digests = set()
@@ -189,9 +78,22 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
         contexts = {{t.key: t.value for t in d.tags}["mlflow.data.context"]: d.dataset for d in child.inputs.dataset_inputs}
         assert set(contexts) == {"training", "validation"} and {d.name for d in contexts.values()} == {"digits"}
         digests.add(contexts["training"].digest)
+        # The searched values, also as tags; as params, the only ones that differ between trials.
+        searched = {k.removeprefix("searched."): v for k, v in child.data.tags.items() if k.startswith("searched.")}
+        assert set(searched) == set(SEARCHED) and all(child.data.params[k] == v for k, v in searched.items())
     assert len(digests) == 1  # one split for all trials
     assert not any(k.startswith("system/") for c in children for k in c.data.metrics)  # only when asked
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The registry on a real server: version 1 is the champion, and loads as transfer.source does.
+    model = "cnn-pipeline-digits"
+    champion = client.get_model_version_by_alias(model, "champion")
+    assert str(champion.version) == "1" and champion.run_id == trained.info.run_id
+    assert client.get_run(trained.info.run_id).data.tags["registry.champion"].startswith(
+        f"champion: {test['test/acc']:.4f}")
+    with scoped_tracking_uri(url):
+        weights = load_state(f"models:/{model}@champion")
+        logged = load_state(f"runs:/{trained.info.run_id}/model")
+    assert weights.keys() == logged.keys() and all(torch.equal(weights[k], logged[k]) for k in logged)
 
     shot = tmp_path / "mlflow-ui.png"
     # The experiment's own address in the "Model training" view (the link the
@@ -205,25 +107,46 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
         await page.wait_for(parent_row, f"the parent run {parent.info.run_name!r}")
         collapsed = await page.evaluate(ROW_IDS)
         collapsed_text = await page.evaluate("document.body.innerText")
-        assert await page.evaluate(_expand(parent.info.run_id)), "no expander in the parent run's row"
-        await page.wait_for(f"{ROW_IDS}.length >= 5", "the child runs after expanding the parent")
+        assert await page.evaluate(expand(parent.info.run_id)), "no expander in the parent run's row"
+        await page.wait_for(f"{ROW_IDS}.length >= 6", "the child runs after expanding the parent")
         await asyncio.sleep(1)  # let the grid settle before the screenshot
         await page.screenshot(shot)
-        return {"collapsed": collapsed, "collapsed_text": collapsed_text,
-                "expanded": await page.evaluate(ROW_IDS),
+        seen = {"collapsed": collapsed, "collapsed_text": collapsed_text, "expanded": await page.evaluate(ROW_IDS),
                 "text": await page.evaluate("document.body.innerText")}
+        # Compare: tick the trials' rows, press Compare.
+        for run_id in child_ids:
+            assert await page.evaluate(_tick(run_id)), f"no checkbox in the row of trial {run_id}"
+        assert await page.evaluate(PRESS_COMPARE), "no Compare button once runs are selected"
+        await page.wait_for("document.querySelector('.parcoords .axis-title') !== null",
+                            "the parallel coordinates plot of the compare view")
+        seen["compare_url"] = await page.evaluate("decodeURIComponent(location.href)")
+        seen["axes"] = await page.evaluate(
+            "Array.from(document.querySelectorAll('.parcoords .axis-title')).map(e => e.textContent)")
+        # The registry: the model, its version and the alias.
+        await page.call("Page.navigate", url=f"{url}/#/models/{model}")
+        await page.wait_for("document.body !== null && document.body.innerText.includes('champion')",
+                            "the registered model's champion alias")
+        seen["registry"] = await page.evaluate("document.body.innerText")
+        return seen
 
-    seen = _in_chromium(chromium, tmp_path, check)
+    seen = in_chromium(browser, tmp_path, check)
 
-    # Collapsed: only the parent; expanded: the parent, then its four children right below it.
-    assert seen["collapsed"] == [parent.info.run_id], seen["collapsed"]
-    assert "5 matching runs" in seen["collapsed_text"]
+    # Collapsed: the two top-level runs; expanded: the parent, then its four children right below it.
+    assert set(seen["collapsed"]) == {parent.info.run_id, trained.info.run_id}, seen["collapsed"]
+    assert "6 matching runs" in seen["collapsed_text"]
     for child in children:
         assert child.info.run_name not in seen["collapsed_text"], child.info.run_name
-    assert seen["expanded"][0] == parent.info.run_id and set(seen["expanded"][1:]) == child_ids, seen["expanded"]
+    at = seen["expanded"].index(parent.info.run_id)
+    assert set(seen["expanded"][at + 1:at + 5]) == child_ids, seen["expanded"]
     for name in names.values():
         assert name in seen["text"], f"run {name!r} is not on the rendered page"
     assert f"digits ({digests.pop()})" in seen["text"], "the Dataset column does not show the trials' dataset"
+    # Compare of the four trials: the searched params, then val/acc, as parallel axes.
+    assert "#/compare-runs" in seen["compare_url"] and all(i in seen["compare_url"] for i in child_ids)
+    assert seen["axes"] == [*SEARCHED, "val/acc"], seen["axes"]
+    # The registry page: the model, version 1 and its alias.
+    assert model in seen["registry"] and "Version 1" in seen["registry"]
+    assert "@\u00a0champion" in seen["registry"] or "@ champion" in seen["registry"], seen["registry"][:2000]
 
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n", "the screenshot is not a PNG"
@@ -232,11 +155,21 @@ def test_sweep_shows_nested_in_the_mlflow_ui(mlflow_server, cfg_factory, tmp_pat
     assert width == 1400 and height >= 600 and len(png) > 20_000, (width, height, len(png))
 
 
+def _tick(run_id: str) -> str:
+    """JavaScript: tick the selection checkbox of a run's row (false if there is none)."""
+    return (f"(() => {{ const box = document.querySelector('[role=row][row-id=\"{run_id}\"] input.ag-checkbox-input');"
+            " if (!box) return false; box.click(); return true; })()")
+
+
+PRESS_COMPARE = ("(() => { const b = Array.from(document.querySelectorAll('button'))"
+                 ".find(b => b.innerText.trim() === 'Compare'); if (!b) return false; b.click(); return true; })()")
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cv_sweep_shows_fold_runs_under_their_trial(mlflow_server, cfg_factory, tmp_path: Path) -> None:
     """With tune.cv=true: parent -> one run per trial -> one run per fold, in the UI too."""
-    chromium = _chromium()
+    browser = chromium()
     url = mlflow_server["url"]
     cfg = cfg_factory(["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.num_samples=1",
                        "tune.max_epochs=1", "tune.scheduler=fifo", "tune.cv=true", "data.split.folds=2",
@@ -270,13 +203,13 @@ def test_cv_sweep_shows_fold_runs_under_their_trial(mlflow_server, cfg_factory, 
         await page.call("Page.navigate", url=f"{url}/#/experiments/{experiment.experiment_id}/runs")
         await page.wait_for(f"document.querySelector('[role=row][row-id=\"{parent.info.run_id}\"]') !== null",
                             "the sweep's parent run")
-        assert await page.evaluate(_expand(parent.info.run_id)), "no expander in the parent run's row"
+        assert await page.evaluate(expand(parent.info.run_id)), "no expander in the parent run's row"
         await page.wait_for(f"{ROW_IDS}.includes('{trial.info.run_id}')", "the trial runs")
-        assert await page.evaluate(_expand(trial.info.run_id)), "no expander in the trial run's row"
+        assert await page.evaluate(expand(trial.info.run_id)), "no expander in the trial run's row"
         await page.wait_for(f"{ROW_IDS}.length >= 5", "the fold runs after expanding the trial")
         return {"rows": await page.evaluate(ROW_IDS), "text": await page.evaluate("document.body.innerText")}
 
-    seen = _in_chromium(chromium, tmp_path, check)
+    seen = in_chromium(browser, tmp_path, check)
     rows = seen["rows"]
     # The trial's fold runs sit right below it; the parent's other trial is still collapsed.
     at = rows.index(trial.info.run_id)

@@ -339,7 +339,7 @@ def test_diagnose_names_over_fitting() -> None:
             for e, (tl, vl, ta, va) in enumerate([(1.0, 0.9, 0.6, 0.6), (0.5, 0.5, 0.9, 0.85),
                                                   (0.2, 0.6, 0.97, 0.86), (0.05, 0.8, 0.99, 0.85)])]
     text = " ".join(diagnose(rows))
-    assert "gap: +14.0%" in text and "Over-fitting" in text and "risen 60% since epoch 1" in text
+    assert "gap: +14.0%" in text and "Over-fitting" in text and "risen 60% since epoch 2" in text  # the 2nd epoch, counted from 1
 
 
 # ------------------------------------------------------------------ the report

@@ -209,6 +209,9 @@ def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status
     logged = {step for (step,) in _query(tmp_path / "mlflow.db", "SELECT step FROM metrics WHERE key = 'val/acc'")}
     assert not list(run_dir.rglob("train.json")) and not list(run_dir.rglob("test.json"))
     assert "best trial" not in log.read_text()  # no summary printed either
+    # The run's own log says how it ended, in its folder and among the run's artifacts.
+    assert "Ended by" in (run_dir / "run.log").read_text()
+    assert [p.name for p in (tmp_path / "mlartifacts").rglob("run.log")] == ["run.log"]
     observe.saw(f"exit {exit_status}, run {statuses[0]}; last.ckpt (epoch {rows[-1]['epoch']}) loaded; "
                 f"{len(logged)} epoch(s) in MLflow")
     lost = observe.lost(runs=statuses.count("RUNNING"),

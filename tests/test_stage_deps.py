@@ -27,7 +27,9 @@ def test_every_stage_runs_project_code():
 
 
 def test_stage_roots():
-    assert stage_roots("python -m pipeline.cli.stages train") == ["pipeline.cli.stages", "pipeline.tasks.train"]
+    # A stage runs its task, then prints its summary (pipeline.cli.summaries); fetch has none.
+    assert stage_roots("python -m pipeline.cli.stages train") == \
+        ["pipeline.cli.stages", "pipeline.tasks.train", "pipeline.cli.summaries"]
     assert stage_roots("/venv/bin/python3 -m pipeline.cli.stages fetch params.yaml") == \
         ["pipeline.cli.stages", "pipeline.tasks.data"]
     assert stage_roots("python -m pkg.main") == ["pkg.main"]

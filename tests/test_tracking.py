@@ -32,6 +32,7 @@ from mlflow.entities import Run
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 import sweeps
+from pipeline.cli import summaries
 from pipeline.data.batches import to_tensors
 from pipeline.errors import ConfigError
 from pipeline.layout import Layout
@@ -210,13 +211,15 @@ def test_train_evaluate_against_mlflow_server(mlflow_server, cfg_factory, tmp_pa
     url, artifacts = mlflow_server["url"], mlflow_server["artifacts"]
     cfg = cfg_factory([f"tracking.tracking_uri={url}"])
     ensure_data(cfg)
-    train(cfg)
-    evaluate(cfg)
+    metrics = {**train(cfg), **evaluate(cfg)}
 
     client = MlflowClient(url)
     run = _only_run(client)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
+    # What `pipeline train` ends with: the run's page on the server (no `mlflow ui` to start).
+    lines = summaries.train(cfg, metrics)
+    assert lines[-1] == f"run: {run_id}  {url}/#/experiments/{run.info.experiment_id}/runs/{run_id}", lines
     assert json.loads((tmp_path / "out" / "models" / "run.json").read_text())["run_id"] == run_id
     assert run.data.params["model.name"] == "minivgg"
     for key in ("val/acc", "train/loss", "lr"):

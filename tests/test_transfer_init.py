@@ -18,7 +18,7 @@ from pipeline.cli.main import main as cli_main
 from pipeline.errors import ConfigError, DataError
 from pipeline.models import create_model, list_models
 from pipeline.models.init import INITS, init_weights
-from pipeline.models.transfer import freeze, load_state, param_groups, transfer_weights
+from pipeline.models.transfer import describe, freeze, load_state, param_groups, transfer_weights
 from pipeline.training.module import build_network, load_classifier
 
 
@@ -63,6 +63,10 @@ def test_transfer_replaces_mismatched_head_and_freezes():
             assert torch.equal(p, source.state_dict()[name])
     frozen = freeze(target, ["features"])
     assert frozen and all(not p.requires_grad for n, p in target.named_parameters() if n.startswith("features"))
+    # What training prints: the source, the fresh head, what froze.
+    assert describe(target, "src.ckpt", loaded, frozen, ["features"]) == (
+        f"transfer: loaded {len(loaded)} of {len(list(target.parameters()))} parameter tensors from src.ckpt; "
+        f"new (fresh weights): classifier.4; froze features ({len(frozen)} tensors)")
     groups = param_groups(target, loaded, lr=0.1, ratio=0.1)
     lrs = sorted(g["lr"] for g in groups)
     assert lrs == pytest.approx([0.01, 0.1])
@@ -165,7 +169,7 @@ def test_a_plain_state_dict_loads_for_transfer(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-def test_our_own_checkpoints_load_weights_only(cfg_factory):
+def test_our_own_checkpoints_load_weights_only(cfg_factory, capsys):
     """A checkpoint our train task writes (early stopping, a plateau schedule, Lookahead's
     state) holds nothing beyond torch's weights-only allowlist, and loads for transfer and
     for evaluation."""
@@ -182,6 +186,15 @@ def test_our_own_checkpoints_load_weights_only(cfg_factory):
     state = load_state(str(ckpt))
     assert state.keys() == net[1].state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in net[1].state_dict().items())
+
+    # Fine-tuning from it says what it loaded, replaced and froze (the MLP's first layer is `1`).
+    source = Path(cfg.paths.root) / "source.ckpt"  # not this run's own best.ckpt, which it replaces
+    source.write_bytes(ckpt.read_bytes())
+    capsys.readouterr()
+    train(cfg_factory(["model=mlp", f"transfer.source={source}", "transfer.freeze=[1]"], epochs=1, tracking=False),
+          figures=False)
+    assert (f"transfer: loaded 6 of 6 parameter tensors from {source}; new (fresh weights): none; froze 1 (2 tensors)"
+            in capsys.readouterr().out.splitlines())
 
 
 def test_an_mlflow_model_saved_with_pickle_loads_weights_only(tmp_path, monkeypatch):

@@ -247,6 +247,7 @@ def fold_config(cfg: DictConfig, fold: int) -> DictConfig:
         fold_cfg.data.fold = fold
         # Fold models are evidence, not deliverables: skip the (slow) model export per fold.
         fold_cfg.tracking.log_model = False
+        fold_cfg.tracking.register = False  # nor a registry version
         if cfg.tracking.run_name:
             fold_cfg.tracking.run_name = f"{cfg.tracking.run_name}-{f'rep{rep}-' if repeated else ''}fold{i}"
         fold_dir = Path(cfg.paths.out_dir) / "cv"

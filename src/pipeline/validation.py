@@ -43,7 +43,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "trainer": ("max_epochs", "accelerator", "devices", "precision", "deterministic", "gradient_clip_val",
                 "limit_train_batches", "limit_val_batches", "enable_progress_bar", "resume_from"),
     "tracking": ("enabled", "tracking_uri", "artifact_location", "experiment_name", "run_name", "log_model",
-                 "system_metrics", "system_metrics_interval_s"),
+                 "register", "system_metrics", "system_metrics_interval_s"),
     "cv": ("parallel", "cpus_per_fold", "confidence", "repeats", "nested", "inner_folds"),
     "compare": ("grid", "metric", "higher_is_better", "alpha", "test"),
     "init": ("scheme", "std"),
@@ -129,6 +129,12 @@ def validate(cfg: DictConfig) -> None:
 
     check_bool(cfg, "tracking.enabled")
     check_bool(cfg, "tracking.log_model")
+    register = cfg.tracking.get("register")
+    if register not in (None, True, False):
+        raise ConfigError(f"tracking.register must be true, false or null (on in the DVC pipeline only), got {register!r}.")
+    if register is True and not cfg.tracking.log_model:
+        raise ConfigError("tracking.register=true registers the logged model, but tracking.log_model=false logs none: "
+                          "set tracking.log_model=true, or tracking.register=false.")
     check_bool(cfg, "tracking.system_metrics")
     check_number(cfg, "tracking.system_metrics_interval_s", low=0.1)
     if not isinstance(get_required(cfg, "tracking.tracking_uri"), str):

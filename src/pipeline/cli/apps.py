@@ -39,18 +39,22 @@ def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any],
 
     from pipeline.errors import PipelineError
     from pipeline.tasks.data import ensure_data
+    from pipeline.tracking.runlog import run_log
     from pipeline.tracking.server import check_tracking
     from pipeline.validation import prepare
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     with open_dict(cfg):
         cfg.paths.out_dir = str(out_dir)
+        if cfg.tracking.get("register", False) is None:  # on for the DVC pipeline only (conf/tracking)
+            cfg.tracking.register = False
     try:
         checked = (check or prepare)(cfg)
         # Before the data, which may be a download.
         check_tracking(checked.tracking, checked.paths.root)
-        ensure_data(cfg)
-        return task(cfg)
+        with run_log(out_dir):  # <out>/run.log, attached to the task's MLflow run
+            ensure_data(cfg)
+            return task(cfg)
     except PipelineError as err:
         _drop_if_unused(out_dir)
         raise _Carried(err) from err
@@ -59,12 +63,12 @@ def _run_adhoc(cfg: DictConfig, task: Callable[[DictConfig], Any],
 
 
 def _drop_if_unused(out_dir: Path) -> None:
-    """Hydra made the folder, with only its `.hydra/` record, before the task could check the
-    config: remove it, and its parents that are now empty up to the working directory
-    (outputs/<date>/, outputs/), from which Hydra's relative run folders start. A folder at
-    or above the working directory (or elsewhere, with an absolute hydra.run.dir) was not
-    Hydra's to make: it stays."""
-    if not (out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra"}):
+    """Hydra made the folder, with only its `.hydra/` record (and `run.log`, the refusal's),
+    before the task could check the config: remove it, and its parents that are now empty up
+    to the working directory (outputs/<date>/, outputs/), from which Hydra's relative run
+    folders start. A folder at or above the working directory (or elsewhere, with an absolute
+    hydra.run.dir) was not Hydra's to make: it stays."""
+    if not (out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra", "run.log"}):
         return
     out_dir = out_dir.resolve()
     shutil.rmtree(out_dir)
@@ -75,55 +79,61 @@ def _drop_if_unused(out_dir: Path) -> None:
         parent.rmdir()
 
 
+def _show(lines: list[str], figures: dict[str, Any]) -> None:
+    """Print a task's summary; in a multirun, hand its figures to the sweep's table too."""
+    from pipeline.cli.sweep import record
+
+    print("\n".join(lines), flush=True)
+    record(figures)
+
+
 def _train(cfg: DictConfig) -> float:
+    from pipeline.cli import summaries
+    from pipeline.cli.sweep import in_multirun
     from pipeline.tasks.evaluate import evaluate
     from pipeline.tasks.train import train
 
     metrics = _run_adhoc(cfg, lambda c: {**train(c), **evaluate(c)})
-    shown = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/")) and not k.endswith("/n")}
-    print("  ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
-    print(f"outputs: {cfg.paths.out_dir}")
+    run = summaries.run_of_outputs(cfg)
+    _show(summaries.train(cfg, metrics, hint=not in_multirun()),
+          {"val/acc": metrics.get("val/acc"), "test/acc": metrics.get("test/acc"),
+           **({"run": run[1], "tracking_uri": run[0]} if run else {})})
     return metrics[cfg.optimized_metric]
 
 
 def _tune(cfg: DictConfig) -> float:
+    from pipeline.cli import summaries
+    from pipeline.cli.sweep import in_multirun
     from pipeline.tasks.tune import check_sweep, tune
 
     best = _run_adhoc(cfg, tune, check_sweep)
-    print("best: " + "  ".join(f"{k}={v}" for k, v in best["overrides"].items()))
-    where = f"mean of {best['folds']} folds" if "folds" in best else f"epoch {best['epoch']}"
-    print(f"{best['metric']}={best['value']:.4f} (trial {best['trial_id']}, {where})")
-    print(f"outputs: {cfg.paths.out_dir}/results/tune")
+    _show(summaries.tune(cfg, best, hint=not in_multirun()),
+          {best["metric"]: best["value"], "run": best.get("mlflow_parent_run_id"),
+           "tracking_uri": summaries.tracking_uri(cfg)})
     return best["value"]
 
 
 def _cv(cfg: DictConfig) -> float:
+    from pipeline.cli import summaries
+    from pipeline.cli.sweep import in_multirun
     from pipeline.tasks.cv import check_cv, cv
 
     result = _run_adhoc(cfg, cv, check_cv)
     nested = result.get("nested", False)  # then scored on the held-out outer folds
-    inner = f"inner/{cfg.tune.metric}"  # each sweep's own score of its pick
-    for key in (inner, "outer/acc", "test/acc") if nested else ("val/acc", "test/acc"):
-        if key not in result:
-            continue
-        s = result[key]
-        print(f"{key}: {s['mean']:.4f} ± {s['std']:.4f}  ({result['confidence']:.0%} CI {s['ci_low']:.4f}–"
-              f"{s['ci_high']:.4f})  folds: {', '.join(f'{v:.4f}' for v in s['values'])}")
-    if "ensemble/test/acc" in result:
-        print(f"ensemble of the {result['ensemble/models']} fold models (mean of softmax): test/acc="
-              f"{result['ensemble/test/acc']:.4f}  (mean single fold {result['test/acc']['mean']:.4f})")
-    for choice in result.get("choices", []):
-        print(f"outer fold {choice['fold']} chose " + ", ".join(f"{k}={v}" for k, v in choice["overrides"].items()))
-    print(f"outputs: {cfg.paths.out_dir}")
+    _show(summaries.cv(cfg, result, hint=not in_multirun()),
+          {key: result[key]["mean"] for key in ("val/acc", "test/acc") if key in result}
+          | {"run": result.get("mlflow_run_id"), "tracking_uri": summaries.tracking_uri(cfg)})
     return result["outer/acc" if nested else "val/acc"]["mean"]
 
 
 def _compare(cfg: DictConfig) -> None:
+    from pipeline.cli import summaries
+    from pipeline.cli.sweep import in_multirun
     from pipeline.tasks.compare import check_compare, compare
 
     result = _run_adhoc(cfg, compare, check_compare)
-    print("\n".join(result["statements"]))
-    print(f"report: {cfg.paths.out_dir}/reports/compare.md")
+    _show(summaries.compare(cfg, result, hint=not in_multirun()),
+          {"run": result.get("mlflow_run_id"), "tracking_uri": summaries.tracking_uri(cfg)})
 
 
 def _report(cfg: DictConfig) -> None:
@@ -132,6 +142,8 @@ def _report(cfg: DictConfig) -> None:
     MLflow run into this command's own run folder."""
     from hydra.core.hydra_config import HydraConfig
 
+    from pipeline.cli import summaries
+    from pipeline.cli.sweep import in_multirun
     from pipeline.tasks.report import report, report_for_run
 
     with open_dict(cfg):
@@ -139,7 +151,9 @@ def _report(cfg: DictConfig) -> None:
         if run_id:
             cfg.paths.out_dir = HydraConfig.get().runtime.output_dir
     path = report_for_run(str(run_id), cfg) if run_id else report(cfg)
-    print(f"report: {path}")
+    run = (summaries.tracking_uri(cfg), str(run_id)) if run_id else summaries.run_of_outputs(cfg)
+    _show(summaries.report(cfg, path, str(run_id) if run_id else None, hint=not in_multirun()),
+          {"run": run[1], "tracking_uri": run[0]} if run else {})
 
 
 def _with_run_id_key(argv: list[str]) -> list[str]:

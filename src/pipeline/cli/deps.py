@@ -79,12 +79,12 @@ def stage_roots(cmd: str) -> list[str]:
     """The project modules a stage command runs: `python -m pipeline.cli.stages train` runs the
     runner and the task module its `STAGES` table names for `train`; `python -m pkg.mod` runs
     `pkg.mod`. Any other command has none, and its deps are left alone."""
-    from pipeline.cli.stages import STAGES, task_module
+    from pipeline.cli.stages import STAGES, stage_modules
 
     args = shlex.split(cmd)
     if len(args) >= 3 and Path(args[0]).name.startswith("python") and args[1] == "-m":
         if args[2] == "pipeline.cli.stages" and len(args) >= 4 and args[3] in STAGES:
-            return [args[2], task_module(args[3])]
+            return [args[2], *stage_modules(args[3])]
         return [args[2]]
     return []
 

@@ -1,8 +1,9 @@
 """The DVC stage runner: `python -m pipeline.cli.stages <name> [params.yaml]`, as dvc.yaml calls it.
 
-A stage reads `params.yaml` (DVC's composition of `conf/`) and calls its task; `STAGES` maps
-each stage to its task function as a string, so a stage imports its own task only (and
-`pipeline deps` reads the same table to list each stage's code dependencies).
+A stage reads `params.yaml` (DVC's composition of `conf/`), calls its task and prints its
+summary; `STAGES` and `SUMMARIES` map each stage to those functions as strings, so a stage
+imports its own only (and `pipeline deps` reads the same tables to list each stage's code
+dependencies).
 """
 
 from __future__ import annotations
@@ -34,9 +35,27 @@ STAGES: dict[str, str] = {
 }
 
 
+# What a stage prints when its task returns (`pipeline.cli.summaries`: what its command
+# prints); fetch and split say what they do as they go.
+SUMMARIES: dict[str, str] = {
+    "tune": "pipeline.cli.summaries:tune",
+    "train": "pipeline.cli.summaries:train",
+    "evaluate": "pipeline.cli.summaries:train",  # the test metrics, joining the train run's
+    "cv": "pipeline.cli.summaries:cv",
+    "compare": "pipeline.cli.summaries:compare",
+    "report": "pipeline.cli.summaries:report",
+}
+
+
 def task_module(stage: str) -> str:
     """The module holding `stage`'s task function."""
     return STAGES[stage].partition(":")[0]
+
+
+def stage_modules(stage: str) -> list[str]:
+    """The modules `stage` imports beside this runner: its task's, and its summary's."""
+    summary = SUMMARIES.get(stage)
+    return [task_module(stage), *([summary.partition(":")[0]] if summary else [])]
 
 
 _SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"})
@@ -125,7 +144,10 @@ def run_stage(stage: str, params: str = "params.yaml") -> int:
             raise ConfigError(f"{params}: {err} ({params} {PARAMS_FIX}.)") from err
         module, _, name = STAGES[stage].partition(":")
         task = getattr(importlib.import_module(module), name)
-        task(cfg)
+        result = task(cfg)
+        if stage in SUMMARIES:  # the same lines as the task's command prints
+            module, _, name = SUMMARIES[stage].partition(":")
+            print("\n".join(getattr(importlib.import_module(module), name)(cfg, result)), flush=True)
 
     return exits.run(body)
 

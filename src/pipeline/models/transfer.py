@@ -4,8 +4,10 @@ Sources (`transfer.source`):
 - a checkpoint file: a Lightning `.ckpt` of this pipeline, or a `.pt`/`.pth` state dict.
   Files load weights-only (`models.checkpoints`): a pickled module is refused, since
   unpickling one could run any code (save its `state_dict()` instead);
-- an MLflow model URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<id>`
-  (a pickle-format model loads weights-only there too: network classes only);
+- an MLflow model URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<id>`,
+  `models:/<name>@champion` (the registry's best: `tracking.register`), read from the store
+  `tracking.tracking_uri` names (a pickle-format model loads weights-only there too:
+  network classes only);
 - torchvision weights by name: `torchvision:ResNet18_Weights.IMAGENET1K_V1` (downloaded
   once into torch's cache on a networked machine).
 Weights are matched by parameter name and shape; if the names differ (torchvision's
@@ -121,7 +123,8 @@ def _checkpoint_arch(source: str) -> str | None:
 
 def freeze(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
     """Stop gradients for parameters whose name starts with any prefix; returns their names."""
-    prefixes = tuple(prefixes)
+    # str: a numbered layer (an MLP's `1`) comes from the config as an int (transfer.freeze=[1]).
+    prefixes = tuple(str(p) for p in prefixes)
     frozen = []
     for name, p in model.named_parameters():
         if prefixes and name.startswith(prefixes):
@@ -132,6 +135,24 @@ def freeze(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
         raise ConfigError(f"transfer.freeze={list(prefixes)} matches no parameter; top-level layers are: "
                           f"{', '.join(names)}.")
     return frozen
+
+
+def describe(model: nn.Module, source: str, loaded: Iterable[str], frozen: Iterable[str],
+             prefixes: Iterable[str] = ()) -> str:
+    """One line saying what a transfer did to `model`: the parameters loaded from `source`,
+    the layers left at their fresh initialisation (the new head: no tensor of that name and
+    shape in the source) and what the `prefixes` (transfer.freeze) froze."""
+    loaded, frozen, prefixes = set(loaded), list(frozen), [str(p) for p in prefixes]
+    names = [n for n, _ in model.named_parameters()]
+    fresh = _layers(n for n in names if n not in loaded)
+    held = f"{', '.join(prefixes)} ({len(frozen)} tensors)" if frozen else "nothing"
+    return (f"transfer: loaded {len(loaded)} of {len(names)} parameter tensors from {source}; "
+            f"new (fresh weights): {', '.join(fresh) or 'none'}; froze {held}")
+
+
+def _layers(names: Iterable[str]) -> list[str]:
+    """The layers (`classifier.6`) owning these parameters (`classifier.6.weight`), in order."""
+    return list(dict.fromkeys(n.rpartition(".")[0] or n for n in names))
 
 
 def param_groups(model: nn.Module, pretrained: Iterable[str], *, lr: float, ratio: float) -> list[dict]:

@@ -35,7 +35,7 @@ def confusion_matrix_png(cm: np.ndarray, classes: list[str], path: Path) -> Path
 
 def learning_curves_png(rows: list[dict], path: Path) -> Path:
     """Loss, accuracy and learning rate per epoch for train and validation."""
-    epochs = [r["epoch"] for r in rows]
+    epochs = [r["epoch"] + 1 for r in rows]  # stored 0-based (Lightning's count); shown from 1
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes[:2], ("loss", "acc")):
         for split in ("train", "val"):

@@ -97,7 +97,7 @@ def diagnose(rows: Sequence[dict]) -> list[str]:
     if None not in vl and None not in tl and len(rows) >= 3:
         best = int(np.argmin(vl))
         if best < len(rows) - 1 and vl[-1] > vl[best] * 1.05 and tl[-1] < tl[best]:
-            notes.append(f"Validation loss has risen {vl[-1] / vl[best] - 1:.0%} since epoch {rows[best]['epoch']} "
+            notes.append(f"Validation loss has risen {vl[-1] / vl[best] - 1:.0%} since epoch {rows[best]['epoch'] + 1} "
                          f"while training loss kept falling ({tl[best]:.3f} to {tl[-1]:.3f}): over-fitting.")
         elif tl[-1] < 0.95 * tl[-2] and vl[-1] < vl[-2]:
             notes.append("Training and validation loss were both still falling at the last epoch: "
@@ -106,7 +106,7 @@ def diagnose(rows: Sequence[dict]) -> list[str]:
 
 
 def _curves(rows: Sequence[dict], figs: _Figures) -> str:
-    ep = [r["epoch"] for r in rows]
+    ep = [r["epoch"] + 1 for r in rows]  # stored 0-based (Lightning's count); shown from 1
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 3.8))
     for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
         ax_l.plot(ep, [r.get(f"{split}/loss") for r in rows], ".-", color=color, label=split)

@@ -90,14 +90,14 @@ def sweep_inputs(cfg: DictConfig, data: TrainingData) -> dict[str, Any]:
     trains on the split's train subset; a cross-validated one (`tune.cv`) on the folds, and
     each fold run on its own part of them."""
     layout, name, splits = Layout.from_cfg(cfg), cfg.data.name, data.splits
+    if not cfg.tune.get("cv"):  # no fold runs: each subset's digest is a hash over its indices
+        return {"trial": dataset_inputs(layout, data, name, {"training": ("train", splits.train),
+                                                             "validation": ("val", splits.val)}), "folds": {}}
     folds = {str(i): dataset_inputs(layout, data, name, {"training": (f"train-fold{i}", splits.fold(i)[0]),
                                                          "validation": (f"val-fold{i}", splits.fold(i)[1])})
              for i in range(len(splits.folds))}
-    if cfg.tune.get("cv"):
-        pool = np.sort(np.concatenate(splits.fold(0)))
-        return {"trial": dataset_inputs(layout, data, name, {"training": ("folds", pool)}), "folds": folds}
-    return {"trial": dataset_inputs(layout, data, name, {"training": ("train", splits.train),
-                                                         "validation": ("val", splits.val)}), "folds": folds}
+    pool = np.sort(np.concatenate(splits.fold(0)))
+    return {"trial": dataset_inputs(layout, data, name, {"training": ("folds", pool)}), "folds": folds}
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,13 @@ def alternatives(grid: list[dict[str, list]] | dict[str, list]) -> list[dict[str
 def _label(alt: dict[str, Any]) -> str:
     return ",".join(f"{v}" if k in ("model", "regularizer", "optimizer", "scheduler") else f"{k}={v}"
                     for k, v in alt.items())
+
+
+def design_metric(label: str, metric: str) -> str:
+    """The comparison run's metric of one design's mean in the characters MLflow allows in a
+    name: `lenet5,optimizer.lr=0.01` -> `design/lenet5 optimizer.lr:0.01/val/acc/mean`."""
+    name = label.replace(",", " ").replace("=", ":")
+    return f"design/{re.sub(r'[^A-Za-z0-9_.: -]', '_', name)}/{metric}/mean"
 
 
 def _alternative_config(cfg: DictConfig, alt: dict[str, Any], out_dir: Path) -> DictConfig:
@@ -149,6 +157,9 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         stats["budget_warnings"] = budget_warnings(extra)
         for warning in stats["budget_warnings"]:
             log.warning(warning)
+        if parent is not None:  # each design's mean on the comparison's own run page (its CV runs: cv/*/mean)
+            parent.log_metrics({design_metric(label, cfg.compare.metric): summary["mean"]
+                                for label, summary in stats["summaries"].items()})
         if parent is not None and stats["budget_warnings"]:
             parent.set_tags({"still_improving": ",".join(n for n, e in extra.items() if e["still_improving"])})
         write_json(reports / "compare.json", stats)
@@ -158,6 +169,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         if parent is not None:
             for name in ("compare.md", "compare.json", "compare_folds.png", "compare_cost.png"):
                 parent.log_artifact(reports / name)
+            stats["mlflow_run_id"] = parent.run_id  # for the summary; compare.json is written
     return stats
 
 
@@ -199,7 +211,8 @@ def budget_markdown(stats: dict[str, Any]) -> list[str]:
     lines = ["## Training budget", "", "| alternative | input (px) | epochs run per fold (best epoch) | max_epochs "
              "| ended before max_epochs |", "|---|---|---|---|---|"]
     for name, e in stats["extra"].items():
-        runs = ", ".join(f"{n} ({b})" for n, b in zip(e["epochs"], e["best_epoch"]))
+        # best_epoch is stored 0-based (Lightning's count); a reader counts epochs from 1
+        runs = ", ".join(f"{n} ({b + 1})" for n, b in zip(e["epochs"], e["best_epoch"]))
         stopped = sum(n < e["max_epochs"] for n in e["epochs"])
         lines.append(f"| {name} | {e['input_px']} | {runs} | {e['max_epochs']} | {stopped} of {len(e['epochs'])} |")
     warnings = stats.get("budget_warnings") or []

@@ -27,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis.stats import summarize
 from pipeline.config import flatten, fold_config, fold_count, fold_position, to_container
+from pipeline.data.splits import load_splits
+from pipeline.data.store import read_raw
 from pipeline.layout import Layout
 from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
@@ -151,7 +153,7 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
     """Train one model per fold; writes `metrics/cv.json` (mean, std, 95% CI, per-fold values,
     and the fold ensemble's `ensemble/test/*`: every fold model's test probabilities averaged,
     as He et al. report their ensembles) and returns what it holds, keyed `val/acc` as in the
-    code (the file has `val_acc`).
+    code (the file has `val_acc`), and `mlflow_run_id`: the CV run's (when tracked).
 
     The CV run is an MLflow parent of the fold runs (and itself a child of `parent_run_id`,
     e.g. a comparison's run, when given).
@@ -179,10 +181,10 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
         else:
             results = [run_fold(plain, fold, parent_id) for fold in folds]
         results.sort(key=lambda r: r["fold"])
-        if data is None:
-            data = load_data(cfg, layout)
-        ensemble = fold_ensemble([r.pop(TEST_PROBS) for r in results], data.raw.labels[data.splits.test],
-                                 data.raw.classes)
+        # Sequential folds read the data themselves; the ensemble needs only the test labels.
+        raw, splits = ((data.raw, data.splits) if data is not None
+                       else (read_raw(layout.raw, in_memory=False), load_splits(layout.splits)))
+        ensemble = fold_ensemble([r.pop(TEST_PROBS) for r in results], raw.labels[splits.test], raw.classes)
         # Repeated folds share data: their interval is the corrected one (a fold tests on one
         # of k parts and trains on k - 1); one repetition keeps the plain t-interval.
         factor = 1 / len(folds) + 1 / (cfg.data.split.folds - 1) if repeats > 1 else None
@@ -199,6 +201,8 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
                                 for stat, value in stats.items() if stat in ("mean", "std", "ci_low", "ci_high")})
             parent.log_metrics({f"cv/{key}": value for key, value in ensemble.items()})
             parent.log_artifact(layout.metrics / "cv.json")
+    if parent_id is not None:  # for the command's summary; not in cv.json, a DVC metrics file
+        out["mlflow_run_id"] = parent_id
     return out
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,12 +19,16 @@ from pipeline.layout import Layout
 from pipeline.quiet import import_mlflow_pytorch
 from pipeline.reports.figures import confusion_matrix_png
 from pipeline.tasks.common import TrainingData, dataset_inputs, load_data, write_json
-from pipeline.tracking.mlflow_run import TrackedRun
+from pipeline.tracking.mlflow_run import TrackedRun, scoped_tracking_uri
+from pipeline.tracking.registry import model_name, register
 from pipeline.tracking.server import check_tracking
 from pipeline.training.metrics import file_row
 from pipeline.training.module import Classifier, load_classifier
 from pipeline.training.regularizers import Regularizers
 from pipeline.validation import prepare
+
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
 
 
 @torch.inference_mode()
@@ -89,6 +92,9 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
                [{"actual": names[a], "predicted": names[b]} for a, b in zip(labels, probs.argmax(axis=1))])
     confusion_matrix_png(cm, names, layout.plots / "confusion.png")
 
+    # tracking.register: null is on here, the DVC pipeline's evaluate stage; an ad-hoc run's
+    # app sets it false unless asked (pipeline.cli.apps); a cross-validation fold never registers.
+    registering = run is None and cfg.data.fold is None and cfg.tracking.register is not False
     if not cfg.tracking.enabled:
         run = None
     elif run is None:
@@ -101,7 +107,13 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
                 run.log_artifact(layout.plots / name)
             run.log_artifact(layout.metrics / "test.json")
             if cfg.tracking.log_model:
-                log_model(run, module.net, gather(raw.images, splits.test[:4]))
+                info = log_model(run, module.net, gather(raw.images, splits.test[:4]))
+                # Here, not in the train stage: the champion is chosen by test accuracy, which
+                # only this stage knows, and the model is logged here. Not for a fold's run.
+                if registering and run.run_id is not None:
+                    register(run.client, model_name(cfg.tracking.experiment_name, cfg.data.name),
+                             run_id=run.run_id, model_uri=info.model_uri, model_id=info.model_id,
+                             test_acc=overall["acc"])
     return {f"test/{k}": v for k, v in overall.items()}
 
 
@@ -128,7 +140,7 @@ def _resume_run(layout: Layout) -> TrackedRun | None:
     return TrackedRun.resume(tracking_uri=info["tracking_uri"], run_id=info["run_id"])
 
 
-def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray) -> None:
+def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray) -> ModelInfo:
     """`mlflow.pytorch.log_model` into the run, with an input example (N, C, H, W) in [0, 1]
     (MLflow infers the signature from it).
 
@@ -141,18 +153,9 @@ def log_model(run: TrackedRun, net: torch.nn.Module, example_images: np.ndarray)
 
     import_mlflow_pytorch()  # as `import mlflow.pytorch`, without its changes to logging
     example = to_batch(example_images).numpy()
-    # log_model only speaks to the "current" tracking URI. The environment variable scopes it
-    # to this call; mlflow.set_tracking_uri would leak into the rest of the process.
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = run.tracking_uri
-    try:
-        with mlflow.start_run(run_id=run.run_id):
-            # Explicit requirements skip MLflow's slow import-scanning inference.
-            mlflow.pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
-                                     serialization_format="pickle",
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+    # log_model only speaks to the "current" tracking URI.
+    with scoped_tracking_uri(run.tracking_uri), mlflow.start_run(run_id=run.run_id):
+        # Explicit requirements skip MLflow's slow import-scanning inference.
+        return mlflow.pytorch.log_model(net.cpu().eval(), name="model", input_example=example,
+                                        serialization_format="pickle",
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

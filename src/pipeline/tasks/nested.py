@@ -212,6 +212,7 @@ def nested_cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) 
                                     if isinstance(stats, dict) and "mean" in stats
                                     for stat, value in stats.items() if stat in ("mean", "std", "ci_low", "ci_high")})
                 parent.log_artifact(layout.metrics / "cv.json")
+                out["mlflow_run_id"] = parent.run_id  # for the summary; not in cv.json
     finally:
         if started:
             ray.shutdown()

@@ -17,9 +17,7 @@ with the limitation stated in the report.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -35,8 +33,9 @@ from pipeline.models.checkpoints import load_mlflow_model
 from pipeline.reports.page import FILES, write_report
 from pipeline.tasks.common import load_data
 from pipeline.tasks.evaluate import predict
-from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
+from pipeline.tracking.mlflow_run import TrackedRun, scoped_tracking_uri, tracking_target
 from pipeline.tracking.provenance import tree_sha256
+from pipeline.tracking.registry import resolve_run_id
 from pipeline.tracking.server import check_server, check_tracking
 from pipeline.training.metrics import EPOCH_METRICS, read_curves
 from pipeline.training.module import build_network, load_classifier
@@ -64,7 +63,8 @@ def report(cfg: DictConfig) -> Path:
 
 def report_for_run(run_id: str, cfg: DictConfig) -> Path:
     """Report on any MLflow run of this pipeline in `cfg`'s tracking store, into
-    `<cfg out>/reports/runs/<run_id>/`.
+    `<cfg out>/reports/runs/<run_id>/`. `run_id` may also name a registered model version,
+    `models:/<name>@champion` or `models:/<name>/<version>`: the run that logged it.
 
     The run's own config.yaml chooses dataset, split, model and evaluation settings; `cfg`
     gives the local paths (data is fetched and split as the run did if missing) and the
@@ -81,6 +81,7 @@ def report_for_run(run_id: str, cfg: DictConfig) -> Path:
     check_server(tracking_uri, cfg.tracking.experiment_name)  # read even with tracking off
     client = MlflowClient(tracking_uri)
     try:
+        run_id = resolve_run_id(client, run_id)  # a registered model (models:/<name>@champion): its run
         run = client.get_run(run_id)
         with tempfile.TemporaryDirectory() as tmp:
             run_cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
@@ -165,20 +166,6 @@ def _curves_from_history(client, run_id: str) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
-@contextlib.contextmanager
-def _tracking_uri(uri: str):
-    """Scope MLflow's "current" tracking URI (which `runs:/` URIs resolve against) to a block."""
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
-
-
 def rebuild_eager(exported: nn.Module, run_cfg: DictConfig, num_classes: int) -> nn.Sequential:
     """The pipeline's eager `Sequential(Preprocess, model)` with an exported model's weights.
 
@@ -204,7 +191,7 @@ def _run_network(run_id: str, tracking_uri: str, run_cfg: DictConfig, num_classe
     uri = f"runs:/{run_id}/model"
     loaded = None
     try:
-        with _tracking_uri(tracking_uri):
+        with scoped_tracking_uri(tracking_uri):
             loaded = load_mlflow_model(uri)  # weights-only, as transfer learning reads it
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for "no model"
         notes.append(f"No loadable MLflow model at {uri} ({type(err).__name__}).")

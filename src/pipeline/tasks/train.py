@@ -22,7 +22,7 @@ from pipeline.files import write_text, write_with
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
 from pipeline.models.checkpoints import load_file
-from pipeline.models.transfer import freeze, load_state, transfer_weights
+from pipeline.models.transfer import describe, freeze, load_state, transfer_weights
 from pipeline.quiet import quiet
 from pipeline.reports.figures import learning_curves_png
 from pipeline.tasks.common import (
@@ -32,7 +32,7 @@ from pipeline.tasks.common import (
     write_json,
     write_run_file,
 )
-from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
+from pipeline.tracking.mlflow_run import TrackedRun, scoped_tracking_uri, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
 from pipeline.tracking.system import system_metrics
@@ -88,7 +88,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     dm = build_datamodule(raw.images, raw.labels, cfg.data, train_idx=train_idx, val_idx=val_idx,
                           test_idx=splits.test, seed=cfg.seed)
     module = configured_module(cfg, dm, num_classes=len(raw.classes))
-    transfer_tags = _transfer(module, cfg.transfer) if cfg.transfer.source else {}
+    transfer_tags = _transfer(module, cfg.transfer, cfg.tracking, cfg.paths.root) if cfg.transfer.source else {}
     input_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     size = {"model/params": count_parameters(module.net), "model/macs": count_macs(module.net, input_shape)}
     resolved = to_container(cfg)
@@ -211,12 +211,17 @@ def _log_start(run: TrackedRun, layout: Layout, resolved: dict, arch: str, size:
         write_run_file(layout, run)
 
 
-def _transfer(module: Classifier, transfer: DictConfig) -> dict[str, str]:
-    """Load pretrained weights into the network, freeze, and set the fine-tuning lr groups."""
+def _transfer(module: Classifier, transfer: DictConfig, tracking: DictConfig, root: str) -> dict[str, str]:
+    """Load pretrained weights into the network, freeze, and set the fine-tuning lr groups.
+    An MLflow source (`runs:/`, `models:/<name>@champion`) is read from the configured store."""
     net = module.net[1]
-    loaded = transfer_weights(net, load_state(transfer.source), source=transfer.source, arch=module.hparams["arch"])
+    with scoped_tracking_uri(tracking_target(tracking, root)["tracking_uri"]):
+        state = load_state(transfer.source)
+    loaded = transfer_weights(net, state, source=transfer.source, arch=module.hparams["arch"])
     frozen = freeze(net, transfer.freeze)
     module.pretrained = (loaded, float(transfer.pretrained_lr_ratio))
+    # On the console, as the tuned hyperparameters' note (tuning.best): a run's starting point.
+    print(describe(net, transfer.source, loaded, frozen, transfer.freeze), flush=True)
     return {"transfer_source": transfer.source, "transfer_loaded": str(len(loaded)),
             "transfer_frozen": str(len(frozen))}
 

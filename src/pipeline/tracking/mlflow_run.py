@@ -33,6 +33,9 @@ INCOMPLETE_TAG = "tracking.incomplete"
 # shows it; MLflow 3.17's UI opens an experiment by its own GenAI / Model training switch instead
 # (remembered by the browser, or `?workflowType=machine_learning` in the address: README).
 KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+# (tracking URI, run id) of every run without a parent this process started, in order: the
+# runs an ad-hoc command's log is attached to (`tracking.runlog`).
+top_level_runs: list[tuple[str, str]] = []
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -98,6 +101,24 @@ def open_client(tracking_uri: str) -> MlflowClient:
 
     with _store_creation_lock(tracking_uri):
         return MlflowClient(tracking_uri)
+
+
+@contextmanager
+def scoped_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's "current" tracking URI (which `runs:/` and `models:/` URIs, `log_model` and
+    `load_model` resolve against) set to `uri` for a block. The environment variable scopes
+    it; `mlflow.set_tracking_uri` would leak into the rest of the process."""
+    import os
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 @contextmanager
@@ -191,6 +212,8 @@ class TrackedRun:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=tags)
+        if not parent_run_id:
+            top_level_runs.append((tracking_uri, run.info.run_id))
         return cls(client, run.info.run_id)
 
     @classmethod

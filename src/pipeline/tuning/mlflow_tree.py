@@ -56,6 +56,14 @@ def write_text(path: str, text: str) -> None:
     fs.move(partial, fs_path)  # a rename on a file system; object stores replace objects whole anyway
 
 
+def searched_tags(config: dict[str, Any]) -> dict[str, str]:
+    """A trial's searched values also as tags, `searched.<key>`: the runs table's tag columns
+    and its search box (tags.`searched.optimizer.lr` = '0.01') find them at once. As params they
+    are the only ones that differ between a sweep's trials (the rest are its `fixed.*`), so the
+    compare view's parallel coordinates plot picks them by default."""
+    return {f"searched.{k}": str(v) for k, v in config.items()}
+
+
 class SweepRuns:
     """The parent and children of one sweep, addressed by id through `TrackedRun`."""
 
@@ -202,7 +210,7 @@ class MlflowTreeCallback(Callback):
     def _open(self, trial: Any) -> TrackedRun:
         params = {**{f"fixed.{k}": v for k, v in self.fixed.items()}, **trial.config}
         tags = {"trial_id": trial.trial_id, "trial_name": str(trial), "sweep": self.parent_tags.get("sweep", ""),
-                **self.code_tags}
+                **self.code_tags, **searched_tags(trial.config)}
         run, _ = self.runs.open_child(trial.trial_id, f"{self.parent_name}-{trial.trial_id}", params, tags,
                                       self.datasets["trial"])
         return run
@@ -223,7 +231,10 @@ class MlflowTreeCallback(Callback):
         if "gpu_ids" in result:  # the first report of each (re)start of the trial
             run.set_tags({"node": result.get("node_ip", ""), "hostname": result.get("hostname", ""),
                           "gpu_ids": result["gpu_ids"], "node_id": str(result.get("node_id", ""))})
-        metrics = {k: float(result[k]) for k in EPOCH_METRICS if isinstance(result.get(k), (int, float))}
+        # val/acc first: the UI's compare view plots the searched params against the first
+        # metric a run logged (train/loss otherwise), and accuracy is what people compare.
+        keys = sorted(EPOCH_METRICS, key=lambda k: k != "val/acc")
+        metrics = {k: float(result[k]) for k in keys if isinstance(result.get(k), (int, float))}
         if "time_this_iter_s" in result:
             metrics["time/epoch_s"] = float(result["time_this_iter_s"])
         # A trial's machine use over the epoch, when the sweep asks (tune.system_metrics).
@@ -251,7 +262,7 @@ class MlflowTreeCallback(Callback):
                 if k.startswith("fold/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         diverged = bool(result.get("diverged"))
         tags = {"trial_id": trial.trial_id, "fold": str(fold), "sweep": self.parent_tags.get("sweep", ""),
-                "diverged": str(diverged).lower(), **self.code_tags}
+                "diverged": str(diverged).lower(), **self.code_tags, **searched_tags(trial.config)}
         params = {**{f"fixed.{k}": v for k, v in self.fixed.items()}, **trial.config, "data.fold": fold}
         self.runs.log_fold(trial.trial_id, fold, f"{self.parent_name}-{trial.trial_id}-fold{fold}", params, tags,
                            history, best, self.datasets["folds"].get(str(fold), []))
