@@ -179,7 +179,7 @@ def test_the_logged_model_is_a_network_a_user_can_use(digits_cfg, tmp_path: Path
     name = "cnn-pipeline-digits"
     first = client.get_model_version_by_alias(name, "champion")
     assert (first.version, first.run_id) in (("1", run_id), (1, run_id))
-    test_acc = json.loads(layout.metrics.joinpath("test.json").read_text())["test"]["acc"]
+    test_acc = json.loads(layout.metrics.joinpath("test.json").read_text())["test_acc"]
     assert client.get_run(run_id).data.tags["registry.champion"].startswith(f"champion: {test_acc:.4f}")
     champion = load_state(f"models:/{name}@champion")  # what transfer.source accepts
     assert champion.keys() == own.keys() and all(torch.equal(champion[k], own[k]) for k in own)
