@@ -76,10 +76,14 @@ def _drop_if_unused(out_dir: Path) -> None:
 
 
 def _train(cfg: DictConfig) -> float:
-    from pipeline.tasks.evaluate import evaluate
-    from pipeline.tasks.train import train
+    def train_and_evaluate(c: DictConfig) -> dict[str, float]:
+        # Imported once the config is checked: a bad value fails without Lightning's seconds of imports.
+        from pipeline.tasks.evaluate import evaluate
+        from pipeline.tasks.train import train
 
-    metrics = _run_adhoc(cfg, lambda c: {**train(c), **evaluate(c)})
+        return {**train(c), **evaluate(c)}
+
+    metrics = _run_adhoc(cfg, train_and_evaluate)
     shown = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/")) and not k.endswith("/n")}
     print("  ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
     print(f"outputs: {cfg.paths.out_dir}")
