@@ -177,3 +177,15 @@ def test_evaluate_report_models_and_validation_never_import_lightning(cfg_factor
     assert page == "True" and loaded.strip() == "[]", proc.stdout
     # The same test accuracy as evaluating through the LightningModule's own loader would give.
     assert float(acc) == evaluate(cfg)["test/acc"]
+
+
+def test_a_cut_short_or_foreign_checkpoint_is_a_data_error(tmp_path):
+    from pipeline.errors import DataError
+    from pipeline.training.network import load_network
+
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "state.pt")
+    with pytest.raises(DataError, match="state.pt is not a training checkpoint of this pipeline"):
+        load_network(tmp_path / "state.pt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "state.pt").read_bytes()[:100])
+    with pytest.raises(DataError, match="cut.ckpt is not a readable checkpoint .*truncated or corrupt"):
+        load_network(tmp_path / "cut.ckpt")
