@@ -47,7 +47,8 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from pipeline.config import compose, to_container
-from pipeline.data.batches import ArrayDataModule, TensorBatches
+from pipeline.data.batches import TensorBatches
+from pipeline.data.datamodule import ArrayDataModule
 from pipeline.data.sources import load_source
 from pipeline.data.splits import stratified_split
 from pipeline.tasks.train import configured_module

@@ -20,6 +20,7 @@ from pipeline.models import create_model, list_models
 from pipeline.models.init import INITS, init_weights
 from pipeline.models.transfer import describe, freeze, load_state, param_groups, transfer_weights
 from pipeline.training.module import build_network, load_classifier
+from pipeline.training.network import load_network
 
 
 def _linear(scheme: str, fan_in: int = 400, fan_out: int = 300) -> nn.Linear:
@@ -133,7 +134,9 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"Refused to load .*evil\.ckpt: it holds \S*system, which loading would"):
         load_state(str(evil))
     with pytest.raises(DataError, match="Refused to load"):
-        load_classifier(evil)  # the way our own checkpoints are read back (evaluate, report)
+        load_classifier(evil)  # the way a LightningModule is read back (training code)
+    with pytest.raises(DataError, match="Refused to load"):
+        load_network(evil)  # the way evaluate and report read checkpoints back, without Lightning
     assert not (tmp_path / "ran").exists()
 
 

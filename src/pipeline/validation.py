@@ -38,10 +38,10 @@ KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "seed", "optimized_metric", "data", "model", "optimizer", "scheduler", "trainer", "tracking",
          "regularizer", "cv", "compare", "init", "transfer", "tune", "paths"),
     "data": ("name", "channels", "image_size", "num_classes", "path", "resize", "normalize", "batch_size",
-             "eval_batch_size", "num_workers", "in_memory", "download", "fold", "split"),
+             "eval_batch_size", "num_workers", "in_memory", "device_cache", "download", "fold", "split"),
     "data.split": ("val_fraction", "test_fraction", "folds", "seed"),
-    "trainer": ("max_epochs", "accelerator", "devices", "precision", "deterministic", "gradient_clip_val",
-                "limit_train_batches", "limit_val_batches", "enable_progress_bar", "resume_from"),
+    "trainer": ("max_epochs", "accelerator", "devices", "precision", "channels_last", "compile", "deterministic",
+                "gradient_clip_val", "limit_train_batches", "limit_val_batches", "enable_progress_bar", "resume_from"),
     "tracking": ("enabled", "tracking_uri", "artifact_location", "experiment_name", "run_name", "log_model",
                  "register", "system_metrics", "system_metrics_interval_s"),
     "cv": ("parallel", "cpus_per_fold", "confidence", "repeats", "nested", "inner_folds"),
@@ -75,7 +75,7 @@ def validate(cfg: DictConfig) -> None:
     the optimizer and scheduler tables dry-build theirs, each regularizer entry checks its
     key), so a new option is validated by the same code that builds it.
     """
-    from pipeline.data.residency import check_in_memory
+    from pipeline.data.residency import check_device_cache, check_in_memory
     from pipeline.data.sources import list_sources
     from pipeline.training.optim import validate_optimizer
     from pipeline.training.regularizers import check_regularizers
@@ -97,6 +97,7 @@ def validate(cfg: DictConfig) -> None:
     check_number(cfg, "data.eval_batch_size", integer=True, low=1)
     check_number(cfg, "data.num_workers", integer=True, low=0)
     check_in_memory(get_required(cfg, "data.in_memory"))
+    check_device_cache(get_required(cfg, "data.device_cache"))
     check_number(cfg, "data.split.val_fraction", low=0, high=1, high_open=True)
     check_number(cfg, "data.split.test_fraction", low=0, high=1, high_open=True)
     check_number(cfg, "data.split.folds", integer=True, low=2)
@@ -192,6 +193,11 @@ def _validate_trainer(cfg: DictConfig) -> None:
     if precision not in PRECISIONS or isinstance(precision, bool):
         raise ConfigError(f"trainer.precision={precision!r} is not one of: "
                           f"{', '.join(p for p in PRECISIONS if isinstance(p, str))}.")
+    if str(precision).startswith("16") and _on_cpu(get_required(cfg, "trainer.accelerator")):
+        raise ConfigError(f"trainer.precision={precision} needs a CUDA GPU (float16), and this run trains on "
+                          "the CPU: use trainer.precision=bf16-mixed, which trains on CPUs too, or 32-true.")
+    check_bool(cfg, "trainer.channels_last")
+    check_bool(cfg, "trainer.compile")
     devices = get_required(cfg, "trainer.devices")
     count = isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)
     indices = OmegaConf.is_list(devices) and len(devices) > 0 and all(
@@ -207,6 +213,15 @@ def _validate_trainer(cfg: DictConfig) -> None:
         value = check_number(cfg, key, low=0, low_open=True, optional=True)
         if isinstance(value, float) and value > 1:
             raise ConfigError(f"{key}={value} must be a count of batches (an integer) or a fraction <= 1.")
+
+
+def _on_cpu(accelerator: str) -> bool:
+    """Whether `trainer.accelerator` trains on the CPU here (auto: no CUDA or MPS device)."""
+    import torch
+
+    if accelerator == "cpu":
+        return True
+    return accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
 def _check_string(cfg: DictConfig, key: str, *, optional: bool = False) -> None:

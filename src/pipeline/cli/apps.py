@@ -90,10 +90,15 @@ def _show(lines: list[str], figures: dict[str, Any]) -> None:
 def _train(cfg: DictConfig) -> float:
     from pipeline.cli import summaries
     from pipeline.cli.sweep import in_multirun
-    from pipeline.tasks.evaluate import evaluate
-    from pipeline.tasks.train import train
 
-    metrics = _run_adhoc(cfg, lambda c: {**train(c), **evaluate(c)})
+    def train_and_evaluate(c: DictConfig) -> dict[str, float]:
+        # Imported once the config is checked: a bad value fails without Lightning's seconds of imports.
+        from pipeline.tasks.evaluate import evaluate
+        from pipeline.tasks.train import train
+
+        return {**train(c), **evaluate(c)}
+
+    metrics = _run_adhoc(cfg, train_and_evaluate)
     run = summaries.run_of_outputs(cfg)
     _show(summaries.train(cfg, metrics, hint=not in_multirun()),
           {"val/acc": metrics.get("val/acc"), "test/acc": metrics.get("test/acc"),

@@ -15,7 +15,6 @@ import math
 import weakref
 from collections.abc import Iterator
 
-import lightning as L
 import numpy as np
 import torch
 
@@ -197,59 +196,3 @@ def channel_stats(images: np.ndarray, indices: np.ndarray) -> tuple[list[float],
     var = [(n * int(q) - int(t) ** 2) / (n * (n - 1)) if n > 1 else 0.0 for t, q in zip(total, squares, strict=True)]
     std = [max(math.sqrt(v) / 255.0, 1e-6) for v in var]
     return mean, std
-
-
-class ArrayDataModule(L.LightningDataModule):
-    """Train/val/test batches of one image array (in memory or memory-mapped) and index sets."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, train_idx: np.ndarray, val_idx: np.ndarray,
-                 test_idx: np.ndarray | None = None, batch_size: int, eval_batch_size: int, seed: int) -> None:
-        super().__init__()
-        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
-        self.parts = {"train": train_idx, "val": val_idx, "test": test_idx}
-        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
-        self._train: TensorBatches | None = None
-        self._made: weakref.WeakSet[TensorBatches] = weakref.WeakSet()
-
-    def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def _batches(self, part: str, **kwargs) -> TensorBatches:
-        rank, world = self._rank()
-        trainer = getattr(self, "trainer", None)
-        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        batches = TensorBatches(self.images, self.labels, self.parts[part], rank=rank, world_size=world,
-                                pin_memory=pin, **kwargs)
-        self._made.add(batches)
-        return batches
-
-    def train_dataloader(self) -> TensorBatches:
-        self._train = self._batches("train", batch_size=self.batch_size, shuffle=True, seed=self.seed)
-        return self._train
-
-    def set_epoch(self, epoch: int) -> None:
-        if self._train is not None:
-            self._train.set_epoch(epoch)
-
-    def _eval(self, part: str) -> TensorBatches:
-        return self._batches(part, batch_size=self.eval_batch_size, shuffle=False, mark_padding=True)
-
-    def val_dataloader(self) -> TensorBatches:
-        return self._eval("val")
-
-    def test_dataloader(self) -> TensorBatches:
-        return self._eval("test")
-
-    def close(self) -> None:
-        """Stop every prefetch thread of the batches made here."""
-        for batches in list(self._made):
-            batches.close()
-
-    # Lightning calls these when a run ends and when it fails (a KeyboardInterrupt included):
-    # passes it left unfinished must not keep a thread making batches.
-    def teardown(self, stage: str) -> None:
-        self.close()
-
-    def on_exception(self, exception: BaseException) -> None:
-        self.close()

@@ -49,6 +49,14 @@ def check_in_memory(setting: object) -> None:
                           "in memory and memory-maps large ones; true or false forces one.")
 
 
+def check_device_cache(setting: object) -> None:
+    """ConfigError unless `setting` is a valid `data.device_cache` value."""
+    if not (setting == "auto" or isinstance(setting, bool)):
+        raise ConfigError(f"data.device_cache={setting!r} is not one of auto, true, false: auto caches the images on "
+                          "a CUDA device when they take at most 1/4 of its free memory; true or false forces it "
+                          "(true on the CPU batches there with the same code).")
+
+
 def choose_in_memory(setting: bool | str, nbytes: int) -> tuple[bool, str]:
     """(whether to hold `nbytes` of images in memory, why) for `data.in_memory=setting`."""
     check_in_memory(setting)

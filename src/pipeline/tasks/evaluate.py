@@ -23,7 +23,7 @@ from pipeline.tracking.mlflow_run import TrackedRun, scoped_tracking_uri
 from pipeline.tracking.registry import model_name, register
 from pipeline.tracking.server import check_tracking
 from pipeline.training.metrics import file_row
-from pipeline.training.module import Classifier, load_classifier
+from pipeline.training.network import TrainedNetwork, load_network
 from pipeline.training.regularizers import Regularizers
 from pipeline.validation import prepare
 
@@ -75,7 +75,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
         raise DataError(f"No checkpoint at {layout.best_ckpt}: run the train stage first (`dvc repro train`).")
     data = load_data(cfg, layout, data)
     raw, splits = data.raw, data.splits
-    module = load_classifier(layout.best_ckpt)
+    module = load_network(layout.best_ckpt)  # plain torch: evaluation never imports Lightning
     _check_fits(module, layout, raw.images.shape[1:], len(raw.classes))
     labels = raw.labels[splits.test]
     probs = predict(module.net, raw.images, indices=splits.test, batch_size=cfg.data.eval_batch_size,
@@ -117,7 +117,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
     return {f"test/{k}": v for k, v in overall.items()}
 
 
-def _check_fits(module: Classifier, layout: Layout, image_shape: tuple[int, ...], num_classes: int) -> None:
+def _check_fits(module: TrainedNetwork, layout: Layout, image_shape: tuple[int, ...], num_classes: int) -> None:
     """DataError unless the checkpoint's network takes these images and has these classes:
     one trained on other data would fail deep inside the forward pass, or score nonsense."""
     hp = module.hparams

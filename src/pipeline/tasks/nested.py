@@ -40,7 +40,7 @@ from pipeline.tasks.train import train
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.server import check_tracking
 from pipeline.training.metrics import file_row
-from pipeline.training.module import load_classifier
+from pipeline.training.network import load_network
 from pipeline.tuning.driver import SweepInterrupted, run_sweep
 from pipeline.tuning.plan import plan_sweep
 from pipeline.tuning.ray_init import init_ray
@@ -130,7 +130,7 @@ def refit_config(cfg: DictConfig, fold: int, out: Path) -> DictConfig:
 
 def _score(data: TrainingData, idx: np.ndarray, cfg: DictConfig) -> dict[str, float]:
     """The refitted model (`cfg`'s best checkpoint) on the samples `idx`, as evaluate scores."""
-    module = load_classifier(Layout.from_cfg(cfg).best_ckpt)
+    module = load_network(Layout.from_cfg(cfg).best_ckpt)
     probs = predict(module.net, data.raw.images, indices=idx, batch_size=cfg.data.eval_batch_size,
                     regularizer=cfg.regularizer)
     overall, _, _ = scores(probs, data.raw.labels[idx], data.raw.classes)

@@ -38,7 +38,7 @@ from pipeline.tracking.provenance import tree_sha256
 from pipeline.tracking.registry import resolve_run_id
 from pipeline.tracking.server import check_server, check_tracking
 from pipeline.training.metrics import EPOCH_METRICS, read_curves
-from pipeline.training.module import build_network, load_classifier
+from pipeline.training.network import build_network, load_network
 from pipeline.validation import KEYS, model_args, prepare
 
 
@@ -50,7 +50,7 @@ def report(cfg: DictConfig) -> Path:
     if not layout.best_ckpt.exists():
         raise DataError(f"No checkpoint at {layout.best_ckpt}: run the train stage first (`dvc repro train`).")
     curves = read_curves(layout.plots / "train_curves.json")
-    net = load_classifier(layout.best_ckpt).net.eval()
+    net = load_network(layout.best_ckpt).net.eval()
     info = json.loads(layout.run_file.read_text()) if layout.run_file.exists() else None
     meta = {"run id": info["run_id"] if info else "(not tracked)", "weights": str(layout.best_ckpt)}
     path = _write(cfg, cfg, net, curves, Path(cfg.paths.out_dir) / "reports", meta, [], eager=True)
@@ -204,7 +204,7 @@ def _run_network(run_id: str, tracking_uri: str, run_cfg: DictConfig, num_classe
             notes.append(f"Could not rebuild the eager network from {uri}: {err}")
     ckpt, run_file = run_out / "models" / "best.ckpt", run_out / "models" / "run.json"
     if ckpt.exists() and run_file.exists() and json.loads(run_file.read_text()).get("run_id") == run_id:
-        return load_classifier(ckpt).net.eval(), str(ckpt), True
+        return load_network(ckpt).net.eval(), str(ckpt), True
     if loaded is None:
         raise DataError(f"Run {run_id} has no loadable model ({uri}) and its checkpoint {ckpt} is gone or "
                         "belongs to another run.")

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import flatten, to_container
-from pipeline.data.batches import ArrayDataModule
+from pipeline.data.datamodule import ArrayDataModule
 from pipeline.errors import ConfigError
 from pipeline.files import write_text, write_with
 from pipeline.layout import Layout
@@ -36,7 +36,13 @@ from pipeline.tracking.mlflow_run import TrackedRun, scoped_tracking_uri, tracki
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
 from pipeline.tracking.system import system_metrics
-from pipeline.training.builders import build_datamodule, build_module, build_trainer, input_stats
+from pipeline.training.builders import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+    input_stats,
+    speed_up,
+)
 from pipeline.training.callbacks import BestCheckpoint, EpochRecorder, RandomState
 from pipeline.training.fit import fit
 from pipeline.training.metrics import best_epoch, file_row
@@ -91,6 +97,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
     transfer_tags = _transfer(module, cfg.transfer, cfg.tracking, cfg.paths.root) if cfg.transfer.source else {}
     input_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     size = {"model/params": count_parameters(module.net), "model/macs": count_macs(module.net, input_shape)}
+    speed_up(module, cfg.trainer)  # after the count, which runs the network once, eagerly
     resolved = to_container(cfg)
     resume_tags = {}
     if ckpt_path is None and cfg.trainer.get("resume_from") is not None:

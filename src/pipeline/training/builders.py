@@ -13,20 +13,24 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from pipeline.config import to_container
-from pipeline.data.batches import ArrayDataModule, channel_stats
+from pipeline.data.batches import channel_stats
+from pipeline.data.datamodule import ArrayDataModule
 from pipeline.training.checkpoint_io import AtomicCheckpointIO
 from pipeline.training.module import Classifier
 
 
 def build_datamodule(images: np.ndarray, labels: np.ndarray, data: DictConfig, *, train_idx: np.ndarray,
                      val_idx: np.ndarray, test_idx: np.ndarray | None = None, seed: int) -> ArrayDataModule:
-    """Batches of the given index sets, as large as `data` says; `seed` shuffles the training batches."""
+    """Batches of the given index sets, as large as `data` says (and on the device if
+    `data.device_cache` says so); `seed` shuffles the training batches."""
     return ArrayDataModule(images, labels, train_idx=train_idx, val_idx=val_idx, test_idx=test_idx,
-                           batch_size=data.batch_size, eval_batch_size=data.eval_batch_size, seed=seed)
+                           batch_size=data.batch_size, eval_batch_size=data.eval_batch_size, seed=seed,
+                           device_cache=data.get("device_cache", "auto"))  # absent from older runs' configs
 
 
 def input_stats(dm: ArrayDataModule, data: DictConfig) -> tuple[list[float], list[float]]:
@@ -46,6 +50,20 @@ def build_module(arch: str, arch_kwargs: dict[str, Any], *, mean: list[float], s
                       optimizer=to_container(optimizer), scheduler=to_container(scheduler),
                       regularizer=to_container(regularizer), init=to_container(init),
                       augment_seed=seed)
+
+
+def speed_up(module: Classifier, trainer: DictConfig, *, compile_backend: str = "inductor") -> None:
+    """`trainer.channels_last` and `trainer.compile` applied to `module`'s network, in place.
+
+    Both leave the state dict as it is (`nn.Module.compile` wraps the call, not the module), so
+    checkpoints, evaluation and transfer read the same weights whether or not they were on.
+    `compile_backend` is torch.compile's (tests pass "eager" to check the wiring in seconds).
+    """
+    if trainer.get("channels_last"):
+        module.net.to(memory_format=torch.channels_last)
+        module.channels_last = True
+    if trainer.get("compile"):
+        module.net.compile(backend=compile_backend)
 
 
 def build_trainer(trainer: DictConfig, callbacks: Sequence[Callback], *, root_dir: str | Path,

@@ -12,42 +12,19 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pipeline.data.batches import IGNORE_INDEX
 from pipeline.errors import DataError
-from pipeline.models import create_model
 from pipeline.models.checkpoints import refusals_explained
-from pipeline.models.init import init_weights
 from pipeline.models.transfer import param_groups
+
+# Preprocess too: MLflow models logged before it moved to `network` name it here.
+from pipeline.training.network import Preprocess, build_network  # noqa: F401
 from pipeline.training.optim import build_optimizer
 from pipeline.training.regularizers import Regularizers
 from pipeline.training.schedules import build_scheduler
 
 AUX_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers' share of the loss (Szegedy et al. 2014)
-
-
-class Preprocess(nn.Module):
-    """Standardise and optionally resize, inside the model, so an exported model takes raw
-    [0, 1] images of the dataset's own size and needs no separate transform code."""
-
-    def __init__(self, mean: list[float], std: list[float], resize: int | None = None) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-        self.resize = resize
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resize and x.shape[-1] != self.resize:
-            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
-        return (x - self.mean) / self.std
-
-
-def build_network(arch: str, arch_kwargs: dict[str, Any], *, mean: list[float], std: list[float],
-                  resize: int | None = None, init: dict[str, Any] | None = None) -> nn.Sequential:
-    """`Preprocess` followed by the registry model: the whole inference graph."""
-    model = init_weights(create_model(arch, **arch_kwargs), **(init or {}))
-    return nn.Sequential(Preprocess(mean, std, resize), model)
 
 
 class Classifier(L.LightningModule):
@@ -71,6 +48,9 @@ class Classifier(L.LightningModule):
         self._epoch_sums: dict[str, torch.Tensor] = {}  # see `_accumulate`
         self._epoch_count = 0
         self._eval_sums: torch.Tensor | None = None  # see `_eval_step`
+        # trainer.channels_last (set by `builders.speed_up`): batches follow the weights into
+        # NHWC order. Not a hyperparameter: the checkpoint's weights are the same either way.
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -79,7 +59,10 @@ class Classifier(L.LightningModule):
         # Transform (e.g. augment) training batches only, on the device the batch now lives on.
         if self.regularizers.acts("transform_batch") and self.trainer is not None and self.trainer.training:
             x, y = batch
-            return self.regularizers.transform_batch(x), y
+            batch = self.regularizers.transform_batch(x), y
+        if self.channels_last:
+            x, y = batch
+            batch = x.contiguous(memory_format=torch.channels_last), y
         return batch
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
