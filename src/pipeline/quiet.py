@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from types import ModuleType
 
@@ -104,6 +105,9 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_AUTOLOG = "mlflow.pytorch._lightning_autolog"  # imports pytorch_lightning
+
+
 def import_mlflow_pytorch() -> ModuleType:
     """`mlflow.pytorch`, without what importing it does to this process's logging.
 
@@ -111,15 +115,23 @@ def import_mlflow_pytorch() -> ModuleType:
     propagating logger prints in another format, `INFO:name:message`, the pipeline's warnings
     twice) and imports `pytorch_lightning`, which points Lightning's shared rank-zero logger at
     its own logger: Lightning's lines then bypass `quiet`'s filter (the litmodels tip appears).
-    Both are put back as they were.
+    Both are put back as they were. And where nothing imported Lightning yet (evaluate, report:
+    processes that never train), its autologging module is kept out: it is what imports
+    `pytorch_lightning`, seconds of start-up for a callback this pipeline never uses (MLflow
+    swallows the ImportError, as when Lightning is not installed).
     """
     import lightning_utilities.core.rank_zero as rank_zero
 
     root = logging.getLogger()
     handlers, level, rank_zero_log = list(root.handlers), root.level, rank_zero.log
+    block = "mlflow.pytorch" not in sys.modules and not {"lightning", "pytorch_lightning"} & sys.modules.keys()
+    if block:
+        sys.modules[_AUTOLOG] = None  # type: ignore[assignment]  # `import` of a None entry raises ImportError
     try:
         import mlflow.pytorch
     finally:
+        if block:
+            del sys.modules[_AUTOLOG]  # mlflow.pytorch.autolog() can still import it, if ever called
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
         root.setLevel(level)
