@@ -80,12 +80,12 @@ def test_16_mixed_on_the_cpu_exits_2_before_training(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
-def _train(cfg_factory, *overrides):
+def _train(cfg_factory, *overrides, tracking=False):
     from pipeline.tasks.data import ensure_data
     from pipeline.tasks.train import train
 
     cfg = cfg_factory(["regularizer=[augment_cifar]", "trainer.limit_train_batches=4", "trainer.accelerator=cpu",
-                       *overrides], epochs=1, tracking=False)
+                       *overrides], epochs=1, tracking=tracking)
     ensure_data(cfg)
     return cfg, train(cfg, figures=False)
 
@@ -156,18 +156,21 @@ prepare(cfg.copy())
 test = evaluate(cfg.copy())
 page = report(cfg.copy())
 main(["models", "--input", "1x8x8"])
-print("RESULT", test["test/acc"], page.is_file(), sorted(m for m in sys.modules if m.split(".")[0] == "lightning"))
+print("RESULT", test["test/acc"], page.is_file(),
+      sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")))
 """
 
 
 def test_evaluate_report_models_and_validation_never_import_lightning(cfg_factory, tmp_path):
     """What does not train runs without Lightning's seconds of imports: the evaluate and report
-    tasks read the checkpoint with plain torch (`load_network`), in a fresh interpreter."""
+    tasks read the checkpoint with plain torch (`load_network`), in a fresh interpreter; logging
+    the model to MLflow (`mlflow.pytorch`) does not pull in `pytorch_lightning` either."""
     from omegaconf import OmegaConf
 
     from pipeline.tasks.evaluate import evaluate
 
-    cfg, _ = _train(cfg_factory, "trainer.limit_val_batches=1")
+    cfg, _ = _train(cfg_factory, "trainer.limit_val_batches=1", tracking=True)
+    assert cfg.tracking.log_model
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
     proc = subprocess.run([sys.executable, "-c", NO_LIGHTNING, str(tmp_path / "cfg.yaml")], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
