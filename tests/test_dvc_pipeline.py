@@ -47,6 +47,7 @@ def test_repro_runs_every_stage_and_writes_outputs(project, first_repro):
     for rel in ("data/splits/digits/split.json", "models/best.ckpt", "models/last.ckpt", "metrics/train.json",
                 "plots/train_curves.json", "plots/confusion.json", "plots/confusion.png", "plots/learning_curves.png"):
         assert (project / rel).exists(), rel
+    assert not (project / "models/evolution").exists()  # report.evolution_epochs=[] by default: nothing kept
     test = json.loads((project / "metrics/test.json").read_text())["test"]
     assert test["acc"] >= 0.97, test  # the defaults' promise on digits
     assert (project / "mlflow.db").exists()
