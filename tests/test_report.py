@@ -376,17 +376,17 @@ def test_top_activations_work_for_every_registered_model(name: str) -> None:
             # The box holds every pixel the unit's value depends on (shortcuts and concatenations too).
             if support := _gradient_support(model.eval(), x, layer, units[0]):
                 assert _inside(units[0].box, support), (layer, units[0], support)
-        # Projections to pixels: one image per unit, deterministic, and never outside the unit's box.
-        units = [u for us in tops[layer] for u in us]
-        for method in projection.METHODS if layer == layers[-1] else ("deconvnet",):
-            got, path = projection.project(model, x, layer, units, method)
-            assert got.shape == (len(units), 1, size, size) and torch.isfinite(got).all()
-            if method == "guided_backprop":  # deterministic (once a model: each pass costs a backward)
-                assert torch.equal(got, projection.project(model, x, layer, units, method)[0])
-            for u, p in zip(units, got):
-                rows, cols = np.nonzero(p[0].numpy())
-                assert not len(rows) or _inside(u.box, (rows.min(), cols.min(), rows.max(), cols.max())), (layer, u)
-        assert path.rectifications > 0 or layer == layers[0] or path.others, (layer, path)
+    # Projections to pixels from the last layer (the longest way down, through every kind of layer
+    # the model has): one image per unit, never outside the unit's box. (Determinism: the hand test
+    # and the byte-identical report; each pass here costs a backward of a large model.)
+    units = [u for us in tops[layers[-1]] for u in us]
+    for method in projection.METHODS:
+        got, path = projection.project(model, x, layers[-1], units, method)
+        assert got.shape == (len(units), 1, size, size) and torch.isfinite(got).all() and got.abs().sum() > 0
+        for u, p in zip(units, got):
+            rows, cols = np.nonzero(p[0].numpy())
+            assert not len(rows) or _inside(u.box, (rows.min(), cols.min(), rows.max(), cols.max())), u
+        assert path.rectifications > 0 or path.others, path  # every model's ReLUs (LeNet-5: tanh) were met
 
 
 def _inside(box: tuple[int, ...], support: tuple[int, ...]) -> bool:
