@@ -47,12 +47,12 @@ def test_repro_runs_every_stage_and_writes_outputs(project, first_repro):
     for rel in ("data/splits/digits/split.json", "models/best.ckpt", "models/last.ckpt", "metrics/train.json",
                 "plots/train_curves.json", "plots/confusion.json", "plots/confusion.png", "plots/learning_curves.png"):
         assert (project / rel).exists(), rel
-    assert not (project / "models/evolution").exists()  # report.evolution_epochs=[] by default: nothing kept
     test = json.loads((project / "metrics/test.json").read_text())["test"]
     assert test["acc"] >= 0.97, test  # the defaults' promise on digits
     assert (project / "mlflow.db").exists()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
     assert status.strip() in ("", "M dvc.lock", "A  dvc.lock", "?? dvc.lock"), status  # outputs are ignored
+    assert not (project / "models/evolution").exists()  # report.evolution_epochs=[] by default: nothing kept
 
 
 def test_train_tagged_with_dvc_split_hash(project, first_repro):
