@@ -158,7 +158,8 @@ def test_cli_unknown_option_lists_choices(tmp_path):
         assert choice in result.stderr
 
 
-@pytest.mark.parametrize("override, key", [("optimizer.lr=abc", "optimizer.lr"), ("model.dropout=1.5", "model.dropout")])
+@pytest.mark.parametrize("override, key", [("optimizer.lr=abc", "optimizer.lr"), ("model.dropout=1.5", "model.dropout"),
+                                           ("report.evolution_epochs=[0]", "report.evolution_epochs")])
 def test_cli_bad_value_exits_before_reading_data_or_creating_a_run(tmp_path, override, key):
     result = _cli(tmp_path, override)
     assert result.returncode == 2

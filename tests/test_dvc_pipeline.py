@@ -66,6 +66,7 @@ def test_repro_runs_every_stage_and_writes_outputs(project, first_repro):
     assert (project / "mlflow.db").exists()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
     assert status.strip() in ("", "M dvc.lock", "A  dvc.lock", "?? dvc.lock"), status  # outputs are ignored
+    assert not (project / "models/evolution").exists()  # report.evolution_epochs=[] by default: nothing kept
 
 
 def test_train_tagged_with_dvc_split_hash(project, first_repro):

@@ -21,7 +21,7 @@ from torch import nn
 
 from conftest import REPO, make_cfg
 from pipeline.models import count_macs, count_parameters, create_model, list_models, min_image_size
-from pipeline.reports import introspect, receptive
+from pipeline.reports import introspect, projection, receptive
 from pipeline.reports.page import FILES, SECTIONS, diagnose, write_report
 from pipeline.reports.receptive import Axis
 from pipeline.training.metrics import file_row
@@ -281,6 +281,74 @@ def test_unit_boxes_through_the_models_own_resizing() -> None:
         assert unit.box[2] - unit.box[0] <= bottom - top + 2  # a pixel or so wider at most per side
 
 
+# ------------------------------------------------------------------ deconvnet and guided backpropagation
+
+def _hand_net() -> tuple[nn.Sequential, torch.Tensor]:
+    """conv 2x2 -> max pool 2 -> ReLU -> conv 2x2, weights and a 5 x 5 input small enough for pencil."""
+    conv1, conv2 = nn.Conv2d(1, 1, 2, bias=False), nn.Conv2d(1, 1, 2, bias=False)
+    with torch.no_grad():
+        conv1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0]]).view(1, 1, 2, 2))  # z[p, q] = x[p, q] - x[p+1, q+1]
+        conv2.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, -1.0]]).view(1, 1, 2, 2))
+    x = torch.tensor([[4, 3, 0, 3, 1], [1, 2, 2, 1, 5], [0, 3, 1, 5, 3], [4, 2, 5, 1, 2], [3, 1, 4, 5, 2]],
+                     dtype=torch.float32).view(1, 1, 5, 5)
+    return nn.Sequential(conv1, nn.MaxPool2d(2), nn.ReLU(), conv2), x
+
+
+def test_deconvnet_and_guided_backprop_by_hand() -> None:
+    # Forward. z = conv1(x) = [[2, 1, -1, -2], [-2, 1, -3, -2], [-2, -2, 0, 3], [3, -2, 0, -1]].
+    # Pooling 2x2 keeps 2 at (0,0), -1 at (0,2) (its whole window is negative), 3 at (3,0), 3 at (2,3):
+    # the switches. ReLU: a = [[2, 0], [3, 3]]; conv2: 1*2 + 2*0 + 3*3 - 1*3 = 8, the one unit.
+    # Backward from 8 (the activation itself): conv2 transposed gives 8 * w2 = [[8, 16], [24, -8]].
+    # Deconvnet: rectify the signal, whatever the forward pass did: [[8, 16], [24, 0]]; guided
+    # backprop also zeroes where the forward ReLU input was negative, pooled (0,1) = -1: [[8, 0], [24, 0]].
+    # Unpool through the switches to (0,0), (0,2), (3,0); conv1 transposed puts s at (p, q) and -s
+    # at (p+1, q+1).
+    net, x = _hand_net()
+    (units,) = receptive.top_activations(net, x, ["3"], maps=1, k=1)["3"]
+    assert [(u.row, u.col, u.value) for u in units] == [(0, 0, 8.0)]
+    deconv = torch.zeros(5, 5)
+    deconv[0, 0], deconv[1, 1], deconv[0, 2], deconv[1, 3], deconv[3, 0], deconv[4, 1] = 8, -8, 16, -16, 24, -24
+    guided = deconv.clone()
+    guided[0, 2] = guided[1, 3] = 0
+    got, path = projection.project(net, x, "3", units, "deconvnet")
+    assert got.shape == (1, 1, 5, 5)
+    torch.testing.assert_close(got[0, 0], deconv, rtol=0, atol=0)
+    assert path == projection.Path(rectifications=1, max_pools=1, batch_norms=0, others=())
+    torch.testing.assert_close(projection.project(net, x, "3", units, "guided_backprop")[0][0, 0], guided,
+                               rtol=0, atol=0)
+    # The plain gradient differs from both: it keeps the negative signal at pooled (1,1) -> switch (2,3).
+    leaf = x.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(8 * net(leaf)[0, 0, 0, 0], leaf)
+    expected = guided.clone()
+    expected[2, 3], expected[3, 4] = -8, 8
+    torch.testing.assert_close(plain[0, 0], expected, rtol=0, atol=0)
+    # Deterministic, batch-independent, and parameter gradients untouched.
+    twice = projection.project(net, torch.cat([torch.zeros_like(x), x]), "3",
+                               [receptive.TopUnit(0, 1, 0, 0, 8.0, (0, 0, 4, 4))] * 2, "deconvnet")[0]
+    assert torch.equal(twice[0], got[0]) and torch.equal(twice[1], got[0])
+    assert all(p.grad is None for p in net.parameters())
+    with pytest.raises(ValueError, match="deconvnet, guided_backprop"):
+        projection.project(net, x, "3", units, "occlusion")
+
+
+def test_projection_without_max_pooling_or_relu_says_what_it_did() -> None:
+    from pipeline.reports.page import _path_note
+
+    # Strided convolutions and tanh, no pooling: nothing to unpool, no ReLU to rectify at.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.Tanh(), nn.BatchNorm2d(2),
+                        nn.Conv2d(2, 2, 3, stride=2, padding=1)).eval()
+    x = torch.rand(3, 1, 8, 8)
+    units = receptive.top_activations(net, x, ["3"], maps=2, k=3)["3"]
+    flat = [u for us in units for u in us]
+    got, path = projection.project(net, x, "3", flat, "deconvnet")
+    assert got.shape == (6, 1, 8, 8) and torch.isfinite(got).all() and got.abs().sum() > 0
+    assert path == projection.Path(rectifications=0, max_pools=0, batch_norms=1, others=("tanh",))
+    note = _path_note("3", path)
+    assert "no max pooling, so no switches" in note and "ordinary derivative: tanh" in note
+    assert "1 batch norm (their eval-time per-channel scale)" in note
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_top_activations_work_for_every_registered_model(name: str) -> None:
@@ -308,6 +376,17 @@ def test_top_activations_work_for_every_registered_model(name: str) -> None:
             # The box holds every pixel the unit's value depends on (shortcuts and concatenations too).
             if support := _gradient_support(model.eval(), x, layer, units[0]):
                 assert _inside(units[0].box, support), (layer, units[0], support)
+    # Projections to pixels from the last layer (the longest way down, through every kind of layer
+    # the model has): one image per unit, never outside the unit's box. (Determinism: the hand test
+    # and the byte-identical report; each pass here costs a backward of a large model.)
+    units = [u for us in tops[layers[-1]] for u in us]
+    for method in projection.METHODS:
+        got, path = projection.project(model, x, layers[-1], units, method)
+        assert got.shape == (len(units), 1, size, size) and torch.isfinite(got).all() and got.abs().sum() > 0
+        for u, p in zip(units, got):
+            rows, cols = np.nonzero(p[0].numpy())
+            assert not len(rows) or _inside(u.box, (rows.min(), cols.min(), rows.max(), cols.max())), u
+        assert path.rectifications > 0 or path.others, path  # every model's ReLUs (LeNet-5: tanh) were met
 
 
 def _inside(box: tuple[int, ...], support: tuple[int, ...]) -> bool:
@@ -321,8 +400,9 @@ def test_report_without_convolutions_says_so(tmp_path: Path) -> None:
                         labels=np.arange(12) % 3, probs=rng.dirichlet(np.ones(3), size=12), classes=["x", "y", "z"],
                         curves=[], seed=0, meta={})
     page = path.read_text()
-    section = page.split('<section id="top-activations">')[1].split("</section>")[0]
-    assert "Not available: the model has no convolutional layer" in section
+    for name in ("top-activations", "evolution"):
+        section = page.split(f'<section id="{name}">')[1].split("</section>")[0]
+        assert "Not available: the model has no convolutional layer, so there is no feature map to project" in section
     assert "saliency box" in page  # localisation needs input gradients only
 
 
@@ -380,14 +460,15 @@ def _check_report(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A digits config (as `digits_cfg`) trained 2 epochs and evaluated, with its report."""
+    """A digits config (as `digits_cfg`) trained 3 epochs keeping the weights after epochs 1 and 2,
+    and evaluated, with its report (guided backpropagation projections)."""
     from pipeline.tasks.data import ensure_data
     from pipeline.tasks.evaluate import evaluate
     from pipeline.tasks.report import report
     from pipeline.tasks.train import train
 
     tmp = tmp_path_factory.mktemp("report")
-    cfg = make_cfg(tmp, epochs=2)
+    cfg = make_cfg(tmp, ["report.evolution_epochs=[1,2]", "report.projection=guided_backprop"], epochs=3)
     ensure_data(cfg)
     train(cfg)
     evaluate(cfg)
@@ -410,7 +491,17 @@ def test_report_end_to_end(trained, tmp_path: Path, monkeypatch) -> None:
     chosen = len({convs[0], convs[len(convs) // 2], convs[-1]})
     tops = {f for f in figures if f.startswith("top_activations_")}
     assert tops == {f"top_activations_{i + 1}.png" for i in range(chosen)}
-    assert n == 15 + chosen + confused and {f"saliency_{c}.png" for c in range(10)} <= figures
+    evolution = {f for f in figures if f.startswith("evolution_")}
+    assert evolution == {f"evolution_{i + 1}.png" for i in range(chosen)}
+    assert n == 15 + 2 * chosen + confused and {f"saliency_{c}.png" for c in range(10)} <= figures
+    # report.evolution_epochs=[1, 2] of 3 epochs: exactly those weights kept, shown, and logged.
+    kept = out / "models" / "evolution"
+    assert sorted(p.name for p in kept.iterdir()) == ["epoch_1.pt", "epoch_2.pt"]
+    page = path.read_text()
+    evolution_section = page.split('<section id="evolution">')[1].split("</section>")[0]
+    assert "report.evolution_epochs=[1, 2]" in evolution_section and str(kept) in evolution_section
+    assert "No weights kept" not in evolution_section and "Not available" not in evolution_section
+    assert "guided backpropagation (Springenberg et al. 2015)" in page and "report.projection=guided_backprop" in page
     page = path.read_text()
     assert "Grad-CAM" in page and "Not available" not in page
     assert "saliency box" in page and "95th percentile" in page and "GraphCut step is left out" in page
@@ -423,6 +514,8 @@ def test_report_end_to_end(trained, tmp_path: Path, monkeypatch) -> None:
     assert {a.path for a in client.list_artifacts(run_id, "report")} == {"report/report.html", f"report/{FILES}"}
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, f"report/{FILES}")}
     assert logged == figures
+    assert {a.path for a in client.list_artifacts(run_id, "evolution")} == {"evolution/epoch_1.pt",
+                                                                           "evolution/epoch_2.pt"}
 
     # The DVC stage entry point on the same outputs: byte-identical (same seed).
     from pipeline.cli.stages import run_stage
@@ -449,6 +542,17 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
     page = path.read_text()
     assert f"runs:/{info['run_id']}/model" in page  # the logged network itself, eager
     assert "Not available" not in page and "weights loaded into the eager network" not in page
+    assert page.count('alt="feature evolution of ') == page.count('alt="top activating patches of ') > 0
+    # here's projection (deconvnet, the default), the run's kept epochs: from its folder, else from MLflow.
+    assert "report.projection=deconvnet" in page and "report.evolution_epochs=[1, 2]" in page
+    from pipeline.tasks.report import _run_epochs
+
+    client = MlflowClient(info["tracking_uri"])
+    local, source = _run_epochs(client, info["run_id"], out)
+    assert [e for e, _ in local] == [1, 2] and source == str(out / "models" / "evolution")
+    logged, source = _run_epochs(client, info["run_id"], tmp_path / "gone")
+    assert source == "the run's MLflow artifacts (evolution/)" and [e for e, _ in logged] == [1, 2]
+    assert all(torch.equal(local[1][1][k], logged[1][1][k]) for k in local[1][1])
     curves = _curves_from_history(MlflowClient(info["tracking_uri"]), info["run_id"])
     on_disk = json.loads((out / "plots" / "train_curves.json").read_text())
     keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -484,7 +588,8 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
         run_file.with_suffix(".bak").rename(run_file)
     page = limited.read_text()
     assert "Limitation: only the exported torch.export graph" in page and "Could not rebuild" in page
-    assert page.count("Not available") == 5  # filters, feature maps, top activations, Grad-CAM, layer table
+    # filters, feature maps, top activations, feature evolution, Grad-CAM, layer table
+    assert page.count("Not available") == 6
     assert len(IMG.findall(page)) == _check_report(limited) >= 12  # curves, confusion, saliency
 
 
@@ -531,6 +636,8 @@ def test_report_renders_in_headless_chromium(trained, tmp_path: Path) -> None:
     assert f'<pre id="img-check">images={n} broken=0</pre>' in dom.stdout, dom.stdout[-500:]
     for section in SECTIONS:
         assert f'<section id="{section}">' in dom.stdout
+    for section in ("top-activations", "evolution"):  # the projections and the kept epochs, drawn
+        assert dom.stdout.split(f'<section id="{section}">')[1].split("</section>")[0].count("<img") >= 1
     shot = tmp_path / "shot.png"
     subprocess.run([chromium, *flags, f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=180,
                    check=True)
@@ -550,10 +657,26 @@ def test_an_older_runs_config_still_validates(cfg_factory, tmp_path: Path) -> No
     from pipeline.validation import prepare
 
     run = to_container(make_cfg(tmp_path / "elsewhere", ["model=minivgg", "optimizer=adam"]))
-    del run["init"], run["regularizer"]["tta"]  # keys the pipeline gained after the run
+    del run["init"], run["regularizer"]["tta"], run["report"]  # keys the pipeline gained after the run
     run["trainer"]["auto_lr"], run["legacy"] = True, 1  # and keys it has dropped since
     here = prepare(cfg_factory(["model=mlp", "optimizer=sgd"]))
     merged = prepare(merge_run_config(OmegaConf.create(run), here))
     assert to_container(merged.model) == run["model"] and to_container(merged.optimizer) == run["optimizer"]
     assert merged.init.scheme == "default" and merged.regularizer.tta == "none"
+    assert merged.report.evolution_epochs == [] and merged.report.projection == "deconvnet"
     assert merged.paths.out_dir == here.paths.out_dir
+
+
+@pytest.mark.parametrize("override,message", [
+    ("report.projection=occlusion", "report.projection='occlusion' is not one of: deconvnet, guided_backprop"),
+    ("report.evolution_epochs=[0,2]", "report.evolution_epochs="),
+    ("report.evolution_epochs=[2,2]", "must be a list of distinct epoch numbers >= 1"),
+    ("report.evolution_epochs=5", "or [] to keep no per-epoch checkpoints"),
+])
+def test_report_keys_are_checked(cfg_factory, override: str, message: str) -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.validation import PROJECTIONS, prepare
+
+    assert PROJECTIONS == projection.METHODS
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        prepare(cfg_factory([override]))

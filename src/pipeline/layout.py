@@ -36,6 +36,11 @@ class Layout:
         return self.models / "last.ckpt"
 
     @property
+    def evolution(self) -> Path:
+        """The weights kept after chosen epochs (report.evolution_epochs), `epoch_<n>.pt`."""
+        return self.models / "evolution"
+
+    @property
     def predictions(self) -> Path:
         """Test-set class probabilities written by evaluate (rows in test-split order)."""
         return self.metrics / "test_probs.npy"

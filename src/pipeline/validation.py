@@ -36,7 +36,7 @@ from pipeline.errors import ConfigError
 # `tune.fixed` are open mappings, checked by the sweep's plan.
 KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "seed", "optimized_metric", "data", "model", "optimizer", "scheduler", "trainer", "tracking",
-         "regularizer", "cv", "compare", "init", "transfer", "tune", "paths"),
+         "regularizer", "cv", "compare", "init", "transfer", "tune", "report", "paths"),
     "data": ("name", "channels", "image_size", "num_classes", "path", "resize", "normalize", "batch_size",
              "eval_batch_size", "num_workers", "in_memory", "device_cache", "download", "fold", "split"),
     "data.split": ("val_fraction", "test_fraction", "folds", "seed"),
@@ -49,6 +49,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "init": ("scheme", "std"),
     "transfer": ("source", "freeze", "pretrained_lr_ratio"),
     "paths": ("root", "data_dir", "download_dir", "out_dir"),
+    "report": ("projection", "evolution_epochs"),
     "tune": ("name", "space", "fixed", "num_samples", "search_alg", "scheduler", "asha", "hyperband", "pbt", "metric",
              "mode", "max_epochs", "max_concurrent_trials", "resources", "workers", "num_cpus", "address",
              "storage_path", "time_budget_s", "max_failures", "resume", "use_best", "cv", "objectives",
@@ -62,6 +63,8 @@ KEYS: dict[str, tuple[str, ...]] = {
 # The tests `compare.test` may pick: those of pipeline.analysis.stats.TESTS (which sits above
 # this module; a test checks the two agree).
 COMPARE_TESTS = ("corrected_t", "paired_t", "wilcoxon", "five_by_two")
+# How the report projects activations to pixels (pipeline.reports.projection takes them from here).
+PROJECTIONS = ("deconvnet", "guided_backprop")
 # A model block's key that is no builder argument: the input size its design is meant for.
 INPUT_SIZE = "input_size"
 # Checkpoints and early stopping keep the epoch where it is highest.
@@ -155,9 +158,20 @@ def validate(cfg: DictConfig) -> None:
     if not OmegaConf.is_list(get_required(cfg, "transfer.freeze")):
         raise ConfigError("transfer.freeze must be a list of parameter-name prefixes, e.g. [features].")
     check_number(cfg, "transfer.pretrained_lr_ratio", low=0)
+    _validate_report(cfg)
     _validate_model(cfg)
     validate_optimizer(dict(cfg.optimizer))
     validate_scheduler(dict(cfg.scheduler), max_epochs=cfg.trainer.max_epochs)
+
+
+def _validate_report(cfg: DictConfig) -> None:
+    check_choice(cfg, "report.projection", PROJECTIONS)
+    epochs = get_required(cfg, "report.evolution_epochs")
+    items = list(epochs) if OmegaConf.is_list(epochs) else None
+    if items is None or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in items) \
+            or len(set(items)) != len(items):
+        raise ConfigError(f"report.evolution_epochs={epochs!r} must be a list of distinct epoch numbers >= 1 (1: after "
+                          "the first epoch), e.g. [1, 2, 5, 10], or [] to keep no per-epoch checkpoints.")
 
 
 def _check_resume(cfg: DictConfig) -> None:

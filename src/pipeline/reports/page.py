@@ -8,6 +8,7 @@ one stream per section, and nothing time-dependent is written.
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import io
 from collections.abc import Sequence
@@ -25,12 +26,17 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipeline.files import write_bytes, write_text  # noqa: E402
-from pipeline.reports import introspect, receptive  # noqa: E402
+from pipeline.reports import introspect, projection, receptive  # noqa: E402
 from pipeline.reports.figures import confusion_matrix_png  # noqa: E402
 
 FILES = "report_files"  # the PNGs, beside report.html
 BOX_PERCENTILE = 95.0  # saliency localisation: Simonyan et al.'s foreground quantile
-SECTIONS = ("overview", "curves", "confusion", "filters", "feature-maps", "top-activations", "saliency", "layers")
+SECTIONS = ("overview", "curves", "confusion", "filters", "feature-maps", "top-activations", "evolution", "saliency",
+            "layers")
+EVOLUTION_OFF = ("<p>Off: the train stage kept no per-epoch weights (<code>report.evolution_epochs=[]</code>, the "
+                 "default, which costs nothing). To see a few feature maps' strongest activation as training goes "
+                 "on, train with e.g. <code>report.evolution_epochs=[1,2,5,10]</code> (the weights after those "
+                 "epochs are kept in <code>models/evolution/</code> and logged to MLflow) and report again.</p>")
 TOP_IMAGES = 2000  # "what excites a feature map" searches at most this many (the split is shuffled)
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
@@ -199,39 +205,143 @@ def _feature_maps(net, x, images, layers, figs: _Figures, seed: int, n: int = 2,
             "activation).</p>" + "".join(parts))
 
 
-def _top_activations(net, images: np.ndarray, split: str, layers, figs: _Figures, maps: int = 4, k: int = 9) -> str:
-    """Zeiler & Fergus's top-k input patches per feature map (see `receptive.top_activations`)."""
+def _units_figure(rows: Sequence[Sequence[tuple[str, np.ndarray, np.ndarray]]], title: str):
+    """Per row of (title, projection, patch) cells: the projections in one row of images and
+    the input patches under them."""
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(2 * len(rows), cols, figsize=(max(1.2 * cols, 6.0), 2.5 * len(rows)), squeeze=False)
+    for cells, top_row, patch_row in zip(rows, axes[::2], axes[1::2]):
+        for c, (ax_p, ax_i) in enumerate(zip(top_row, patch_row)):
+            ax_p.axis("off")
+            ax_i.axis("off")
+            if c < len(cells):
+                label, proj, patch = cells[c]
+                _show(ax_p, proj, label, vmin=0, vmax=1)
+                # The pixels' own grey levels: a patch stretched to its own range would
+                # make a faint one look as contrasted as a strong one.
+                _show(ax_i, patch, vmin=0, vmax=255)
+    fig.suptitle(title, fontsize=9)
+    _grid(fig)
+    fig.subplots_adjust(top=1 - 0.55 / fig.get_figheight())  # room for the title above the first row's
+    return fig
+
+
+def _cell(images: np.ndarray, proj: torch.Tensor, u: receptive.TopUnit, label: str):
+    top, left, bottom, right = u.box
+    shown = projection.display(proj).numpy()[top:bottom + 1, left:right + 1]
+    return label, shown, images[u.image][top:bottom + 1, left:right + 1]
+
+
+def _path_note(name: str, path: projection.Path) -> str:
+    parts = [f"{path.rectifications} ReLU{'s' if path.rectifications != 1 else ''} (rectified)"]
+    parts.append(f"{path.max_pools} max pooling{'s' if path.max_pools != 1 else ''} (unpooled through the "
+                 "switches)" if path.max_pools else
+                 "no max pooling, so no switches: nothing to unpool, the transposed (strided) convolutions "
+                 "alone bring the signal back")
+    if path.batch_norms:
+        parts.append(f"{path.batch_norms} batch norm{'s' if path.batch_norms != 1 else ''} (their eval-time "
+                     "per-channel scale)")
+    if path.others:
+        parts.append("activations without a deconvnet rule, passed with their ordinary derivative: "
+                     + ", ".join(path.others))
+    return f"<li><code>{html.escape(name)}</code>: " + "; ".join(html.escape(p) for p in parts) + "</li>"
+
+
+def _search_images(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
+
+
+def _top_activations(net, images: np.ndarray, split: str, layers, figs: _Figures, method: str, maps: int = 4,
+                     k: int = 9) -> tuple[str, dict | None]:
+    """Zeiler & Fergus's top-k input patches per feature map (see `receptive.top_activations`),
+    each under its projection to pixels (`projection.project`). Also returns the top units."""
     images = images[:TOP_IMAGES]
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
+    x = _search_images(images)
     try:
         tops = receptive.top_activations(net, x, layers, maps=maps, k=k)
     except receptive.UnknownGeometry as err:
-        return f"<p class='note'>Not available: {html.escape(str(err))}.</p>"
-    parts = []
+        return f"<p class='note'>Not available: {html.escape(str(err))}.</p>", None
+    parts, paths = [], []
     for e, (name, rows) in enumerate(tops.items()):
-        fig, axes = plt.subplots(len(rows), k, figsize=(1.2 * k, 1.35 * len(rows)), squeeze=False)
-        for units, row in zip(rows, axes):
-            for c, ax in enumerate(row):
-                ax.axis("off")
-                if c < len(units):
-                    u = units[c]
-                    top, left, bottom, right = u.box
-                    # The pixels' own grey levels: a patch stretched to its own range would
-                    # make a faint one look as contrasted as a strong one.
-                    _show(ax, images[u.image][top:bottom + 1, left:right + 1],
-                          (f"ch{u.channel}: " if c == 0 else "") + f"#{u.image} {u.value:.2f}", vmin=0, vmax=255)
-        fig.suptitle(f"{name}: top {k} activations of {len(rows)} feature maps", fontsize=9)
-        _grid(fig)
-        fig.subplots_adjust(top=1 - 0.55 / fig.get_figheight())  # room for the title above the first row's
-        parts.append(figs.img(fig, f"top_activations_{e + 1}", f"top activating patches of {name}"))
-    return ("<p>What excites a feature map (Zeiler &amp; Fergus 2014): for layers "
+        units = [u for us in rows for u in us]
+        projections, path = projection.project(net, x, name, units, method)
+        paths.append(_path_note(name, path))
+        it = iter(projections)
+        cells = [[_cell(images, next(it), u, (f"ch{u.channel}: " if c == 0 else "") + f"#{u.image} {u.value:.2f}")
+                  for c, u in enumerate(us)] for us in rows]
+        fig = _units_figure(cells, f"{name}: top {k} activations of {len(rows)} feature maps, each "
+                                   f"{projection.LABELS[method].split(' (')[0]} projection above its input patch")
+        parts.append(figs.img(fig, f"top_activations_{e + 1}", f"top activating patches of {name} and their "
+                                                                f"{method} projections"))
+    text = ("<p>What excites a feature map (Zeiler &amp; Fergus 2014): for layers "
             + ", ".join(f"<code>{html.escape(n)}</code>" for n in layers)
             + f", the {maps} channels with the strongest single activation over the first {len(images)} "
             f"{split} images, each with its {k} strongest activations (any image, any position: #image and "
             "value, the layer's output before any later activation) shown as the input patch under that "
             "unit's receptive field, cut at the image border. The patch comes from the receptive-field "
             "arithmetic of the layer table, followed along the network's data flow so that shortcuts and "
-            "concatenations count (<code>pipeline.reports.receptive</code>).</p>" + "".join(parts))
+            "concatenations count (<code>pipeline.reports.receptive</code>).</p>"
+            f"<p>Above each patch, the same activation projected back to pixels by <strong>"
+            f"{html.escape(projection.LABELS[method])}</strong> (<code>report.projection={method}</code>; the "
+            f"other choice is <code>{'guided_backprop' if method == 'deconvnet' else 'deconvnet'}</code>): "
+            + ("the activation alone, every other one of its layer zeroed, sent down through max-unpooling "
+               "with the forward pass's switches, rectification of the signal and the transposed filters. "
+               if method == "deconvnet" else
+               "the activation's gradient with respect to the input, where every ReLU passes only positive "
+               "signal and only where its forward input was positive (a deconvnet that also keeps the forward "
+               "pass's ReLU masks). ")
+            + "Mid-grey is zero; each projection is scaled to its own largest magnitude, cut to the patch's box. "
+            "Batch norm, in eval mode, is the linear map it is then (a per-channel scale), dropout the identity. "
+            "On the way down from each layer the signal passes:</p><ul>" + "".join(paths) + "</ul>")
+    return text + "".join(parts), tops
+
+
+def _evolution(net: nn.Module, images: np.ndarray, split: str, tops: dict, states, requested: Sequence[int],
+               source: str, figs: _Figures, method: str, maps: int = 2) -> str:
+    """For `maps` feature maps of each layer (the strongest ones of the final network), the
+    strongest activation's patch and projection with the weights kept after each epoch."""
+    images = images[:TOP_IMAGES]
+    x = _search_images(images)
+    kept, notes = [], []
+    for epoch, state in states:
+        weights = copy.deepcopy(net)
+        try:
+            weights.load_state_dict(state)
+        except (RuntimeError, KeyError) as err:
+            notes.append(f"The weights kept after epoch {epoch} do not fit this network ({err}); left out.")
+            continue
+        kept.append((f"epoch {epoch}", weights.eval()))
+    missing = sorted(set(requested) - {e for e, _ in states})
+    if missing:
+        notes.append("No weights kept after epoch " + ", ".join(map(str, missing)) + " (training stopped earlier, "
+                     "or resumed past it).")
+    if not kept:
+        return "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes) + \
+            "<p class='note'>Not available: no per-epoch weights to show.</p>"
+    kept.append(("report", net))
+    layers = list(tops)
+    chosen = {name: [units[0].channel for units in tops[name][:maps]] for name in layers}
+    best: dict[str, list[list]] = {name: [[] for _ in chosen[name]] for name in layers}
+    for label, model in kept:
+        every = receptive.top_activations(model, x, layers, maps=10**9, k=1)
+        for name in layers:
+            strongest = {units[0].channel: units[0] for units in every[name]}
+            units = [strongest[c] for c in chosen[name]]
+            projections, _ = projection.project(model, x, name, units, method)
+            for row, (u, p) in zip(best[name], zip(units, projections)):
+                row.append(_cell(images, p, u, f"{label}\nch{u.channel} #{u.image} {u.value:.2f}"))
+    parts = []
+    for e, name in enumerate(layers):
+        fig = _units_figure(best[name], f"{name}: strongest activation of {len(chosen[name])} feature maps\n"
+                                        "over training (projection above input patch)")
+        parts.append(figs.img(fig, f"evolution_{e + 1}", f"feature evolution of {name}"))
+    return (f"<p>Feature evolution over training (Zeiler &amp; Fergus 2014, Fig. 4): for {maps} feature maps of "
+            "each layer (the strongest of the report's network), the strongest activation over the first "
+            f"{len(images)} {split} images with the weights kept after each epoch "
+            f"(<code>report.evolution_epochs={list(requested)}</code>; from {html.escape(source or 'the run')}), as "
+            f"its {method} projection above its input patch; the last column, <em>report</em>, is the network the rest of this report shows. A feature that "
+            "settles early keeps its patch and projection from one epoch to the next.</p>"
+            + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes) + "".join(parts))
 
 
 def _saliency(net, x, images, labels, pred, classes, figs: _Figures, seed: int, *, gradcam: bool,
@@ -292,14 +402,18 @@ def _layers_table(net: nn.Module, input_shape: tuple[int, int, int]) -> str:
 
 def write_report(out_dir: Path, *, net: nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                  classes: Sequence[str], curves: Sequence[dict], seed: int, meta: dict[str, object],
-                 notes: Sequence[str] = (), hooks: bool = True, val_images: np.ndarray | None = None) -> Path:
+                 notes: Sequence[str] = (), hooks: bool = True, val_images: np.ndarray | None = None,
+                 projection_method: str = "deconvnet", evolution: Sequence[tuple[int, dict]] = (),
+                 evolution_epochs: Sequence[int] = (), evolution_source: str = "") -> Path:
     """Write `out_dir/report.html` and `out_dir/report_files/*.png`; returns the HTML path.
 
     `net` maps N x C x H x W floats in [0, 1] to class scores; `images` are the test
     split's NHWC uint8 images, `probs` its predictions. `hooks=False` (a graph that
     cannot take module hooks) keeps only what input gradients can show. `val_images`
     (the validation split's, NHWC uint8) are searched for each feature map's strongest
-    activations; without them, the test images are.
+    activations; without them, the test images are. `projection_method` (`projection.METHODS`)
+    projects them to pixels. `evolution` holds (epoch, state dict of `net`) pairs kept during
+    training for the epochs `evolution_epochs` asked for (where from: `evolution_source`).
     """
     figs = _Figures(out_dir / FILES)
     labels, pred = np.asarray(labels), probs.argmax(axis=1)
@@ -308,6 +422,12 @@ def write_report(out_dir: Path, *, net: nn.Module, images: np.ndarray, labels: n
     unavailable = "<p class='note'>Not available: {}.</p>".format
     why = "the model has no convolutional layer" if hooks else "the model cannot take forward hooks"
     layers = sorted({convs[0], convs[len(convs) // 2], convs[-1]}, key=convs.index) if convs else []
+    search = (val_images, "validation") if val_images is not None and len(val_images) else (images, "test")
+    # No feature map, nothing to project: a deconvnet inverts conv layers, and guided
+    # backpropagation of a fully connected unit would show a template, not what excites a map.
+    projection_why = (f"{why}, so there is no feature map to project (a deconvnet runs feature maps back "
+                      "through transposed convolutions)") if hooks else why
+    top_html, tops = _top_activations(net, *search, layers, figs, projection_method) if convs else ("", None)
     overview = "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                                    for k, v in meta.items()) + "</table>"
     overview += "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
@@ -319,10 +439,13 @@ def write_report(out_dir: Path, *, net: nn.Module, images: np.ndarray, labels: n
         "filters": ("First-layer filters", _filters(net, figs) if convs else unavailable(why)),
         "feature-maps": ("Feature maps", _feature_maps(net, x, images, layers, figs, seed) if convs
                          else unavailable(why)),
-        "top-activations": ("What excites a feature map: top activating patches",
-                            _top_activations(net, *((val_images, "validation") if val_images is not None
-                                                    and len(val_images) else (images, "test")), layers, figs)
-                            if convs else unavailable(why)),
+        "top-activations": ("What excites a feature map: top activating patches and their projections",
+                            top_html if convs else unavailable(projection_why)),
+        "evolution": ("Feature evolution over training",
+                      unavailable(projection_why) if not convs else
+                      unavailable("the top activations above could not be found") if tops is None else
+                      _evolution(net, *search, tops, evolution, evolution_epochs, evolution_source, figs,
+                                 projection_method) if evolution_epochs else EVOLUTION_OFF),
         "saliency": ("Saliency, localisation from saliency, and Grad-CAM",
                      _saliency(net, x, images, labels, pred, classes, figs, seed, gradcam=bool(convs))
                      + ("" if convs else unavailable(f"Grad-CAM ({why})"))),

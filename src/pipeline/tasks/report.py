@@ -29,7 +29,7 @@ from torch import nn
 from pipeline.errors import DataError, PipelineError
 from pipeline.layout import Layout
 from pipeline.models import count_macs, count_parameters
-from pipeline.models.checkpoints import load_mlflow_model
+from pipeline.models.checkpoints import load_file, load_mlflow_model
 from pipeline.reports.page import FILES, write_report
 from pipeline.tasks.common import load_data
 from pipeline.tasks.evaluate import predict
@@ -53,7 +53,9 @@ def report(cfg: DictConfig) -> Path:
     net = load_network(layout.best_ckpt).net.eval()
     info = json.loads(layout.run_file.read_text()) if layout.run_file.exists() else None
     meta = {"run id": info["run_id"] if info else "(not tracked)", "weights": str(layout.best_ckpt)}
-    path = _write(cfg, cfg, net, curves, Path(cfg.paths.out_dir) / "reports", meta, [], eager=True)
+    evolution = (_kept_epochs(layout.evolution), str(layout.evolution))
+    path = _write(cfg, cfg, net, curves, Path(cfg.paths.out_dir) / "reports", meta, [], eager=True,
+                  evolution=evolution)
     if cfg.tracking.enabled and info:
         with TrackedRun.resume(tracking_uri=info["tracking_uri"], run_id=info["run_id"]) as run:
             run.log_artifact(path, "report")
@@ -101,7 +103,8 @@ def report_for_run(run_id: str, cfg: DictConfig) -> Path:
     curves = _curves_from_history(client, run_id)
     out = Path(cfg.paths.out_dir) / "reports" / "runs" / run_id
     meta = {"run id": run_id, "tracking URI": tracking_uri, "run status": run.info.status, "weights": source}
-    path = _write(run_cfg, cfg, net, curves, out, meta, notes, eager=eager)
+    evolution = _run_epochs(client, run_id, run_out)
+    path = _write(run_cfg, cfg, net, curves, out, meta, notes, eager=eager, evolution=evolution)
     if cfg.tracking.enabled:
         client.log_artifacts(run_id, str(out), "report")
     return path
@@ -133,8 +136,34 @@ def _without_dropped_keys(run_cfg: DictConfig) -> DictConfig:
     return run
 
 
+def _kept_epochs(folder: Path) -> list[tuple[int, dict]]:
+    """The (epoch, state dict) pairs the train stage kept in `folder` (`epoch_<n>.pt`), by epoch."""
+    found = []
+    for path in folder.glob("epoch_*.pt"):
+        epoch = path.stem.removeprefix("epoch_")
+        if epoch.isdigit():
+            found.append((int(epoch), load_file(path)))  # weights-only, as every checkpoint
+    return sorted(found, key=lambda e: e[0])
+
+
+def _run_epochs(client, run_id: str, run_out: Path) -> tuple[list[tuple[int, dict]], str]:
+    """A run's kept weights: from its output folder if that still holds this run's, else from
+    its MLflow artifacts (`evolution/`); with where they came from."""
+    from mlflow.exceptions import MlflowException
+
+    run_file, local = run_out / "models" / "run.json", run_out / "models" / "evolution"
+    if run_file.exists() and json.loads(run_file.read_text()).get("run_id") == run_id and (kept := _kept_epochs(local)):
+        return kept, str(local)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = Path(client.download_artifacts(run_id, "evolution", tmp))
+        except (MlflowException, OSError):
+            return [], ""
+        return _kept_epochs(folder), "the run's MLflow artifacts (evolution/)"
+
+
 def _write(run_cfg: DictConfig, cfg: DictConfig, net: nn.Module, curves: list[dict], out: Path, meta: dict,
-           notes: list[str], *, eager: bool) -> Path:
+           notes: list[str], *, eager: bool, evolution: tuple[list[tuple[int, dict]], str]) -> Path:
     data = load_data(run_cfg, Layout.from_cfg(run_cfg))
     raw, splits = data.raw, data.splits
     images, labels = raw.images[splits.test], raw.labels[splits.test]
@@ -154,7 +183,11 @@ def _write(run_cfg: DictConfig, cfg: DictConfig, net: nn.Module, curves: list[di
             "test-time augmentation": run_cfg.regularizer.tta if eager else "none", "seed (examples)": cfg.seed}
     return write_report(out, net=net, images=images, labels=labels, probs=probs, classes=raw.classes,
                         curves=curves, seed=int(cfg.seed), meta=meta, notes=notes, hooks=eager,
-                        val_images=raw.images[splits.val])
+                        val_images=raw.images[splits.val], projection_method=cfg.report.projection,
+                        # The epochs the run asked for, and any it kept under another setting.
+                        evolution=evolution[0],
+                        evolution_epochs=sorted({*run_cfg.report.evolution_epochs, *(e for e, _ in evolution[0])}),
+                        evolution_source=evolution[1])
 
 
 def _curves_from_history(client, run_id: str) -> list[dict]:

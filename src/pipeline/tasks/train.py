@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +44,12 @@ from pipeline.training.builders import (
     input_stats,
     speed_up,
 )
-from pipeline.training.callbacks import BestCheckpoint, EpochRecorder, RandomState
+from pipeline.training.callbacks import (
+    BestCheckpoint,
+    EpochRecorder,
+    EvolutionCheckpoints,
+    RandomState,
+)
 from pipeline.training.fit import fit
 from pipeline.training.metrics import best_epoch, file_row
 from pipeline.training.module import Classifier
@@ -121,6 +127,10 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
                                     save_last=True, enable_version_counter=False, auto_insert_metric_name=False,
                                     save_on_train_epoch_end=True)
         cbs: list[Callback] = [recorder, checkpoint, RandomState(), *callbacks]
+        evolution = None
+        if cfg.report.evolution_epochs:  # off by default: no file, no time
+            evolution = EvolutionCheckpoints(layout.evolution, list(cfg.report.evolution_epochs))
+            cbs.append(evolution)
         cbs += module.regularizers.callbacks(monitor=cfg.optimized_metric, mode="max")  # e.g. early stopping
         trainer = build_trainer(cfg.trainer, cbs, root_dir=cfg.paths.out_dir, **(trainer_kwargs or {}))
         start = time.perf_counter()
@@ -139,6 +149,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = (), parent_run_id:
             if figures:
                 run.log_artifact(layout.plots / "learning_curves.png")
             run.log_artifact(layout.metrics / "train.json")
+            for path in evolution.saved if evolution is not None else []:
+                run.log_artifact(path, "evolution")  # so a report on the run finds them anywhere
             if recorder.diverged:
                 run.set_tags({"diverged": "true"})
     return metrics
@@ -201,6 +213,8 @@ def _start_outputs(layout: Layout, resolved: dict, train_idx: np.ndarray, val_id
     for stale in (layout.best_ckpt, layout.last_ckpt):
         stale.unlink(missing_ok=True)  # else Lightning would write best-v1.ckpt beside it
     layout.run_file.unlink(missing_ok=True)  # it names the run of the checkpoints just removed
+    if layout.evolution.is_dir():  # another run's epochs (or ones this config no longer keeps)
+        shutil.rmtree(layout.evolution)
     for partial in layout.models.glob(".*.tmp"):  # a write cut short by SIGKILL (pipeline.files)
         partial.unlink(missing_ok=True)
     layout.models.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from pipeline.files import write_with
 from pipeline.tracking.mlflow_run import TrackedRun
 from pipeline.training.metrics import EPOCH_METRICS, ties_better
 
@@ -129,3 +130,27 @@ class RandomState(Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
         for generator, saved in zip(pl_module.regularizers.generators(), state["generators"], strict=False):
             generator.set_state(saved)
+
+
+class EvolutionCheckpoints(Callback):
+    """Keeps the network's weights after the given epochs (1: after the first) as
+    `<dirpath>/epoch_<n>.pt`, a state dict of `pl_module.net`, for the report's feature
+    evolution (Zeiler & Fergus 2014, Fig. 4). Only the weights: no optimizer state, since
+    nothing resumes from them. Written once validation has run, at the end of the epoch."""
+
+    def __init__(self, dirpath: Path, epochs: list[int]) -> None:
+        self.dirpath = Path(dirpath)
+        self.epochs = set(epochs)
+        self.saved: list[Path] = []
+
+    @staticmethod
+    def path(dirpath: Path, epoch: int) -> Path:
+        return Path(dirpath) / f"epoch_{epoch}.pt"
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done = trainer.current_epoch + 1
+        if done not in self.epochs or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        state = {k: v.detach().cpu() for k, v in pl_module.net.state_dict().items()}
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self.saved.append(write_with(self.path(self.dirpath, done), lambda f: torch.save(state, f)))
