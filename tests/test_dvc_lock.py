@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from procs import git_project
+from procs import git_project, placeholder_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = ("src/", "conf/")
@@ -57,12 +57,7 @@ def test_a_changed_source_file_or_param_makes_the_lock_stale(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(os.environ, "DVC_NO_ANALYTICS", "1")
     with Repo(str(tmp_path)) as repo:  # a lock current with this tree, over placeholder outputs
-        for stage in repo.index.stages:
-            for out in stage.outs:
-                path = Path(out.fs_path)
-                target = path if path.suffix else path / "placeholder"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text("placeholder\n")
+        placeholder_outputs(repo)
         repo.commit(force=True)
     assert stale(tmp_path) == []
     with (tmp_path / "src/pipeline/tasks/tune.py").open("a") as f:

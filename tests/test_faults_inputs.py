@@ -322,7 +322,7 @@ def _ignore_sigxfsz() -> None:
                    expected="exit 2 naming the folder and 'no space'; best.ckpt and last.ckpt from before load; "
                             "config.yaml, indices.npz intact; no temporary or half-written file; run FAILED")
 def test_full_disk_during_training_keeps_the_previous_checkpoints(base: Path, tmp_path: Path, observe):
-    from pipeline.training.module import load_classifier
+    from pipeline.training.network import load_network
 
     project = shutil.copytree(base, tmp_path / "project", symlinks=True)
     _save_params(project, LONG)
@@ -355,7 +355,7 @@ def test_full_disk_during_training_keeps_the_previous_checkpoints(base: Path, tm
         loads = {}
         for name in ("best.ckpt", "last.ckpt"):
             try:
-                loads[name] = load_classifier(models / name) is not None
+                loads[name] = load_network(models / name) is not None
             except Exception as err:  # what a reader of a half-written checkpoint would meet
                 loads[name] = False
                 observe.saw(f"{name} does not load: {type(err).__name__}")

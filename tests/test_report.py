@@ -485,9 +485,9 @@ def test_report_end_to_end(trained, tmp_path: Path, monkeypatch) -> None:
     confused = len([f for f in figures if f.startswith("confused_")])
     # curves, confusion matrix, filters, 2 feature-map panels, 10 saliency/Grad-CAM panels, and
     # one top-activations panel per chosen conv (the first, the middle and the last: distinct ones)
-    from pipeline.training.module import load_classifier
+    from pipeline.training.network import load_network
 
-    convs = introspect.conv_layers(load_classifier(out / "models" / "best.ckpt").net)
+    convs = introspect.conv_layers(load_network(out / "models" / "best.ckpt").net)
     chosen = len({convs[0], convs[len(convs) // 2], convs[-1]})
     tops = {f for f in figures if f.startswith("top_activations_")}
     assert tops == {f"top_activations_{i + 1}.png" for i in range(chosen)}
@@ -564,9 +564,9 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
     import mlflow.pytorch
 
     from pipeline.tasks.report import _tracking_uri
-    from pipeline.training.module import load_classifier
+    from pipeline.training.network import load_network
 
-    net = load_classifier(out / "models" / "best.ckpt").net.eval()
+    net = load_network(out / "models" / "best.ckpt").net.eval()
     example = torch.rand(2, int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size)).numpy()
     with _tracking_uri(info["tracking_uri"]), mlflow.start_run(run_id=info["run_id"]):
         mlflow.pytorch.log_model(net, name="model", serialization_format="pt2", input_example=example,

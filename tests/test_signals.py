@@ -184,7 +184,7 @@ def _stopped_train(signum: int, status: int) -> pytest.MarkDecorator:
     pytest.param(signal.SIGINT, 130, "interrupted", marks=_stopped_train(signal.SIGINT, 130)),
 ])
 def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status: int, said: str, observe):
-    from pipeline.training.module import load_classifier
+    from pipeline.training.network import load_network
 
     log = tmp_path / "train.log"
     with log.open("w") as out:
@@ -204,7 +204,7 @@ def test_pipeline_train_stopped_mid_training(tmp_path: Path, signum: int, status
     last = run_dir / "models" / "last.ckpt"
     # Progress, kept (not a mark of completion), and whole: it loads as a model, and holds the
     # curve up to its epoch, every point of which reached the store.
-    load_classifier(last)
+    load_network(last)
     rows = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]["EpochRecorder"]["rows"]
     logged = {step for (step,) in _query(tmp_path / "mlflow.db", "SELECT step FROM metrics WHERE key = 'val/acc'")}
     assert not list(run_dir.rglob("train.json")) and not list(run_dir.rglob("test.json"))
@@ -303,7 +303,7 @@ def test_dvc_repro_stopped_during_train_records_nothing(tmp_path: Path, signum: 
     import psutil
 
     from pipeline.tracking.liveness import ENDED_TAG, GONE
-    from pipeline.training.module import load_classifier
+    from pipeline.training.network import load_network
 
     project = _dvc_project(tmp_path / "project")
     db = project / "mlflow.db"
@@ -336,7 +336,7 @@ def test_dvc_repro_stopped_during_train_records_nothing(tmp_path: Path, signum: 
     assert (project / "dvc.lock").read_bytes() == locked
     lock = yaml.safe_load(locked)["stages"]
     assert "train" not in lock and {"fetch", "split"} <= set(lock)
-    load_classifier(project / "models" / "last.ckpt")
+    load_network(project / "models" / "last.ckpt")
     # DVC's own record of who holds what (its pid and command, per path): a killed DVC leaves
     # its entries, which the next DVC drops once it sees that pid gone.
     rwlock = project / ".dvc" / "tmp" / "rwlock"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.cli.deps import check, import_closure, stage_roots, write
-from procs import git_project
+from procs import git_project, placeholder_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,15 +151,6 @@ def test_write_makes_the_lists_exact_and_keeps_everything_else(src):
     assert not write(dvc_yaml) and dvc_yaml.read_text() == text
 
 
-def _dummy_outputs(repo) -> None:
-    for stage in repo.index.stages:
-        for out in stage.outs:
-            path = Path(out.fs_path)
-            target = path if path.suffix else path / "placeholder"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("placeholder\n")
-
-
 @pytest.mark.integration
 def test_dvc_status_sees_a_comment_added_to_any_file_a_stage_imports(tmp_path, monkeypatch):
     """The issue's cases, through DVC itself: a lock over placeholder outputs, then comments."""
@@ -169,7 +160,7 @@ def test_dvc_status_sees_a_comment_added_to_any_file_a_stage_imports(tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(os.environ, "DVC_NO_ANALYTICS", "1")
     with Repo(str(tmp_path)) as repo:
-        _dummy_outputs(repo)
+        placeholder_outputs(repo)
         repo.commit(force=True)
         assert repo.status() == {}
     touched = ["src/pipeline/config.py", "src/pipeline/layout.py", "src/pipeline/tracking/mlflow_run.py",

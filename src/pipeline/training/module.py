@@ -6,7 +6,6 @@ checkpoint, so `Classifier.load_from_checkpoint` rebuilds it without the config.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,8 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.batches import IGNORE_INDEX
-from pipeline.errors import DataError
-from pipeline.models.checkpoints import refusals_explained
 from pipeline.models.transfer import param_groups
 
 # Preprocess too: MLflow models logged before it moved to `network` name it here.
@@ -176,19 +173,3 @@ class Classifier(L.LightningModule):
         lr_scheduler = build_scheduler(optimizer, sched_cfg.pop("name"), max_epochs=epochs,
                                        steps_per_epoch=steps_per_epoch, **sched_cfg)
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
-
-
-
-def load_classifier(path: Path | str) -> Classifier:
-    """The Classifier saved in checkpoint `path`, on the CPU, unpickled weights-only (see
-    `pipeline.models.checkpoints`): a checkpoint replaced by someone else cannot run code."""
-    with refusals_explained(path):
-        try:
-            return Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-        except (EOFError, RuntimeError) as err:
-            # torch's zip reader on a cut-short or overwritten file; other RuntimeErrors are bugs.
-            if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
-                raise
-            raise DataError(f"{path} is not a readable checkpoint ({' '.join(str(err).split())[:200]}): it is "
-                            "truncated or corrupt. Train again to rewrite it (`dvc repro train`, or "
-                            "`dvc checkout` to restore the recorded one).") from err
