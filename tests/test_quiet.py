@@ -24,6 +24,8 @@ from pipeline.quiet import import_mlflow_pytorch, quiet
 
 def fit():
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    # What mlflow.pytorch.log_model logs for every model the evaluate stage logs (pickled on purpose).
+    logging.getLogger("mlflow.pytorch").warning("Saving pytorch model by Pickle or CloudPickle format requires ...")
 
 quiet()
 fit()
@@ -48,8 +50,9 @@ def test_header_once_logging_unchanged_by_mlflow_pytorch_and_everything_when_ver
     # `INFO:pytorch_lightning...` lines, and Lightning's lines still pass quiet's filter.
     assert "root handlers: []" in quiet and "INFO:" not in proc.stdout, proc.stdout
     assert quiet.count("after the model") == 1, proc.stdout  # Python's last-resort handler, once
-    assert "💡" not in quiet, proc.stdout
+    assert "💡" not in quiet and "Saving pytorch model by Pickle" not in quiet, proc.stdout
     assert HEADER in verbose and "💡" in verbose, proc.stdout  # -v: everything back, advertising too
+    assert "Saving pytorch model by Pickle" in verbose, proc.stdout
 
 
 def test_the_verbose_switch_reaches_the_environment(monkeypatch, capsys):

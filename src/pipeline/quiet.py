@@ -37,7 +37,8 @@ _EXPECTED_WARNINGS = (
 # comparison): the machine does not change within a process, so it is said once.
 _ONCE = ("GPU available:", "TPU available:", "HPU available:", "IPU available:")
 # Lightning's internal step of every fit with a step-based schedule: no news for a user.
-_DROPPED = ("Loading `train_dataloader` to estimate number of stepping batches",)
+_DROPPED = ("Loading `train_dataloader` to estimate number of stepping batches",
+            "Saving pytorch model by Pickle or CloudPickle format")
 
 # Environment defaults: MLflow's per-file "Downloading artifacts" bars (14 lines for one
 # report on a run id), read by MLflow at each download.
@@ -54,6 +55,8 @@ _WARNING_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
 # Lightning logs through one of these, whichever of `lightning` and `pytorch_lightning` was
 # imported last (see `import_mlflow_pytorch`).
 _RANK_ZERO = ("lightning.pytorch.utilities.rank_zero", "pytorch_lightning.utilities.rank_zero")
+# Loggers that `_Chatter` filters.
+_FILTERED = (*_RANK_ZERO, "mlflow.pytorch")
 
 
 def verbose() -> bool:
@@ -62,7 +65,9 @@ def verbose() -> bool:
 
 
 class _Chatter(logging.Filter):
-    """Drops Lightning's advertising and internal steps, and repeats of its header."""
+    """Drops Lightning's advertising and internal steps, repeats of its header, and MLflow's
+    caution on every pickled model (we pickle on purpose, a network users can `.eval()`, and
+    read it back weights-only: `pipeline.models.checkpoints.load_mlflow_model`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,7 +91,7 @@ def quiet() -> None:
     """Silence expected warnings, advertising and repeated lines (unless `verbose()`); idempotent.
     Every way in calls it first, before anything is imported that logs."""
     if verbose():
-        for name in _RANK_ZERO:
+        for name in _FILTERED:
             logging.getLogger(name).removeFilter(_chatter)
         for name in (*_INFO_LOGGERS, *_WARNING_LOGGERS):
             logging.getLogger(name).setLevel(logging.NOTSET)
@@ -95,7 +100,7 @@ def quiet() -> None:
         os.environ.setdefault(key, value)
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    for name in _RANK_ZERO:
+    for name in _FILTERED:
         logger = logging.getLogger(name)
         if _chatter not in logger.filters:
             logger.addFilter(_chatter)
