@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -67,6 +68,25 @@ def test_repro_runs_every_stage_and_writes_outputs(project, first_repro):
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
     assert status.strip() in ("", "M dvc.lock", "A  dvc.lock", "?? dvc.lock"), status  # outputs are ignored
     assert not (project / "models/evolution").exists()  # report.evolution_epochs=[] by default: nothing kept
+
+
+# What each stage prints when it ends, as its command does (pipeline.cli.summaries): a line of
+# its own, then its MLflow run (a sweep's parent run for tune) as id and UI link.
+STAGE_ENDS = {"tune": "best: ", "train": "(best epoch ", "evaluate": "test/acc=", "cv": "val/acc: ",
+              "compare": "report: ", "report": "report: "}
+RUN_LINK = re.compile(r"^(?:sweep )?run: ([0-9a-f]{32})  http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\1$", re.M)
+
+
+def test_repro_stages_end_with_their_summary_and_run_and_say_things_once(project, first_repro):
+    sections = re.split(r"^Running stage '(\w+)':$", first_repro, flags=re.M)[1:]
+    by_stage = dict(zip(sections[::2], sections[1::2]))
+    assert set(by_stage) == set(STAGES)
+    for stage, marker in STAGE_ENDS.items():
+        text = by_stage[stage]
+        assert marker in text and RUN_LINK.search(text), f"{stage}:\n{text[-2000:]}"
+        assert text.count("GPU available:") <= 1, text  # Lightning's header: once per process at most
+    assert "No file hash info" not in first_repro and "Saving pytorch model by Pickle" not in first_repro
+    assert "💡" not in first_repro and "INFO:" not in first_repro and "Downloading artifacts" not in first_repro
 
 
 def test_train_tagged_with_dvc_split_hash(project, first_repro):
