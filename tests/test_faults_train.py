@@ -25,7 +25,7 @@ from pipeline.models.checkpoints import load_file
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.train import train
 from pipeline.tracking.liveness import ENDED_TAG, GONE, PID_TAG
-from pipeline.training.module import load_classifier
+from pipeline.training.network import load_network
 from procs import project_env
 
 EPOCHS = 30  # a few seconds of training: the kill lands well before the end
@@ -101,7 +101,7 @@ def test_pipeline_train_killed_then_resumed(tmp_path: Path, observe):
     [run_dir] = killed.glob("outputs/*/*")
     last = run_dir / "models" / "last.ckpt"
     saved = load_file(last)
-    load_classifier(last)
+    load_network(last)
     resume_epoch = saved["epoch"] + 1
     assert [r["epoch"] for r in saved["callbacks"]["EpochRecorder"]["rows"]] == list(range(resume_epoch))
 

@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.models import create_model, list_models
 from pipeline.models.init import INITS, init_weights
 from pipeline.models.transfer import describe, freeze, load_state, param_groups, transfer_weights
-from pipeline.training.module import build_network, load_classifier
+from pipeline.training.module import build_network
 from pipeline.training.network import load_network
 
 
@@ -134,8 +134,6 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"Refused to load .*evil\.ckpt: it holds \S*system, which loading would"):
         load_state(str(evil))
     with pytest.raises(DataError, match="Refused to load"):
-        load_classifier(evil)  # the way a LightningModule is read back (training code)
-    with pytest.raises(DataError, match="Refused to load"):
         load_network(evil)  # the way evaluate and report read checkpoints back, without Lightning
     assert not (tmp_path / "ran").exists()
 
@@ -185,7 +183,7 @@ def test_our_own_checkpoints_load_weights_only(cfg_factory, capsys):
     train(cfg, figures=False)
     ckpt = Layout.from_cfg(cfg).best_ckpt
     assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt) == []
-    net = load_classifier(ckpt).net
+    net = load_network(ckpt).net
     state = load_state(str(ckpt))
     assert state.keys() == net[1].state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in net[1].state_dict().items())
