@@ -37,7 +37,9 @@ def test_folds_are_isolated_and_aggregates_match_child_runs(cv_cfg, tmp_path: Pa
     result = cross_validate(cv_cfg)
     out = tmp_path / "out"
     saved = json.loads((out / "metrics" / "cv.json").read_text())
-    assert saved == json.loads(json.dumps(file_row(result)))  # the file spells `val/acc` `val_acc`
+    # The file spells `val/acc` `val_acc`; the run id is returned (for the summary), not saved.
+    run_id = result.pop("mlflow_run_id")
+    assert saved == json.loads(json.dumps(file_row(result)))
     acc = saved["val_acc"]
     assert len(acc["values"]) == FOLDS
     assert acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
@@ -59,6 +61,7 @@ def test_folds_are_isolated_and_aggregates_match_child_runs(cv_cfg, tmp_path: Pa
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
+    assert parent.info.run_id == run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["fold"] for r in children) == [str(i) for i in range(FOLDS)]
     assert all(r.info.status == "FINISHED" for r in [parent, *children])
