@@ -189,7 +189,7 @@ def test_nested_cv_end_to_end(cfg_factory, tmp_path: Path, local_ray):
         # No leak: nothing the sweep or the refit trained or validated on is in the held-out fold.
         held = _set(splits.folds[fold])
         part = _set(splits.fold(fold)[0])
-        inner_dirs = sorted((tmp_path / "results" / "ray").glob(f"*-nested-outer{fold}-*/*/cv/fold_*"))
+        inner_dirs = sorted((out / "results" / "ray").glob(f"*-nested-outer{fold}-*/*/cv/fold_*"))
         assert len(inner_dirs) == 2 * 2
         seen_val: set[int] = set()
         for folder in inner_dirs:

@@ -563,12 +563,12 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
     import mlflow
     import mlflow.pytorch
 
-    from pipeline.tasks.report import _tracking_uri
+    from pipeline.tracking.mlflow_run import scoped_tracking_uri
     from pipeline.training.network import load_network
 
     net = load_network(out / "models" / "best.ckpt").net.eval()
     example = torch.rand(2, int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size)).numpy()
-    with _tracking_uri(info["tracking_uri"]), mlflow.start_run(run_id=info["run_id"]):
+    with scoped_tracking_uri(info["tracking_uri"]), mlflow.start_run(run_id=info["run_id"]):
         mlflow.pytorch.log_model(net, name="model", serialization_format="pt2", input_example=example,
                                  pip_requirements=["torch"])
     page = report_for_run(info["run_id"], here).read_text()
