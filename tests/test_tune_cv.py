@@ -59,11 +59,11 @@ def test_a_cv_sweep_with_repeats_trains_every_repetitions_folds(cfg_factory, tmp
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
         (trial,) = list(csv.DictReader(f))
     assert trial["status"] == "TERMINATED" and trial["folds"] == "4", trial
-    fold_dirs = sorted(p.relative_to(p.parents[2]) for p in (tmp_path / "results" / "ray").glob("*/*/cv/rep_*/fold_*"))
+    fold_dirs = sorted(p.relative_to(p.parents[2]) for p in (tmp_path / "out" / "results" / "ray").glob("*/*/cv/rep_*/fold_*"))
     assert [str(p) for p in fold_dirs] == ["cv/rep_0/fold_0", "cv/rep_0/fold_1", "cv/rep_1/fold_0", "cv/rep_1/fold_1"]
     splits = load_splits(tmp_path / "data" / "splits" / "digits")
     accs = []
-    for fold, folder in enumerate(sorted((tmp_path / "results" / "ray").glob("*/*/cv/rep_*/fold_*"))):
+    for fold, folder in enumerate(sorted((tmp_path / "out" / "results" / "ray").glob("*/*/cv/rep_*/fold_*"))):
         idx = np.load(folder / "models" / "indices.npz")
         assert set(idx["val"].tolist()) == set(splits.folds[fold].tolist())  # repetition 1 has its own folds
         accs.append(json.loads((folder / "metrics" / "train.json").read_text())["val_acc"])
@@ -133,7 +133,7 @@ def test_cv_sweep_reports_running_means_and_nests_folds(cfg_factory, tmp_path: P
     # Every fold validated on its own fold, never trained on it, never saw the test split,
     # and nothing was evaluated on the test split.
     splits = load_splits(tmp_path / "data" / "splits" / "digits")
-    fold_dirs = sorted((tmp_path / "results" / "ray").glob("*/*/cv/fold_*"))
+    fold_dirs = sorted((tmp_path / "out" / "results" / "ray").glob("*/*/cv/fold_*"))
     assert len(fold_dirs) == 2 * FOLDS
     for folder in fold_dirs:
         idx = np.load(folder / "models" / "indices.npz")
@@ -163,4 +163,4 @@ def test_cv_trial_that_diverges_stops_and_is_never_best(cfg_factory, tmp_path: P
     assert bad["diverged"] == "1" and bad["stop_reason"] == "diverged" and bad["folds"] == "1"
     assert bad["cv_val_acc"] == "nan"
     assert good["folds"] == str(FOLDS) and best["trial_id"] == good["trial_id"]
-    assert not list((tmp_path / "results" / "ray").glob(f"*/*{bad['trial_id']}*/cv/fold_1"))
+    assert not list((tmp_path / "out" / "results" / "ray").glob(f"*/*{bad['trial_id']}*/cv/fold_1"))

@@ -50,7 +50,7 @@ def test_ddp_trial_trains_on_two_workers(local_ray, cfg_factory, tmp_path: Path)
     assert [r["epoch"] for r in results] == [0, 1] and all(0.0 < r["val/acc"] <= 1.0 for r in results)
     # Both ranks trained, each on its half of the training set, padded to the same number of
     # batches (rank 0 wrote the outputs).
-    indices = [p for p in tmp_path.rglob("indices.npz") if "ranks" not in p.parts and "out" not in p.parts]
+    indices = [p for p in (tmp_path / "out" / "results" / "ray").rglob("indices.npz") if "ranks" not in p.parts]
     assert len(indices) == 1
     n_train, batch_size = len(np.load(indices[0])["train"]), cfg.data.batch_size
     per_rank = [math.ceil(math.ceil(n_train / 2) / batch_size)] * 2
@@ -84,7 +84,7 @@ def test_ddp_trial_on_uneven_shards_finishes_and_reports_global_val_metrics(loca
     with (tmp_path / "out/results/tune/trials.csv").open() as f:
         (trial,) = list(csv.DictReader(f))
     assert trial["status"] == "TERMINATED" and trial["epochs"] == "2"
-    (indices,) = [p for p in tmp_path.rglob("indices.npz") if "ranks" not in p.parts and "out" not in p.parts]
+    (indices,) = [p for p in (tmp_path / "out" / "results" / "ray").rglob("indices.npz") if "ranks" not in p.parts]
     split = np.load(indices)
     n_train, n_val = len(split["train"]), len(split["val"])
     assert n_train % 2 and n_val % 2  # uneven shards without padding
