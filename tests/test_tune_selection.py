@@ -220,7 +220,7 @@ def test_sweep_records_which_trials_the_validation_split_cannot_tell_apart(local
     # Recompute every p-value from what the trials reported: the best epoch's correctness vector.
     vectors = {}
     for t in trials.values():
-        [result_file] = Path(cfg.paths.root, "results", "ray").glob(f"*/*{t['trial_id']}*/result.json")
+        [result_file] = Path(cfg.paths.out_dir, "results", "ray").glob(f"*/*{t['trial_id']}*/result.json")
         rows = [json.loads(line) for line in result_file.read_text().splitlines()]
         [row] = [r for r in rows if r["epoch"] == int(t["best_epoch"])]
         vectors[t["trial_id"]] = unpack(row[CORRECT_KEY])
