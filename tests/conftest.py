@@ -26,9 +26,12 @@ torch.set_num_threads(1)
 
 
 def make_cfg(tmp: Path, overrides: Sequence[str] = (), *, epochs: int = 2, tracking: bool = True) -> DictConfig:
-    """The real config with small limits, all paths inside `tmp` and a SQLite store there."""
+    """The real config with small limits, sequential folds, all paths inside `tmp` and a
+    SQLite store there."""
     cfg = compose([
         f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
+        # Folds one after another unless a test asks: a Ray per cross-validation costs seconds.
+        "cv.parallel=false",
         f"tracking.enabled={str(tracking).lower()}", *overrides,
     ], conf=REPO / "conf")
     with open_dict(cfg):

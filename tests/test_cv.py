@@ -185,7 +185,26 @@ def _tree(client: MlflowClient, experiment: str) -> list[dict]:
     return out
 
 
-def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_factory, tmp_path: Path):
+@pytest.mark.parametrize(("parallel", "cpus", "address", "nested", "folds", "expected"), [
+    ("auto", 2, None, False, 5, True),    # two 1-CPU folds fit on a 2-core machine
+    ("auto", 1, None, False, 5, False),   # one at a time: Ray would only cost its start
+    ("auto", 3, None, False, 1, False),   # a single fold (data.fold set, say)
+    ("auto", 1, "auto", False, 5, True),  # a cluster: its CPUs are not this machine's
+    ("auto", 8, None, True, 5, False),    # nested CV: each outer fold's sweep is the parallel part
+    (True, 1, None, False, 5, True),
+    (False, 8, "auto", False, 5, False),
+])
+def test_parallel_auto_runs_folds_side_by_side_where_two_fit(monkeypatch, parallel, cpus, address, nested,
+                                                             folds, expected):
+    monkeypatch.setattr(cv_task.os, "cpu_count", lambda: cpus)
+    cv = {"parallel": parallel, "cpus_per_fold": 1, "nested": nested}
+    assert cv_task.parallel_folds(cv, {"address": address, "num_cpus": None}, folds) is expected
+    # tune.num_cpus, when set, is the local Ray's size; two 2-CPU folds need four.
+    assert cv_task.parallel_folds({**cv, "cpus_per_fold": 2}, {"address": None, "num_cpus": 4}, folds) is (
+        expected or (parallel == "auto" and not nested and folds > 1))
+
+
+def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_factory, tmp_path: Path, caplog):
     """Parallel folds (Ray workers that cannot even import mlflow) leave the same results and
     the same MLflow tree as sequential ones: the driver writes every fold's run. They also
     run without the data folders, gone once the driver has read them (it hands the folds the
@@ -202,9 +221,15 @@ def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_fact
             cfg.cv.parallel = parallel
             cfg.tracking.experiment_name = f"cv-parallel-{parallel}"
         hidden = sweeps.data_gone_once_loaded(cv_task, tmp_path / "data") if parallel else contextlib.nullcontext([])
-        with hidden as loads:
+        caplog.clear()
+        with hidden as loads, caplog.at_level("INFO", logger="pipeline.tasks.cv"):
             results[parallel] = cross_validate(cfg)
         assert len(loads) == parallel  # read once, by the driver
+        # A line as each fold ends, in the order they end: the fold, how many, its scores.
+        lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.tasks.cv"]
+        assert sorted(int(line.split()[1]) for line in lines) == list(range(FOLDS)), lines
+        assert [line.split("(")[1].split(",")[0] for line in lines] == [f"{n}/{FOLDS}" for n in range(1, FOLDS + 1)]
+        assert all("val/acc=" in line and "test/acc=" in line for line in lines), lines
         trees[parallel] = _tree(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), cfg.tracking.experiment_name)
     assert results[True]["val/acc"]["values"] == results[False]["val/acc"]["values"]
     assert results[True]["test/acc"]["values"] == results[False]["test/acc"]["values"]

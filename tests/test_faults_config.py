@@ -231,7 +231,7 @@ def out_of_range(draw, job: str) -> Case:
 
 
 # Keys of a type (bool, int, number), and values of the wrong one.
-BOOLS = ["data.normalize", "cv.parallel", "compare.higher_is_better", "tracking.enabled", "tracking.log_model",
+BOOLS = ["data.normalize", "compare.higher_is_better", "tracking.enabled", "tracking.log_model",
          "trainer.deterministic", "trainer.enable_progress_bar", "regularizer.early_stopping.enabled",
          "model.batch_norm"]
 INTS = ["seed", "data.batch_size", "data.eval_batch_size", "data.num_workers", "data.split.folds",
@@ -263,6 +263,7 @@ STRINGS = {
     "init.scheme": _not_one_of("default", *INITS),
     "compare.metric": _not_one_of(),
     "regularizer.tta": _not_one_of("none", "flip", "ten_crop"),
+    "cv.parallel": NOT_A_BOOL.filter(lambda v: v != "auto"),  # true, false or auto
     "model.activation": _not_one_of(*ACTIVATIONS, *SHAPED_ACTIVATIONS),
 }
 TUNE_STRINGS = {

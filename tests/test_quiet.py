@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,10 @@ def test_a_real_two_fold_cv_prints_each_thing_once(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert out.count(HEADER) <= 1, out
     for noise in ("Creating initial MLflow database tables", "system_metrics", "estimate number of stepping batches",
-                  "💡", "INFO:", "Downloading artifacts"):
+                  "💡", "Downloading artifacts", "Started a local Ray instance"):
         assert noise not in out, f"{noise!r} in:\n{out}"
+    # No line in the format of `logging.basicConfig` (`INFO:name:message`), which MLflow's import set.
+    assert not re.search(r"^(INFO|WARNING):\S", out, re.M), out
     assert "val/acc:" in out and "test/acc:" in out, out
+    # The folds ran side by side (cv.parallel=auto, two cores), each saying when it ended.
+    assert sorted(re.findall(r"^INFO: fold (\d) done \(\d/2, \d+ s\): val/acc=", out, re.M)) == ["0", "1"], out

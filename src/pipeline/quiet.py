@@ -45,8 +45,9 @@ _DROPPED = ("Loading `train_dataloader` to estimate number of stepping batches",
 _QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 # Loggers whose INFO lines are bookkeeping: MLflow's first-use database creation and
-# migrations, and its system-metrics monitor (four lines per run: started, skipped GPU, ...).
-_INFO_LOGGERS = ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics")
+# migrations, its system-metrics monitor (four lines per run: started, skipped GPU, ...), and
+# Ray's "Started a local Ray instance." on every sweep and parallel cross-validation.
+_INFO_LOGGERS = ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics", "ray._private.worker")
 # Ray's notice on every start of a local instance that token authentication, its default, is
 # on. (Setting RAY_AUTH_MODE=token instead, as the notice suggests, does not work once `ray` is
 # imported: Ray reads its config at import, and the instance then fails to start.)

@@ -113,15 +113,20 @@ def _end_with_dvc(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="end-with-dvc", daemon=True).start()
 
 
+# Loggers of long work's progress lines (INFO), shown as the Hydra apps show them
+# (conf/hydra/job_logging): the image-folder fetch, cross-validation's folds.
+PROGRESS_LOGGERS = ("pipeline.data.imagefolder", "pipeline.tasks.cv")
+
+
 def _show_progress() -> None:
-    """The image-folder fetch's progress lines (INFO) on stderr, as the Hydra apps show them
-    (conf/hydra/job_logging); every other logger keeps Python's default (warnings only)."""
-    progress = logging.getLogger("pipeline.data.imagefolder")
-    if not progress.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        progress.addHandler(handler)
-        progress.setLevel(logging.INFO)
+    """The progress lines on stderr; every other logger keeps Python's default (warnings only)."""
+    for name in PROGRESS_LOGGERS:
+        progress = logging.getLogger(name)
+        if not progress.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+            progress.addHandler(handler)
+            progress.setLevel(logging.INFO)
 
 
 def run_stage(stage: str, params: str = "params.yaml") -> int:

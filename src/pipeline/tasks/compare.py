@@ -27,7 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.analysis.stats import FAMILIES, LABELS, compare_alternatives
-from pipeline.config import fold_config, to_container
+from pipeline.config import fold_config, fold_count, to_container
 from pipeline.data.splits import load_splits
 from pipeline.data.store import read_raw
 from pipeline.errors import ConfigError
@@ -117,7 +117,7 @@ def check_compare(cfg: DictConfig) -> DictConfig:
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Run the grid; writes reports/compare.md, reports/compare.json, a per-fold plot and the
     accuracy-against-cost figure."""
-    from pipeline.tasks.cv import cross_validate
+    from pipeline.tasks.cv import cross_validate, fold_ray, parallel_folds
 
     cfg, planned = _plan(cfg)
     check_tracking(cfg.tracking, cfg.paths.root)
@@ -125,7 +125,10 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     reports = layout.root_out / "reports"
     parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=f"compare-{cfg.name}-{cfg.data.name}",
                               tags={"dataset": cfg.data.name, "compare": "true"}) if cfg.tracking.enabled else None
-    with parent if parent is not None else contextlib.nullcontext():
+    # Parallel folds: one Ray for every alternative, whose workers keep their imports.
+    folds = fold_count(cfg)
+    ray = fold_ray(cfg, folds) if parallel_folds(cfg.cv, cfg.tune, folds) else contextlib.nullcontext()
+    with parent if parent is not None else contextlib.nullcontext(), ray:
         scores, probs, extra = {}, {}, {}
         for label, _out, alt_cfg in planned:
             start = time.perf_counter()

@@ -3,9 +3,12 @@ intervals, tracked as an MLflow parent run with one child run per fold.
 
 Fold i trains on the other k-1 folds and validates on fold i (`data.fold`); the test split
 is never seen during training. With `cv.repeats` = r > 1 the split holds r independent
-k-fold partitions and r x k models are trained, labelled by repetition and fold. Folds run one after another, or in parallel as Ray tasks
-(`cv.parallel`, on the Ray `tune.address` names, as sweeps do), with identical results for
-the same seed: each fold is seeded and deterministic on its own. Parallel folds get the data
+k-fold partitions and r x k models are trained, labelled by repetition and fold. Folds run
+one after another, or in parallel as Ray tasks (`cv.parallel`, on the Ray `tune.address`
+names, as sweeps do; `auto`, the default, where two folds fit at once). Each fold is seeded
+and deterministic on its own, so the same settings give the same numbers; a parallel fold
+trains with `cv.cpus_per_fold` threads, and a sequential one with every core, which sums in
+another order (equal results when the thread counts agree). Parallel folds get the data
 from the driver through Ray's object store, so they need no access to the data folders.
 
 One writer per MLflow store, as in sweeps: sequential folds write their runs themselves, one
@@ -16,9 +19,12 @@ the fold returns, so both produce the same run tree.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
+import time
 import traceback
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +43,53 @@ from pipeline.tracking.server import check_tracking
 from pipeline.training.metrics import file_row
 from pipeline.validation import prepare, refuse_resume
 
+log = logging.getLogger(__name__)
+
 # Metrics aggregated over folds (what each fold's train + evaluate return).
 CV_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro")
 CANCEL_TIMEOUT_S = 30  # for cancelled folds to wind down before Ray shuts down
 TEST_PROBS = "test_probs"  # a fold result's test-split probabilities (not a metric)
 ENSEMBLE_METRICS = ("acc", "loss", "f1_macro")  # of the fold ensemble, as ensemble/test/*
+
+
+def parallel_folds(cv: Mapping[str, Any], tune: Mapping[str, Any], folds: int) -> bool:
+    """Whether `folds` folds run as parallel Ray tasks: `cv.parallel`, where `auto` means when
+    two folds or more can train at once: on the cluster `tune.address` names, or here with
+    2 x `cv.cpus_per_fold` CPUs (of `tune.num_cpus`, if set). Starting Ray and its workers
+    costs seconds, which one fold at a time would never win back. Nested CV is sequential
+    (each outer fold's sweep is the parallel part)."""
+    if cv["parallel"] != "auto":
+        return bool(cv["parallel"])
+    if cv.get("nested") is True or folds < 2:
+        return False
+    return bool(tune.get("address")) or (tune.get("num_cpus") or os.cpu_count() or 1) >= 2 * int(cv["cpus_per_fold"])
+
+
+@contextlib.contextmanager
+def fold_ray(cfg: Mapping[str, Any], folds: int) -> Iterator[None]:
+    """Ray for `folds` parallel folds, shut down on leaving if started here: a local one with
+    a CPU per fold (`cv.cpus_per_fold` each; at most the machine's). A comparison holds one
+    for all its alternatives, so their folds reuse the same workers (and their imports)."""
+    from pipeline.tuning.ray_init import init_ray
+
+    per_fold = int(cfg["cv"]["cpus_per_fold"])
+    started = init_ray(cfg["tune"], num_cpus=max(per_fold, min(folds * per_fold, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _fold_line(result: dict[str, Any], cfg: Mapping[str, Any], done: int, total: int, seconds: float) -> str:
+    rep, i = fold_position(OmegaConf.create(cfg), result["fold"])
+    name = f"repetition {rep} fold {i}" if cfg["cv"]["repeats"] > 1 else f"fold {i}"
+    if cfg["tracking"].get("run_name"):  # a comparison's alternative
+        name = f"{cfg['tracking']['run_name']}: {name}"
+    scores = "  ".join(f"{k}={result[k]:.4f}" for k in ("val/acc", "test/acc") if k in result)
+    return f"{name} done ({done}/{total}, {seconds:.0f} s): {scores}"
 
 
 def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None,
@@ -88,9 +136,15 @@ def _fold_task(cfg: dict[str, Any], fold: int, parent_run_id: str | None, thread
                data: TrainingData) -> FoldOutcome:
     """One fold on a Ray worker, which never opens the MLflow store (see the module docstring)
     nor the data folders (`data` comes from the object store)."""
+    import lightning.pytorch  # noqa: F401  # first: its import sets its loggers' levels
     import torch
 
     torch.set_num_threads(threads)
+    # Folds side by side: their progress bars and Lightning's header would interleave under
+    # Ray's prefixes; the driver says when each fold is done.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    cfg = {**cfg, "trainer": {**cfg["trainer"], "enable_progress_bar": False}}
     outcome = FoldOutcome(fold, socket.gethostname(), RecordedRun() if cfg["tracking"]["enabled"] else None)
     try:
         outcome.result = run_fold(cfg, fold, parent_run_id, outcome.record, data)
@@ -114,34 +168,33 @@ def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | No
     """The folds as Ray tasks on `data`; each fold's run is written here as the fold returns."""
     import ray
 
-    from pipeline.tuning.ray_init import init_ray
     from pipeline.tuning.stopping import sigterm_interrupts_ray
 
     per_fold = int(cfg["cv"]["cpus_per_fold"])
-    # A local Ray: every fold at once if the machine has the CPUs (and at least one fold's).
-    started = init_ray(cfg["tune"], num_cpus=max(per_fold, min(len(folds) * per_fold, os.cpu_count() or 1)))
     outcomes: list[FoldOutcome] = []
     pending: list[Any] = []
-    try:
-        task = ray.remote(num_cpus=per_fold)(_fold_task)
-        shared = ray.put(data)  # one copy per node, which every fold there reads zero-copy
-        pending = [task.remote(cfg, fold, parent_run_id, per_fold, shared) for fold in folds]
-        with sigterm_interrupts_ray():
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                outcomes.append(ray.get(done[0]))
-                _write_fold_run(cfg, outcomes[-1])
-    except BaseException:
-        # A stop signal: ray.shutdown would kill the running folds mid-step. Cancelling raises
-        # KeyboardInterrupt in each, which ends it cleanly; folds not finished write no run
-        # (they only recorded theirs), and the CV parent run ends KILLED.
-        for ref in pending:
-            ray.cancel(ref)
-        ray.wait(pending, num_returns=len(pending), timeout=CANCEL_TIMEOUT_S)
-        raise
-    finally:
-        if started:
-            ray.shutdown()
+    start = time.monotonic()
+    with fold_ray(cfg, len(folds)):
+        try:
+            task = ray.remote(num_cpus=per_fold)(_fold_task)
+            shared = ray.put(data)  # one copy per node, which every fold there reads zero-copy
+            pending = [task.remote(cfg, fold, parent_run_id, per_fold, shared) for fold in folds]
+            with sigterm_interrupts_ray():
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    outcomes.append(ray.get(done[0]))
+                    _write_fold_run(cfg, outcomes[-1])
+                    if outcomes[-1].result is not None:
+                        log.info(_fold_line(outcomes[-1].result, cfg, len(outcomes), len(folds),
+                                            time.monotonic() - start))
+        except BaseException:
+            # A stop signal: ray.shutdown would kill the running folds mid-step. Cancelling raises
+            # KeyboardInterrupt in each, which ends it cleanly; folds not finished write no run
+            # (they only recorded theirs), and the CV parent run ends KILLED.
+            for ref in pending:
+                ray.cancel(ref)
+            ray.wait(pending, num_returns=len(pending), timeout=CANCEL_TIMEOUT_S)
+            raise
     outcomes.sort(key=lambda o: o.fold)
     for outcome in outcomes:
         if outcome.error is not None:
@@ -175,11 +228,15 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
         if parent is not None:
             parent.log_params(flatten(plain))
         parent_id = parent.run_id if parent is not None else None
-        data = load_data(cfg, layout) if cfg.cv.parallel else None
+        parallel = parallel_folds(cfg.cv, cfg.tune, len(folds))
+        data = load_data(cfg, layout) if parallel else None
         if data is not None:
             results = _run_parallel(plain, folds, parent_id, data)
         else:
-            results = [run_fold(plain, fold, parent_id) for fold in folds]
+            results, start = [], time.monotonic()
+            for fold in folds:
+                results.append(run_fold(plain, fold, parent_id))
+                log.info(_fold_line(results[-1], plain, len(results), len(folds), time.monotonic() - start))
         results.sort(key=lambda r: r["fold"])
         # Sequential folds read the data themselves; the ensemble needs only the test labels.
         raw, splits = ((data.raw, data.splits) if data is not None

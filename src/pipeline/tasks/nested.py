@@ -53,10 +53,10 @@ SCORES = ("acc", "loss", "f1_macro")  # of the refitted model, on the held-out f
 
 def check_nested(cfg: DictConfig) -> None:
     """ConfigError for what nested cross-validation cannot do (`cfg` prepared)."""
-    if cfg.cv.parallel:
+    if cfg.cv.parallel is True:  # auto: sequential
         raise ConfigError("cv.nested=true with cv.parallel=true: nested CV runs its outer folds one after another, "
                           "each fold's sweep already in parallel on Ray (tune.max_concurrent_trials); "
-                          "set cv.parallel=false.")
+                          "set cv.parallel=auto or false.")
     if cfg.cv.get("repeats", 1) > 1:
         raise ConfigError(f"cv.nested=true with cv.repeats={cfg.cv.repeats}: the outer folds are one k-fold "
                           "partition (data.split.folds); set cv.repeats=1.")
