@@ -548,10 +548,12 @@ def test_report_for_run_rebuilds_the_logged_model(trained, tmp_path: Path) -> No
     from pipeline.tasks.report import _run_epochs
 
     client = MlflowClient(info["tracking_uri"])
-    local, source = _run_epochs(client, info["run_id"], out)
+    local, source = _run_epochs(client, info["run_id"], out, kept=True)
     assert [e for e, _ in local] == [1, 2] and source == str(out / "models" / "evolution")
-    logged, source = _run_epochs(client, info["run_id"], tmp_path / "gone")
+    logged, source = _run_epochs(client, info["run_id"], tmp_path / "gone", kept=True)
     assert source == "the run's MLflow artifacts (evolution/)" and [e for e, _ in logged] == [1, 2]
+    # A run whose config kept no epochs is not searched for them in MLflow.
+    assert _run_epochs(client, info["run_id"], tmp_path / "gone", kept=False) == ([], "")
     assert all(torch.equal(local[1][1][k], logged[1][1][k]) for k in local[1][1])
     curves = _curves_from_history(MlflowClient(info["tracking_uri"]), info["run_id"])
     on_disk = json.loads((out / "plots" / "train_curves.json").read_text())

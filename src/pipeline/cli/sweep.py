@@ -45,11 +45,12 @@ class JobTable(Callback):
         self.hint: str | None = None
         self.shared_keys: set[str] = set()
         self.shared: list[str] = []  # the command's overrides that sweep nothing: every job has them
+        self.own: dict[int, str] = {}  # each job's own overrides, as its start printed them
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        self.rows = []
+        self.rows, self.own = [], {}
         parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         self.shared = [o.input_line for o in parsed if not o.is_sweep_override()]
         self.shared_keys = {o.get_key_element() for o in parsed if not o.is_sweep_override()}
@@ -66,14 +67,16 @@ class JobTable(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
-            print(f"[job {config.hydra.job.num}] {self._overrides(config)}", flush=True)
+            self.own[config.hydra.job.num] = self._overrides(config)
+            print(f"[job {config.hydra.job.num}] {self.own[config.hydra.job.num]}", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         figures = _RESULTS.pop(config.hydra.runtime.output_dir, {})
         failed = job_return.status == JobStatus.FAILED
-        self.rows.append({"job": str(config.hydra.job.num), "overrides": self._overrides(config),
+        num = config.hydra.job.num
+        self.rows.append({"job": str(num), "overrides": self.own.pop(num, None) or self._overrides(config),
                           **{c: _figure(figures.get(c)) for c in COLUMNS},
                           "run": "failed" if failed else figures.get("run") or "-"})
         if figures.get("tracking_uri"):

@@ -103,7 +103,7 @@ def report_for_run(run_id: str, cfg: DictConfig) -> Path:
     curves = _curves_from_history(client, run_id)
     out = Path(cfg.paths.out_dir) / "reports" / "runs" / run_id
     meta = {"run id": run_id, "tracking URI": tracking_uri, "run status": run.info.status, "weights": source}
-    evolution = _run_epochs(client, run_id, run_out)
+    evolution = _run_epochs(client, run_id, run_out, kept=bool(run_cfg.report.evolution_epochs))
     path = _write(run_cfg, cfg, net, curves, out, meta, notes, eager=eager, evolution=evolution)
     if cfg.tracking.enabled:
         client.log_artifacts(run_id, str(out), "report")
@@ -146,14 +146,17 @@ def _kept_epochs(folder: Path) -> list[tuple[int, dict]]:
     return sorted(found, key=lambda e: e[0])
 
 
-def _run_epochs(client, run_id: str, run_out: Path) -> tuple[list[tuple[int, dict]], str]:
+def _run_epochs(client, run_id: str, run_out: Path, *, kept: bool) -> tuple[list[tuple[int, dict]], str]:
     """A run's kept weights: from its output folder if that still holds this run's, else from
-    its MLflow artifacts (`evolution/`); with where they came from."""
+    its MLflow artifacts (`evolution/`) if the run kept any (`kept`: its config asked for
+    some); with where they came from."""
     from mlflow.exceptions import MlflowException
 
     run_file, local = run_out / "models" / "run.json", run_out / "models" / "evolution"
-    if run_file.exists() and json.loads(run_file.read_text()).get("run_id") == run_id and (kept := _kept_epochs(local)):
-        return kept, str(local)
+    if run_file.exists() and json.loads(run_file.read_text()).get("run_id") == run_id and (weights := _kept_epochs(local)):
+        return weights, str(local)
+    if not kept:  # nothing to look for: a download that finds nothing still costs requests
+        return [], ""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = Path(client.download_artifacts(run_id, "evolution", tmp))
