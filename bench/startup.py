@@ -23,20 +23,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The stage runner validates params.yaml (`prepare`) before it imports its task.
-STAGE = "from pipeline.cli.stages import STAGES; from pipeline.config import load_params; " \
-        "from pipeline.validation import prepare; prepare(load_params(PARAMS)); import {}"
+# The stage runner validates params.yaml (`prepare`, building no optimizer in the stages
+# that never train) before it imports its task. (A tree older than NOT_TRAINING: plain prepare.)
+STAGE = ("import importlib; import pipeline.cli.stages as s; from pipeline.config import load_params; "
+         "from pipeline.validation import prepare; cfg = load_params(PARAMS); "
+         "prepare(cfg, trains={0!r} not in s.NOT_TRAINING) if hasattr(s, 'NOT_TRAINING') else prepare(cfg); "
+         "importlib.import_module(s.STAGES[{0!r}].partition(':')[0])")
 # entry -> (what it runs before its first step, whether it trains)
 ENTRIES: dict[str, tuple[str, bool]] = {
     "config validation": ("from pipeline.config import load_params; from pipeline.validation import prepare; "
                           "prepare(load_params(PARAMS))", False),
     "pipeline models": ("from pipeline.cli.main import _models; import pipeline.models; import torch", False),
-    "stage fetch, split": (STAGE.format("pipeline.tasks.data"), False),
-    "stage evaluate": (STAGE.format("pipeline.tasks.evaluate"), False),
-    "stage report": (STAGE.format("pipeline.tasks.report"), False),
-    "stage train": (STAGE.format("pipeline.tasks.train"), True),
-    "stage cv": (STAGE.format("pipeline.tasks.cv"), True),
-    "stage tune": (STAGE.format("pipeline.tasks.tune"), True),
+    "stage fetch, split": (STAGE.format("fetch"), False),
+    "stage evaluate": (STAGE.format("evaluate"), False),
+    "stage report": (STAGE.format("report"), False),
+    "stage train": (STAGE.format("train"), True),
+    "stage cv": (STAGE.format("cv"), True),
+    "stage tune": (STAGE.format("tune"), True),
 }
 CHILD = """
 import sys, time, json

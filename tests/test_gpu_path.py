@@ -182,6 +182,38 @@ def test_evaluate_report_models_and_validation_never_import_lightning(cfg_factor
     assert float(acc) == evaluate(cfg)["test/acc"]
 
 
+NO_DYNAMO = """
+import sys
+from pipeline.config import load_params
+from pipeline.validation import prepare
+prepare(load_params(sys.argv[1]), trains=False)
+print("DYNAMO", "torch._dynamo" in sys.modules)
+"""
+
+
+def test_a_stage_that_never_trains_checks_its_config_without_torch_dynamo(cfg_factory):
+    """Validation for fetch, split, evaluate and report (`trains=False`) builds no optimizer
+    (the first one a process builds imports `torch._dynamo`, about a CPU second) and probes
+    the small default model on the CPU, not the meta device (whose first use imports it too);
+    the settings themselves are still checked."""
+    proc = subprocess.run([sys.executable, "-c", NO_DYNAMO, str(REPO / "params.yaml")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 0, proc.stderr
+    assert "DYNAMO False" in proc.stdout, proc.stdout
+    from pipeline.errors import ConfigError
+    from pipeline.validation import prepare
+
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        prepare(cfg_factory(["optimizer.lr=-1"]), trains=False)
+    with pytest.raises(ConfigError, match="scheduler.gamma"):
+        prepare(cfg_factory(["scheduler.gamma=-0.5"]), trains=False)
+    # What only the optimizer's own constructor refuses is caught where it trains.
+    bad = ["optimizer=sgd", "+optimizer.nesterov=true"]
+    prepare(cfg_factory(bad), trains=False)
+    with pytest.raises(ConfigError, match="optimizer"):
+        prepare(cfg_factory(bad))
+
+
 def test_a_cut_short_or_foreign_checkpoint_is_a_data_error(tmp_path):
     from pipeline.errors import DataError
     from pipeline.training.network import load_network

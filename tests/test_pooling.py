@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.config import compose
 from pipeline.errors import ConfigError
-from pipeline.models import create_model
+from pipeline.models import create_model, layers
 from pipeline.models.layers import make_pool, pool_output_size
 from pipeline.validation import model_args
 
@@ -142,6 +142,27 @@ def test_pooling_that_collapses_the_map_raises(name, size, spec, kwargs):
     with pytest.raises(ConfigError, match=rf"{name}.*{size}x{size}.*larger image_size") as exc:
         _build(name, size, pooling=spec, **kwargs)
     assert "pooling" in str(exc.value)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "size", "collapse"), [
+    ("lenet5", {}, 32, {"name": "max", "kernel_size": 8, "stride": 8}),
+    ("minivgg", {"widths": [8, 16], "fc_size": 16}, 8, {"name": "max", "kernel_size": 4, "stride": 4}),
+    ("resnet18", {}, 32, {"name": "max", "kernel_size": 20, "padding": 0}),
+])
+def test_the_probe_answers_alike_for_real_and_on_the_meta_device(monkeypatch, name, kwargs, size, collapse):
+    """Small models are probed with a real forward pass (the meta device's first use costs a
+    process about a second), large ones on the meta device: the same shapes and errors."""
+    shapes, errors = [], []
+    for bound in (float("inf"), 0):  # every model for real, then every model on meta
+        monkeypatch.setattr(layers, "CPU_PROBE_MACS", bound)
+        model = _build(name, size, **kwargs)
+        features = nn.Sequential(*list(model.children())[:-1])  # up to the classifier head
+        shapes.append(layers.probe(features, 3, size, name))
+        with pytest.raises(ConfigError, match=rf"{name}.*{size}x{size}") as exc:
+            _build(name, size, pooling=collapse, **kwargs)
+        errors.append(str(exc.value))
+    assert shapes[0] == shapes[1]
+    assert errors[0].split(" (")[0] == errors[1].split(" (")[0]
 
 
 def test_collapse_is_caught_on_the_meta_device_too():

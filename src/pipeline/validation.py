@@ -71,12 +71,13 @@ INPUT_SIZE = "input_size"
 OPTIMIZED_METRICS = ("val/acc", "train/acc")
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, *, trains: bool = True) -> None:
     """Check every value the pipeline reads, before any data is touched.
 
     Each group's own module checks its part (the model registry dry-builds the network,
-    the optimizer and scheduler tables dry-build theirs, each regularizer entry checks its
-    key), so a new option is validated by the same code that builds it.
+    the optimizer and scheduler tables dry-build theirs unless `trains` is false, each
+    regularizer entry checks its key), so a new option is validated by the same code that
+    builds it.
     """
     from pipeline.data.residency import check_device_cache, check_in_memory
     from pipeline.data.sources import list_sources
@@ -160,8 +161,8 @@ def validate(cfg: DictConfig) -> None:
     check_number(cfg, "transfer.pretrained_lr_ratio", low=0)
     _validate_report(cfg)
     _validate_model(cfg)
-    validate_optimizer(dict(cfg.optimizer))
-    validate_scheduler(dict(cfg.scheduler), max_epochs=cfg.trainer.max_epochs)
+    validate_optimizer(dict(cfg.optimizer), dry_build=trains)
+    validate_scheduler(dict(cfg.scheduler), max_epochs=cfg.trainer.max_epochs, dry_build=trains)
 
 
 def _validate_report(cfg: DictConfig) -> None:
@@ -302,15 +303,18 @@ def model_args(cfg: DictConfig, *, num_classes: int) -> dict[str, Any]:
                 image_size=int(cfg.data.resize or cfg.data.image_size), **kwargs)
 
 
-def prepare(cfg: DictConfig) -> DictConfig:
-    """Validate and make paths absolute: the first call of every stage and task."""
+def prepare(cfg: DictConfig, *, trains: bool = True) -> DictConfig:
+    """Validate and make paths absolute: the first call of every stage and task. `trains=False`
+    (a stage that never trains: fetch, split, evaluate, report) checks the optimizer and
+    schedule settings without building them: the first optimizer a process builds imports
+    `torch._dynamo`, a CPU second for nothing there (bench/startup.py)."""
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err)) from err
     cfg = _complete_regularizer(cfg)
     cfg = _intended_input(cfg)
-    validate(cfg)
+    validate(cfg, trains=trains)
     cfg = resolve_paths(cfg)
     if cfg.trainer.get("resume_from") is not None:
         with open_dict(cfg):

@@ -33,6 +33,8 @@ STAGES: dict[str, str] = {
     "compare": "pipeline.tasks.compare:compare",
     "report": "pipeline.tasks.report:report",
 }
+# Stages that never train: their config check builds no optimizer (`prepare(trains=False)`).
+NOT_TRAINING = ("fetch", "split", "evaluate", "report")
 
 
 # What a stage prints when its task returns (`pipeline.cli.summaries`: what its command
@@ -144,7 +146,7 @@ def run_stage(stage: str, params: str = "params.yaml") -> int:
         cfg = load_params(params)
         try:
             # Before the task's (slow) imports: a bad value fails in a second, naming the file.
-            prepare(copy.deepcopy(cfg))
+            prepare(copy.deepcopy(cfg), trains=stage not in NOT_TRAINING)
         except ConfigError as err:
             raise ConfigError(f"{params}: {err} ({params} {PARAMS_FIX}.)") from err
         module, _, name = STAGES[stage].partition(":")

@@ -200,6 +200,13 @@ def pool_output_size(size: int, pool: nn.Module, axis: int = 0) -> int:
     return max(out, 0)
 
 
+# A forward pass of one image costs at most parameters x pixels multiply-adds (a weight is
+# used at most once per input position). Below this bound it takes milliseconds on the CPU,
+# less than the meta device's first use in a process: about a second, spent importing and
+# running PyTorch's Python shape rules (every stage validates its model before it starts).
+CPU_PROBE_MACS = 5e8
+
+
 def probe(
     module: nn.Module,
     in_channels: int,
@@ -207,25 +214,29 @@ def probe(
     arch: str,
     settings: Mapping[str, object] | None = None,
 ) -> torch.Size:
-    """Output shape of ``module`` on one zeros image, run on the ``meta`` device.
+    """Output shape of ``module`` on one zeros image, with zeros for its weights.
 
-    Meta tensors carry shapes only, so this costs no compute or memory whatever the
-    model's size (its own weights are untouched). Runs in eval mode (each module's
-    training flag is restored). A layer whose input has shrunk below its window, or an
-    empty output, raises a ConfigError naming ``arch``, the input size and ``settings``
-    (the config entries that shaped the net, e.g. ``{"model.pooling": spec}``).
+    A large model runs on the ``meta`` device: meta tensors carry shapes only, so that costs
+    no compute or memory whatever the model's size. A small one (``CPU_PROBE_MACS``) runs on
+    the CPU, in no time, even inside a ``torch.device("meta")`` block (the config check
+    builds there). Either way the module's own weights are untouched. Runs in eval mode
+    (each module's training flag is restored). A layer whose input has shrunk below its
+    window, or an empty output, raises a ConfigError naming ``arch``, the input size and
+    ``settings`` (the config entries that shaped the net, e.g. ``{"model.pooling": spec}``).
     """
     h, w = pair(image_size)
-    tensors = {n: torch.empty_like(t, device="meta")
-               for n, t in (*module.named_parameters(), *module.named_buffers())}
+    named = [*module.named_parameters(), *module.named_buffers()]
+    device = "cpu" if sum(t.numel() for _, t in named) * h * w <= CPU_PROBE_MACS else "meta"
     ref = next(module.parameters(), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    x = torch.zeros(1, in_channels, h, w, device="meta", dtype=dtype)
     modes = {m: m.training for m in module.modules()}
     detail = ""
     try:
         module.eval()
-        with torch.no_grad():
+        # The device block also holds for tensors the forward pass makes itself.
+        with torch.no_grad(), torch.device(device):
+            tensors = {n: torch.zeros_like(t, device=device) for n, t in named}
+            x = torch.zeros(1, in_channels, h, w, device=device, dtype=dtype)
             out = torch.func.functional_call(module, tensors, (x,))
     except RuntimeError as exc:
         out, detail = None, f" ({str(exc).splitlines()[0]})"

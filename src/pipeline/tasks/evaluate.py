@@ -67,7 +67,7 @@ def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
     Logs into `run` when given (a parallel cross-validation fold's recorded run), else into
     the run `models/run.json` names. `data` is what the train task's `data` is.
     """
-    cfg = prepare(cfg)
+    cfg = prepare(cfg, trains=False)
     if run is None:
         check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)

@@ -44,7 +44,7 @@ from pipeline.validation import KEYS, model_args, prepare
 
 def report(cfg: DictConfig) -> Path:
     """Report on `<out>/models/best.ckpt`; returns the path of `report.html`."""
-    cfg = prepare(cfg)
+    cfg = prepare(cfg, trains=False)
     check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     if not layout.best_ckpt.exists():
@@ -78,7 +78,7 @@ def report_for_run(run_id: str, cfg: DictConfig) -> Path:
 
     from pipeline.tasks.data import ensure_data
 
-    cfg = prepare(cfg)
+    cfg = prepare(cfg, trains=False)
     tracking_uri = tracking_target(cfg.tracking, cfg.paths.root)["tracking_uri"]
     check_server(tracking_uri, cfg.tracking.experiment_name)  # read even with tracking off
     client = MlflowClient(tracking_uri)
@@ -91,7 +91,7 @@ def report_for_run(run_id: str, cfg: DictConfig) -> Path:
         raise DataError(f"Run {run_id} at {tracking_uri} has no config.yaml artifact, so it was not made by this "
                         f"pipeline (or does not exist): {err}") from err
     run_out = Path(str(run_cfg.paths.out_dir))
-    run_cfg = prepare(merge_run_config(run_cfg, cfg))
+    run_cfg = prepare(merge_run_config(run_cfg, cfg), trains=False)
     ensure_data(run_cfg)
     layout = Layout.from_cfg(run_cfg)
     notes = []

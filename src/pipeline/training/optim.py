@@ -119,9 +119,10 @@ def build_optimizer(params: Iterable, name: str, **kwargs: Any) -> torch.optim.O
     return _build(params, {"name": name, **kwargs}, "optimizer")
 
 
-def validate_optimizer(cfg: Mapping[str, Any], *, where: str = "optimizer") -> None:
+def validate_optimizer(cfg: Mapping[str, Any], *, where: str = "optimizer", dry_build: bool = True) -> None:
     """Check the optimizer group before training: name, keys, types and ranges (a wrapper's
-    `base` too, as `optimizer.base.*`), then a dry build on one parameter."""
+    `base` too, as `optimizer.base.*`), then (`dry_build`) a build on one parameter, which
+    catches what only the optimizer's constructor checks (SGD's nesterov without momentum)."""
     from pipeline.config import check_bool, check_number
 
     cfg = plain(cfg)
@@ -148,5 +149,6 @@ def validate_optimizer(cfg: Mapping[str, Any], *, where: str = "optimizer") -> N
         except ConfigError as err:
             raise ConfigError(str(err).replace(path, shown)) from None
     if spec.wraps:
-        validate_optimizer(kwargs["base"], where=f"{where}.base")
-    _build([torch.nn.Parameter(torch.zeros(1))], cfg, where)
+        validate_optimizer(kwargs["base"], where=f"{where}.base", dry_build=False)
+    if dry_build:
+        _build([torch.nn.Parameter(torch.zeros(1))], cfg, where)

@@ -232,9 +232,10 @@ _BOOL_KEYS = {"three_phase", "cycle_momentum"}
 _CHOICES = {"anneal_strategy": ("cos", "linear"), "mode": ("max", "min")}
 
 
-def validate_scheduler(cfg: Mapping[str, Any], *, max_epochs: int) -> None:
-    """Check the scheduler group: name, keys, types and ranges, then a dry build over the run
-    (and, for per-epoch formulas, that f(t) is a finite non-negative factor at every epoch)."""
+def validate_scheduler(cfg: Mapping[str, Any], *, max_epochs: int, dry_build: bool = True) -> None:
+    """Check the scheduler group: name, keys, types and ranges, then (`dry_build`) a build over
+    the run, and, for per-epoch formulas, that f(t) is a finite non-negative factor at every
+    epoch."""
     from pipeline.config import check_bool, check_choice, check_number
 
     cfg = plain(cfg)
@@ -261,9 +262,10 @@ def validate_scheduler(cfg: Mapping[str, Any], *, max_epochs: int) -> None:
     if settings.get("three_phase") is True and settings.get("pct_start", 0) > 0.5:
         raise ConfigError(f"scheduler.pct_start={settings['pct_start']} is out of range: with three_phase the "
                           "rise and the fall take 2 * pct_start of the run, so it must be <= 0.5.")
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0, momentum=0.9)
-    build_scheduler(optimizer, name, max_epochs=max_epochs, steps_per_epoch=1, **kwargs)
+    if dry_build:
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=1.0, momentum=0.9)
+        build_scheduler(optimizer, name, max_epochs=max_epochs, steps_per_epoch=1, **kwargs)
     if name in MULTIPLIERS:
         f = lr_multiplier(name, max_epochs=max_epochs, **kwargs)
         bad = [t for t in range(max_epochs) if not math.isfinite(f(t)) or f(t) < 0]
