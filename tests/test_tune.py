@@ -73,6 +73,22 @@ def test_a_sweep_keeps_its_ray_experiment_beside_its_other_outputs(cfg_factory, 
     assert Path(shared.storage) == tmp_path / "shared"
 
 
+@pytest.mark.parametrize(("step_key", "label"), [("epoch", "epoch"), ("fold", "folds so far")])
+def test_curves_count_epochs_and_folds_from_one(monkeypatch, tmp_path, step_key, label):
+    """Stored from 0 as Lightning counts, drawn from 1 as the summaries and the report say."""
+    from pipeline.tuning import results
+
+    drawn = {}
+    monkeypatch.setattr(results, "save_figure", lambda fig, path: drawn.setdefault("ax", fig.axes[0]) and path)
+    trials = [{"trial_id": "a"}, {"trial_id": "b"}]
+    curves = [{"trial_id": t, "step": s, "val/loss": 1.0 / (s + 1)} for t in ("a", "b") for s in range(3)]
+    results.curves_png(results.Outcome(trials=trials, curves=curves, best={"trial_id": "b"}), "val/loss",
+                       tmp_path / "curves.png", step_key)
+    ax = drawn["ax"]
+    assert [list(line.get_xdata()) for line in ax.lines] == [[1, 2, 3], [1, 2, 3]]
+    assert ax.get_xlabel() == label and [line.get_label() for line in ax.lines] == ["a", "b (best)"]
+
+
 def test_cluster_without_shared_storage_is_refused(cfg_factory, monkeypatch):
     import ray
 

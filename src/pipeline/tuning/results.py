@@ -213,12 +213,15 @@ def curves_png(outcome: Outcome, metric: str, path: Path, step_key: str = "epoch
     best = outcome.best["trial_id"] if outcome.best else None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for t in outcome.trials:
-        points = [(c["step"], c[metric]) for c in outcome.curves if c["trial_id"] == t["trial_id"] and c[metric] is not None]
+        # Steps are stored from 0, as Lightning counts epochs; drawn from 1, as the summaries
+        # and the report count them (epoch 1 is the first; with tune.cv, folds done so far).
+        points = [(c["step"] + 1, c[metric]) for c in outcome.curves
+                  if c["trial_id"] == t["trial_id"] and c[metric] is not None]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, lw=2.5 if t["trial_id"] == best else 1, alpha=1 if t["trial_id"] == best else 0.6,
                     label=f"{t['trial_id']}{' (best)' if t['trial_id'] == best else ''}")
-    ax.set_xlabel(step_key)
+    ax.set_xlabel(step_key if step_key == "epoch" else f"{step_key}s so far")
     ax.set_ylabel(metric if step_key == "epoch" else f"{metric}, mean of the folds so far")
     ax.set_title(f"{metric} of every trial")
     ax.grid(alpha=0.3)
