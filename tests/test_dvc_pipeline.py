@@ -89,7 +89,16 @@ def test_repro_stages_end_with_their_summary_and_run_and_say_things_once(project
         assert marker in text and RUN_LINK.search(text), f"{stage}:\n{text[-2000:]}"
         assert text.count("GPU available:") <= 1, text  # Lightning's header: once per process at most
     assert "No file hash info" not in first_repro and "Saving pytorch model by Pickle" not in first_repro
-    assert "💡" not in first_repro and "INFO:" not in first_repro and "Downloading artifacts" not in first_repro
+    assert "💡" not in first_repro and "Downloading artifacts" not in first_repro
+    # No line in `logging.basicConfig`'s format (`INFO:name:message`); the progress lines are ours.
+    assert not re.search(r"^(INFO|WARNING):\S", first_repro, re.M), first_repro[-3000:]
+    # The folds ran side by side (cv.parallel=auto on two cores), each saying when it ended:
+    # the cv stage's 5, and the comparison's 5 per alternative, named.
+    folds = r"fold (\d) done \((\d)/5, \d+ s\): val/acc=\S+  test/acc="
+    for stage, prefix in (("cv", ""), ("compare", "mlp: "), ("compare", "lenet5: ")):
+        found = re.findall(rf"^INFO: {prefix}{folds}", by_stage[stage], re.M)
+        assert sorted(f for f, _ in found) == list("01234") and [n for _, n in found] == list("12345"), \
+            by_stage[stage]
 
 
 def test_train_tagged_with_dvc_split_hash(project, first_repro):
