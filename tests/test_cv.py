@@ -185,23 +185,21 @@ def _tree(client: MlflowClient, experiment: str) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize(("parallel", "cpus", "address", "nested", "folds", "expected"), [
-    ("auto", 2, None, False, 5, True),    # two 1-CPU folds fit on a 2-core machine
-    ("auto", 1, None, False, 5, False),   # one at a time: Ray would only cost its start
-    ("auto", 3, None, False, 1, False),   # a single fold (data.fold set, say)
-    ("auto", 1, "auto", False, 5, True),  # a cluster: its CPUs are not this machine's
-    ("auto", 8, None, True, 5, False),    # nested CV: each outer fold's sweep is the parallel part
-    (True, 1, None, False, 5, True),
-    (False, 8, "auto", False, 5, False),
+@pytest.mark.parametrize(("parallel", "cpus", "num_cpus", "address", "nested", "folds", "expected"), [
+    ("auto", 2, None, None, False, 5, True),    # two 1-CPU folds fit on a 2-core machine
+    ("auto", 1, None, None, False, 5, False),   # one at a time: Ray would only cost its start
+    ("auto", 1, 2, None, False, 5, True),       # tune.num_cpus, when set, is the local Ray's size
+    ("auto", 3, None, None, False, 1, False),   # a single fold (data.fold set, say)
+    ("auto", 1, None, "auto", False, 5, True),  # a cluster: its CPUs are not this machine's
+    ("auto", 8, None, None, True, 5, False),    # nested CV: each outer fold's sweep is the parallel part
+    (True, 1, None, None, False, 5, True),
+    (False, 8, None, "auto", False, 5, False),
 ])
-def test_parallel_auto_runs_folds_side_by_side_where_two_fit(monkeypatch, parallel, cpus, address, nested,
+def test_parallel_auto_runs_folds_side_by_side_where_two_fit(monkeypatch, parallel, cpus, num_cpus, address, nested,
                                                              folds, expected):
     monkeypatch.setattr(cv_task.os, "cpu_count", lambda: cpus)
     cv = {"parallel": parallel, "cpus_per_fold": 1, "nested": nested}
-    assert cv_task.parallel_folds(cv, {"address": address, "num_cpus": None}, folds) is expected
-    # tune.num_cpus, when set, is the local Ray's size; two 2-CPU folds need four.
-    assert cv_task.parallel_folds({**cv, "cpus_per_fold": 2}, {"address": None, "num_cpus": 4}, folds) is (
-        expected or (parallel == "auto" and not nested and folds > 1))
+    assert cv_task.parallel_folds(cv, {"address": address, "num_cpus": num_cpus}, folds) is expected
 
 
 def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_factory, tmp_path: Path, caplog):

@@ -200,6 +200,13 @@ def check_bool(cfg: DictConfig, key: str) -> bool:
     return value
 
 
+def check_auto_bool(setting: object, key: str, meaning: str) -> None:
+    """ConfigError unless `setting` (the value of `key`) is auto, true or false; `meaning`
+    says what auto does and that true or false forces it."""
+    if not (setting == "auto" or isinstance(setting, bool)):
+        raise ConfigError(f"{key}={setting!r} is not one of auto, true, false: {meaning}")
+
+
 def check_choice(cfg: DictConfig, key: str, choices: Sequence[str]) -> str:
     value = get_required(cfg, key)
     if value not in choices:

@@ -111,6 +111,16 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def quiet_ray_worker(*more: str) -> None:
+    """In a Ray worker, where trainings run side by side and the driver reports their
+    progress: Lightning's per-Trainer lines ("GPU available", "Checkpoint successfully
+    created") and the loggers `more` at WARNING."""
+    import lightning.pytorch  # noqa: F401  # first: its import sets its loggers' levels
+
+    for name in ("lightning.pytorch", "lightning.fabric", *more):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 _AUTOLOG = "mlflow.pytorch._lightning_autolog"  # imports pytorch_lightning
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import (
+    check_auto_bool,
     check_bool,
     check_choice,
     check_keys,
@@ -117,7 +118,9 @@ def validate(cfg: DictConfig, *, trains: bool = True) -> None:
     _validate_trainer(cfg)
     _check_resume(cfg)
 
-    check_parallel(get_required(cfg, "cv.parallel"))
+    check_auto_bool(get_required(cfg, "cv.parallel"), "cv.parallel",
+                    "auto runs the folds as parallel Ray tasks where two fit at once (on a cluster, or here with "
+                    "2 x cv.cpus_per_fold CPUs); true or false forces it.")
     check_number(cfg, "cv.cpus_per_fold", integer=True, low=1)
     check_number(cfg, "cv.confidence", low=0, high=1, low_open=True, high_open=True)
     check_bool(cfg, "cv.nested")
@@ -197,14 +200,6 @@ def refuse_resume(cfg: DictConfig, job: str) -> None:
 
 PRECISIONS = ("32-true", "32", 32, "64-true", "64", 64, "16-mixed", "16-true", "16", 16, "bf16-mixed",
               "bf16-true", "bf16")  # Lightning's
-
-
-def check_parallel(setting: object) -> None:
-    """ConfigError unless `setting` is a valid `cv.parallel` value."""
-    if not (setting == "auto" or isinstance(setting, bool)):
-        raise ConfigError(f"cv.parallel={setting!r} is not one of auto, true, false: auto runs the folds as parallel "
-                          "Ray tasks where two fit at once (on a cluster, or here with 2 x cv.cpus_per_fold CPUs); "
-                          "true or false forces it.")
 
 
 def _validate_trainer(cfg: DictConfig) -> None:

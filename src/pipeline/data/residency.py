@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.config import check_auto_bool
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,15 @@ def available_memory() -> int | None:
 
 def check_in_memory(setting: object) -> None:
     """ConfigError unless `setting` is a valid `data.in_memory` value."""
-    if not (setting == "auto" or isinstance(setting, bool)):
-        raise ConfigError(f"data.in_memory={setting!r} is not one of auto, true, false: auto holds small datasets "
-                          "in memory and memory-maps large ones; true or false forces one.")
+    check_auto_bool(setting, "data.in_memory", "auto holds small datasets in memory and memory-maps large ones; "
+                    "true or false forces one.")
 
 
 def check_device_cache(setting: object) -> None:
     """ConfigError unless `setting` is a valid `data.device_cache` value."""
-    if not (setting == "auto" or isinstance(setting, bool)):
-        raise ConfigError(f"data.device_cache={setting!r} is not one of auto, true, false: auto caches the images on "
-                          "a CUDA device when they take at most 1/4 of its free memory; true or false forces it "
-                          "(true on the CPU batches there with the same code).")
+    check_auto_bool(setting, "data.device_cache", "auto caches the images on a CUDA device when they take at most "
+                    "1/4 of its free memory; true or false forces it (true on the CPU batches there with the same "
+                    "code).")
 
 
 def choose_in_memory(setting: bool | str, nbytes: int) -> tuple[bool, str]:

@@ -36,6 +36,7 @@ from pipeline.config import flatten, fold_config, fold_count, fold_position, to_
 from pipeline.data.splits import load_splits
 from pipeline.data.store import read_raw
 from pipeline.layout import Layout
+from pipeline.quiet import quiet_ray_worker
 from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
@@ -136,14 +137,12 @@ def _fold_task(cfg: dict[str, Any], fold: int, parent_run_id: str | None, thread
                data: TrainingData) -> FoldOutcome:
     """One fold on a Ray worker, which never opens the MLflow store (see the module docstring)
     nor the data folders (`data` comes from the object store)."""
-    import lightning.pytorch  # noqa: F401  # first: its import sets its loggers' levels
     import torch
 
     torch.set_num_threads(threads)
     # Folds side by side: their progress bars and Lightning's header would interleave under
     # Ray's prefixes; the driver says when each fold is done.
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_ray_worker()
     cfg = {**cfg, "trainer": {**cfg["trainer"], "enable_progress_bar": False}}
     outcome = FoldOutcome(fold, socket.gethostname(), RecordedRun() if cfg["tracking"]["enabled"] else None)
     try:

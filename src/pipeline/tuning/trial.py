@@ -8,7 +8,6 @@ a retried trial (`tune.max_failures`) resumes from.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import tempfile
 import warnings
@@ -19,6 +18,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from pipeline.quiet import quiet_ray_worker
 from pipeline.training.metrics import EPOCH_METRICS
 from pipeline.tuning.pareto import cost_probe, measure_costs
 from pipeline.tuning.predictions import ValPredictions
@@ -173,8 +173,7 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
     from ray import tune
 
     # "GPU available: ..." and "Checkpoint successfully created at ..." every trial and epoch.
-    for name in ("lightning.pytorch", "lightning.fabric", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_ray_worker("ray.train", "ray.tune")
     # Restoring another trial's checkpoint (PBT) or a resumed one moves the checkpoint folder.
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
