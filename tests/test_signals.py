@@ -168,6 +168,35 @@ def test_a_stop_signal_waits_for_the_store_write_under_way():
         signal.signal(signal.SIGTERM, previous)
 
 
+
+LEAVING = """
+import atexit, sys, threading, time, tempfile
+from pathlib import Path
+from pipeline.cli import exits
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+folder = tempfile.TemporaryDirectory()  # its finalizer removes it at exit
+(out / "tmp").write_text(folder.name)
+if sys.argv[2] == "thread":  # a non-daemon thread still working: the exit waits for it
+    threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("done"))).start()
+sys.stdout.write("unflushed output")
+exits.leave(int(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("thread, status", [("none", 0), ("none", 143), ("thread", 2)])
+def test_leave_keeps_what_a_normal_exit_does(tmp_path: Path, thread: str, status: int):
+    """`exits.leave` skips the interpreter's teardown only: the status, the atexit handlers,
+    temporary folders' finalizers, buffered output and a non-daemon thread's end survive."""
+    done = subprocess.run([sys.executable, "-c", LEAVING, str(tmp_path), thread, str(status)],
+                          capture_output=True, text=True, env=project_env(), timeout=60)
+    assert done.returncode == status, done.stderr
+    assert done.stdout == "unflushed output"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert not Path((tmp_path / "tmp").read_text()).exists()
+    assert (tmp_path / "thread").exists() == (thread == "thread")
+
 # ---------------------------------------------------------------------------- real processes
 
 def _stopped_train(signum: int, status: int) -> pytest.MarkDecorator:

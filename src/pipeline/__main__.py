@@ -1,7 +1,5 @@
 """`python -m pipeline ...`: the `pipeline` command."""
 
-import sys
+from pipeline.cli.main import console
 
-from pipeline.cli.main import main
-
-sys.exit(main())
+console()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from pipeline.cli import exits
 from pipeline.config import find_root
@@ -109,3 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return launch(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     return exits.run(lambda: args.func(args))
+
+
+def console() -> NoReturn:
+    """The `pipeline` command (and `python -m pipeline`): `main` on the command line, then a
+    quick exit (`exits.leave`)."""
+    exits.leave(main())

@@ -160,4 +160,4 @@ def run_stage(stage: str, params: str = "params.yaml") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(*sys.argv[1:3]) if len(sys.argv) > 1 else run_stage(""))
+    exits.leave(run_stage(*sys.argv[1:3]) if len(sys.argv) > 1 else run_stage(""))
