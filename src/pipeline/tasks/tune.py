@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 
 from pipeline.layout import Layout
 from pipeline.tasks.common import TrainingData, load_data, sweep_inputs
-from pipeline.tasks.train import train
 from pipeline.tuning.driver import run_sweep
 from pipeline.tuning.plan import plan_sweep
 from pipeline.validation import refuse_resume
@@ -23,7 +22,15 @@ def tune(cfg: DictConfig, *, trial_callbacks: Sequence[Any] = ()) -> dict[str, A
     refuse_resume(cfg, "a sweep")
     # The tuning library sits below the tasks: it is handed the function each trial trains
     # with, and the one that reads the data they all train on.
-    return run_sweep(cfg, train=train, load=_load, inputs=sweep_inputs, trial_callbacks=trial_callbacks)
+    return run_sweep(cfg, train=_train, load=_load, inputs=sweep_inputs, trial_callbacks=trial_callbacks)
+
+
+def _train(cfg: DictConfig, **kwargs: Any) -> dict[str, float]:
+    """The train task, imported where a trial calls it: the driver never imports Lightning,
+    which would cost it 4 s here before Ray starts (each trial's process imports it anyway)."""
+    from pipeline.tasks.train import train
+
+    return train(cfg, **kwargs)
 
 
 def check_sweep(cfg: DictConfig) -> DictConfig:

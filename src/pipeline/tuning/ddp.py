@@ -32,7 +32,8 @@ from lightning.pytorch.callbacks import Callback
 
 from pipeline.training.metrics import EPOCH_METRICS
 from pipeline.tuning.ray_init import Shared
-from pipeline.tuning.trial import CKPT_FILE, META_FILE, TrainFn, rescale_lr, tune_iteration
+from pipeline.tuning.reporter import rescale_lr, tune_iteration
+from pipeline.tuning.trial import CKPT_FILE, META_FILE, TrainFn
 
 ANSWER_TIMEOUT_S = 3600.0  # rank 0 waits this long for the trial to take an epoch's report
 POLL_S = 0.5
