@@ -197,6 +197,16 @@ def test_leave_keeps_what_a_normal_exit_does(tmp_path: Path, thread: str, status
     assert not Path((tmp_path / "tmp").read_text()).exists()
     assert (tmp_path / "thread").exists() == (thread == "thread")
 
+
+def test_leave_lets_a_profiler_write_its_results(tmp_path: Path):
+    """Under cProfile (which writes its file after the program returns) the exit is a normal one."""
+    script = tmp_path / "leaving.py"
+    script.write_text(LEAVING)
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "run.prof"), str(script),
+                           str(tmp_path), "none", "3"], capture_output=True, text=True, env=project_env(), timeout=60)
+    assert done.returncode == 0, done.stderr  # cProfile's own: it swallows SystemExit
+    assert (tmp_path / "run.prof").stat().st_size > 0 and (tmp_path / "atexit").read_text() == "ran"
+
 # ---------------------------------------------------------------------------- real processes
 
 def _stopped_train(signum: int, status: int) -> pytest.MarkDecorator:

@@ -93,8 +93,11 @@ def leave(status: int) -> NoReturn:
     any still runs), then the atexit handlers (logging's flush, MLflow's and Ray's shutdown,
     temporary folders' finalizers), then the streams are flushed. For `__main__` entries
     only: a caller in the same process (a test) gets the status from the function it called.
+    Under a profiler, tracer or debugger (cProfile, trace, coverage, pdb), which write their
+    results after the program returns, the exit is a normal one.
     """
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    if sys.getprofile() is not None or sys.gettrace() is not None or any(
+            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(status)
     atexit._run_exitfuncs()  # what Py_FinalizeEx runs first; CPython has no public spelling of it
     for stream in (sys.stdout, sys.stderr):
