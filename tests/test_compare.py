@@ -75,6 +75,39 @@ def test_planted_worse_and_identical_designs(cfg_factory, tmp_path):
     assert json.dumps(again["summaries"]) == json.dumps(stats["summaries"])
 
 
+def test_parallel_folds_of_every_alternative_run_as_one_batch(cfg_factory, tmp_path):
+    """With parallel folds a comparison queues every alternative's folds at once (no core
+    waits at the end of each alternative): their CV runs are open together, and the scores
+    and the MLflow tree (comparison, a CV run per alternative, a run per fold) are those of a
+    comparison that runs its alternatives one after another."""
+    from mlflow import MlflowClient
+    from omegaconf import open_dict
+
+    base = cfg_factory(["model=mlp", "data.split.folds=2", "trainer.max_epochs=2", "tracking.system_metrics=false",
+                        "compare.grid=[{model.hidden_sizes: [[8], [32]]}]"])
+    ensure_data(base)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    stats, spans = {}, {}
+    for parallel in (False, True):
+        cfg = base.copy()
+        with open_dict(cfg):
+            cfg.cv.parallel = parallel
+            cfg.tracking.experiment_name = f"compare-parallel-{parallel}"
+        stats[parallel] = compare(cfg)
+        runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
+        assert all(r.info.status == "FINISHED" for r in runs)
+        [top] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        cvs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == top.info.run_id]
+        folds = {cv.info.run_name: sorted(r.data.tags["fold"] for r in runs
+                                          if r.data.tags.get("mlflow.parentRunId") == cv.info.run_id) for cv in cvs}
+        assert folds == {name: ["0", "1"] for name in stats[parallel]["summaries"]}
+        spans[parallel] = sorted((cv.info.start_time, cv.info.end_time) for cv in cvs)
+        assert all(e["time_s"] > 0 for e in stats[parallel]["extra"].values())
+    assert json.dumps(stats[True]["summaries"]) == json.dumps(stats[False]["summaries"])
+    assert spans[False][1][0] >= spans[False][0][1]  # one alternative after the other
+    assert spans[True][1][0] < spans[True][0][1]  # side by side
+
+
 def test_five_by_two_on_five_repetitions_of_two_folds(cfg_factory, tmp_path):
     cfg = cfg_factory(["model=mlp", "data.split.folds=2", "cv.repeats=5", "compare.test=five_by_two",
                        "trainer.max_epochs=1", "tracking.enabled=false",

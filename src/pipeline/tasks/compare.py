@@ -3,7 +3,8 @@ seeds, then test which differences are real.
 
 Alternatives come from `compare.grid`, a list of {key: [values]}, e.g.
 `[{model: [mlp, lenet5]}, {regularizer: [none, dropout]}]` gives four alternatives. Each is
-cross-validated by `cross_validate` (same split, same folds, same seed), then compared by
+cross-validated (same split, same folds, same seed; with parallel folds, every alternative's
+folds in one batch of Ray tasks), then compared by
 `pipeline.analysis.stats.compare_alternatives`: the corrected resampled t-test, paired
 t-test and Wilcoxon over folds (and the 5x2cv t-test on 5 repetitions of 2 folds), McNemar
 on the shared test set (each alternative predicts with its fold models' mean probabilities),
@@ -19,7 +20,6 @@ import itertools
 import logging
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,7 @@ def check_compare(cfg: DictConfig) -> DictConfig:
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Run the grid; writes reports/compare.md, reports/compare.json, a per-fold plot and the
     accuracy-against-cost figure."""
-    from pipeline.tasks.cv import cross_validate, fold_ray, parallel_folds
+    from pipeline.tasks.cv import FOLD_SECONDS, fold_ray, parallel_folds
 
     cfg, planned = _plan(cfg)
     check_tracking(cfg.tracking, cfg.paths.root)
@@ -127,18 +127,17 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                               tags={"dataset": cfg.data.name, "compare": "true"}) if cfg.tracking.enabled else None
     # Parallel folds: one Ray for every alternative, whose workers keep their imports.
     folds = fold_count(cfg)
-    ray = fold_ray(cfg, folds) if parallel_folds(cfg.cv, cfg.tune, folds) else contextlib.nullcontext()
-    with parent if parent is not None else contextlib.nullcontext(), ray:
+    parallel = parallel_folds(cfg.cv, cfg.tune, folds)
+    with parent if parent is not None else contextlib.nullcontext(), fold_ray(cfg, folds) if parallel else contextlib.nullcontext():
         scores, probs, extra = {}, {}, {}
-        for label, _out, alt_cfg in planned:
-            start = time.perf_counter()
-            result = cross_validate(alt_cfg, parent_run_id=parent.run_id if parent else None)
-            elapsed = time.perf_counter() - start
+        results = _cross_validate_all([alt_cfg for _, _, alt_cfg in planned], parent.run_id if parent else None,
+                                      parallel=parallel)
+        for (label, _out, alt_cfg), result in zip(planned, results):
             scores[label] = result[cfg.compare.metric]["values"]
             fold_probs = [np.load(Path(fold_config(alt_cfg, i).paths.out_dir) / "metrics" / "test_probs.npy")
                           for i in range(len(scores[label]))]
             probs[label] = np.mean(fold_probs, axis=0).argmax(axis=1)
-            extra[label] = {"params": result["model/params"], "macs": result["model/macs"], "time_s": elapsed,
+            extra[label] = {"params": result["model/params"], "macs": result["model/macs"], "time_s": result[FOLD_SECONDS],
                             "single_test_acc": result["test/acc"]["mean"],
                             "ensemble_test_acc": result["ensemble/test/acc"],
                             **training_budget(alt_cfg, [Path(fold_config(alt_cfg, i).paths.out_dir)
@@ -174,6 +173,43 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                 parent.log_artifact(reports / name)
             stats["mlflow_run_id"] = parent.run_id  # for the summary; compare.json is written
     return stats
+
+
+def _cross_validate_all(cfgs: list[DictConfig], parent_run_id: str | None, *, parallel: bool) -> list[dict[str, Any]]:
+    """Each alternative's `cross_validate` result, its CV run a child of `parent_run_id`.
+    Parallel folds go to Ray as one batch, every alternative's side by side (so no core waits
+    at the end of each alternative's last round); else one alternative after another."""
+    from pipeline.tasks.cv import CrossValidation, cross_validate, run_parallel
+
+    if not parallel:
+        return [cross_validate(alt_cfg, parent_run_id=parent_run_id) for alt_cfg in cfgs]
+    runs = [CrossValidation(alt_cfg, parent_run_id=parent_run_id) for alt_cfg in cfgs]
+    stacks: list[contextlib.ExitStack] = []  # each holds an alternative's CV run open
+    try:
+        for run in runs:
+            stacks.append(stack := contextlib.ExitStack())
+            stack.enter_context(run)
+        jobs, loaded = [], {}
+        for run in runs:  # the data read once for the alternatives that share it
+            key = (run.layout.raw, run.layout.splits)
+            jobs.append(job := run.job(loaded.get(key)))
+            loaded[key] = job.data
+        run_parallel(jobs)
+        results: list[dict[str, Any]] = []
+        failure: Exception | None = None
+        for run, job, stack in zip(runs, jobs, stacks):
+            try:
+                with stack:  # ends the alternative's CV run: FINISHED, or FAILED by its fold's error
+                    results.append(run.finish(job.results(), job.data))
+            except Exception as err:  # the others still finish; the first failure is raised
+                failure = failure or err
+        if failure is not None:
+            raise failure
+        return results
+    except BaseException as err:
+        for stack in stacks:  # the runs still open (a stop signal): KILLED, as their folds were
+            stack.__exit__(type(err), err, err.__traceback__)
+        raise
 
 
 def training_budget(cfg: DictConfig, fold_dirs: list[Path]) -> dict[str, Any]:
@@ -230,7 +266,7 @@ def markdown(stats: dict[str, Any], metric: str) -> str:
     folds = f"{stats['folds']} folds" + (f" x {stats['repeats']} repetitions" if stats["repeats"] > 1 else "")
     lines = [f"# Comparison on {metric} ({folds}, alpha {stats['alpha']}, Holm-corrected)", "",
              f"Decided by the {stats['decision_reason']} The other tests are shown for reference.", "",
-             "| alternative | mean ± std | 95% CI | parameters | MACs | training time (s) "
+             "| alternative | mean ± std | 95% CI | parameters | MACs | training time (s, folds summed) "
              "| test acc: mean single fold | test acc: fold ensemble |",
              "|---|---|---|---|---|---|---|---|"]
     for name, s in stats["summaries"].items():

@@ -25,7 +25,7 @@ import socket
 import time
 import traceback
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 CV_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro")
 CANCEL_TIMEOUT_S = 30  # for cancelled folds to wind down before Ray shuts down
 TEST_PROBS = "test_probs"  # a fold result's test-split probabilities (not a metric)
+FOLD_SECONDS = "time_s"  # a fold's training and evaluation time; summed over folds in a CV result
 ENSEMBLE_METRICS = ("acc", "loss", "f1_macro")  # of the fold ensemble, as ensemble/test/*
 
 
@@ -97,10 +98,11 @@ def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None,
              record: RecordedRun | None = None, data: TrainingData | None = None) -> dict[str, Any]:
     """Train and evaluate one fold (a plain dict config, so a Ray task can take it); with
     `record`, its MLflow run is recorded there instead of written; with `data`, nothing is
-    read from the data folders."""
+    read from the data folders. Also returns its test probabilities and its time."""
     from pipeline.tasks.evaluate import evaluate
     from pipeline.tasks.train import train
 
+    start = time.monotonic()
     plain = OmegaConf.create(cfg)
     fold_cfg = fold_config(plain, fold)
     rep, i = fold_position(plain, fold)
@@ -109,7 +111,8 @@ def run_fold(cfg: dict[str, Any], fold: int, parent_run_id: str | None,
     metrics.update(evaluate(fold_cfg, run=record, data=data))
     # The test probabilities travel back with the scores: a parallel fold's folder may be on
     # another node, and the driver averages them into the fold ensemble.
-    return {"fold": fold, **metrics, TEST_PROBS: np.load(Layout.from_cfg(fold_cfg).predictions)}
+    return {"fold": fold, **metrics, TEST_PROBS: np.load(Layout.from_cfg(fold_cfg).predictions),
+            FOLD_SECONDS: time.monotonic() - start}
 
 
 def fold_ensemble(probs: list[np.ndarray], labels: np.ndarray, classes: list[str]) -> dict[str, float]:
@@ -162,88 +165,128 @@ def _write_fold_run(cfg: dict[str, Any], outcome: FoldOutcome) -> None:
         write_run_file(layout, run)
 
 
-def _run_parallel(cfg: dict[str, Any], folds: list[int], parent_run_id: str | None,
-                  data: TrainingData) -> list[dict]:
-    """The folds as Ray tasks on `data`; each fold's run is written here as the fold returns."""
+@dataclass
+class FoldJob:
+    """One cross-validation's folds as parallel Ray tasks (`run_parallel`), trained on `data`;
+    once run, what each fold sent back."""
+
+    plain: dict[str, Any]
+    folds: list[int]
+    parent_run_id: str | None
+    data: TrainingData
+    outcomes: list[FoldOutcome] = field(default_factory=list)
+
+    def results(self) -> list[dict[str, Any]]:
+        """The folds' results in fold order; a failed fold's error is raised here."""
+        outcomes = sorted(self.outcomes, key=lambda o: o.fold)
+        for outcome in outcomes:
+            if outcome.error is not None:
+                raise outcome.error from RuntimeError(f"fold {outcome.fold} on {outcome.host}:\n{outcome.trace}")
+        return [o.result for o in outcomes]
+
+
+def run_parallel(jobs: list[FoldJob]) -> None:
+    """Every job's folds as Ray tasks in one queue (a comparison's alternatives side by side:
+    no core idles at the end of each); each fold's run is written here as the fold returns.
+    Fold errors are kept in the jobs' outcomes; a stop signal cancels the folds under way."""
     import ray
 
     from pipeline.tuning.stopping import sigterm_interrupts_ray
 
-    per_fold = int(cfg["cv"]["cpus_per_fold"])
-    outcomes: list[FoldOutcome] = []
-    pending: list[Any] = []
+    pending: dict[Any, FoldJob] = {}
     start = time.monotonic()
-    with fold_ray(cfg, len(folds)):
+    with fold_ray(jobs[0].plain, sum(len(job.folds) for job in jobs)):
         try:
-            task = ray.remote(num_cpus=per_fold)(_fold_task)
-            shared = ray.put(data)  # one copy per node, which every fold there reads zero-copy
-            pending = [task.remote(cfg, fold, parent_run_id, per_fold, shared) for fold in folds]
+            shared: dict[int, Any] = {}  # one copy per node of each dataset, which every fold there reads zero-copy
+            for job in jobs:
+                if id(job.data) not in shared:
+                    shared[id(job.data)] = ray.put(job.data)
+                per_fold = int(job.plain["cv"]["cpus_per_fold"])
+                task = ray.remote(num_cpus=per_fold)(_fold_task)
+                for fold in job.folds:
+                    pending[task.remote(job.plain, fold, job.parent_run_id, per_fold, shared[id(job.data)])] = job
             with sigterm_interrupts_ray():
                 while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    outcomes.append(ray.get(done[0]))
-                    _write_fold_run(cfg, outcomes[-1])
-                    if outcomes[-1].result is not None:
-                        log.info(_fold_line(outcomes[-1].result, cfg, len(outcomes), len(folds),
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    job = pending.pop(done[0])
+                    job.outcomes.append(outcome := ray.get(done[0]))
+                    _write_fold_run(job.plain, outcome)
+                    if outcome.result is not None:
+                        log.info(_fold_line(outcome.result, job.plain, len(job.outcomes), len(job.folds),
                                             time.monotonic() - start))
         except BaseException:
             # A stop signal: ray.shutdown would kill the running folds mid-step. Cancelling raises
             # KeyboardInterrupt in each, which ends it cleanly; folds not finished write no run
-            # (they only recorded theirs), and the CV parent run ends KILLED.
+            # (they only recorded theirs), and the CV parent runs end KILLED.
             for ref in pending:
                 ray.cancel(ref)
-            ray.wait(pending, num_returns=len(pending), timeout=CANCEL_TIMEOUT_S)
+            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_TIMEOUT_S)
             raise
-    outcomes.sort(key=lambda o: o.fold)
-    for outcome in outcomes:
-        if outcome.error is not None:
-            raise outcome.error from RuntimeError(f"fold {outcome.fold} on {outcome.host}:\n{outcome.trace}")
-    return [o.result for o in outcomes]
 
 
-def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train one model per fold; writes `metrics/cv.json` (mean, std, 95% CI, per-fold values,
-    and the fold ensemble's `ensemble/test/*`: every fold model's test probabilities averaged,
-    as He et al. report their ensembles) and returns what it holds, keyed `val/acc` as in the
-    code (the file has `val_acc`), and `mlflow_run_id`: the CV run's (when tracked).
+class CrossValidation:
+    """One cross-validation in three steps, so that a comparison can train all its
+    alternatives' folds as one batch: entering starts the MLflow parent run (when tracked),
+    then the folds train (`run_sequential`, or its `job` by `run_parallel`, with other
+    jobs or alone), and `finish` aggregates them (cv.json, the run's metrics); leaving ends
+    the run."""
 
-    The CV run is an MLflow parent of the fold runs (and itself a child of `parent_run_id`,
-    e.g. a comparison's run, when given).
-    """
-    cfg = prepare(cfg)
-    refuse_resume(cfg, "cross-validation")
-    check_tracking(cfg.tracking, cfg.paths.root)
-    layout = Layout.from_cfg(cfg)
-    repeats = cfg.cv.repeats
-    folds = list(range(fold_count(cfg)))
-    plain = to_container(cfg)
-    parent = None
-    if cfg.tracking.enabled:
-        run_name = cfg.tracking.run_name or f"cv-{cfg.name}-{cfg.model.name}-{cfg.data.name}"
-        parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=run_name, parent_run_id=parent_run_id,
-                                  tags={"dataset": cfg.data.name, "model": cfg.model.name, "cv_folds": str(cfg.data.split.folds),
-                                        **({"cv_repeats": str(repeats)} if repeats > 1 else {})})
-    with parent if parent is not None else contextlib.nullcontext():
-        if parent is not None:
-            parent.log_params(flatten(plain))
-        parent_id = parent.run_id if parent is not None else None
-        parallel = parallel_folds(cfg.cv, cfg.tune, len(folds))
-        data = load_data(cfg, layout) if parallel else None
-        if data is not None:
-            results = _run_parallel(plain, folds, parent_id, data)
-        else:
-            results, start = [], time.monotonic()
-            for fold in folds:
-                results.append(run_fold(plain, fold, parent_id))
-                log.info(_fold_line(results[-1], plain, len(results), len(folds), time.monotonic() - start))
-        results.sort(key=lambda r: r["fold"])
-        # Sequential folds read the data themselves; the ensemble needs only the test labels.
+    def __init__(self, cfg: DictConfig, *, parent_run_id: str | None = None) -> None:
+        self.cfg = cfg = prepare(cfg)
+        refuse_resume(cfg, "cross-validation")
+        check_tracking(cfg.tracking, cfg.paths.root)
+        self.layout = Layout.from_cfg(cfg)
+        self.folds = list(range(fold_count(cfg)))
+        self.plain = to_container(cfg)
+        self.parent_run_id = parent_run_id
+        self.run: TrackedRun | None = None
+
+    def __enter__(self) -> CrossValidation:
+        cfg = self.cfg
+        if cfg.tracking.enabled:
+            run_name = cfg.tracking.run_name or f"cv-{cfg.name}-{cfg.model.name}-{cfg.data.name}"
+            tags = {"dataset": cfg.data.name, "model": cfg.model.name, "cv_folds": str(cfg.data.split.folds),
+                    **({"cv_repeats": str(cfg.cv.repeats)} if cfg.cv.repeats > 1 else {})}
+            self.run = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=run_name,
+                                        parent_run_id=self.parent_run_id, tags=tags)
+            try:
+                self.run.log_params(flatten(self.plain))
+            except BaseException as err:  # the run is ours to end: `with` does not call __exit__ now
+                self.run.__exit__(type(err), err, err.__traceback__)
+                raise
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self.run.__exit__(*exc) if self.run is not None else None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run is not None else None
+
+    def job(self, data: TrainingData | None = None) -> FoldJob:
+        """The folds as a job for `run_parallel`, on `data` (else read here)."""
+        return FoldJob(self.plain, self.folds, self.run_id, load_data(self.cfg, self.layout, data))
+
+    def run_sequential(self) -> list[dict[str, Any]]:
+        """Every fold here, one after another, each reading the data folders."""
+        results, start = [], time.monotonic()
+        for fold in self.folds:
+            results.append(run_fold(self.plain, fold, self.run_id))
+            log.info(_fold_line(results[-1], self.plain, len(results), len(self.folds), time.monotonic() - start))
+        return results
+
+    def finish(self, results: list[dict[str, Any]], data: TrainingData | None = None) -> dict[str, Any]:
+        """Aggregate the folds' results: writes `metrics/cv.json`, logs it to the run and
+        returns it (see `cross_validate`). The test labels come from `data` (what parallel
+        folds trained on) or, as sequential folds read them, from the data folders."""
+        cfg, layout, repeats = self.cfg, self.layout, self.cfg.cv.repeats
+        seconds = sum(r.pop(FOLD_SECONDS) for r in results)
         raw, splits = ((data.raw, data.splits) if data is not None
                        else (read_raw(layout.raw, in_memory=False), load_splits(layout.splits)))
         ensemble = fold_ensemble([r.pop(TEST_PROBS) for r in results], raw.labels[splits.test], raw.classes)
         # Repeated folds share data: their interval is the corrected one (a fold tests on one
         # of k parts and trains on k - 1); one repetition keeps the plain t-interval.
-        factor = 1 / len(folds) + 1 / (cfg.data.split.folds - 1) if repeats > 1 else None
+        factor = 1 / len(self.folds) + 1 / (cfg.data.split.folds - 1) if repeats > 1 else None
         summary = {key: summarize([r[key] for r in results], confidence=cfg.cv.confidence, variance_factor=factor)
                    for key in CV_METRICS if all(key in r for r in results)}
         # "folds" is per repetition; the values run repetition-major (rep * folds + i).
@@ -252,14 +295,34 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
                "model/params": results[0]["model/params"], "model/macs": results[0]["model/macs"], **summary,
                **ensemble}
         write_json(layout.metrics / "cv.json", file_row(out))
-        if parent is not None:
-            parent.log_metrics({f"cv/{key}/{stat}": value for key, stats in summary.items()
-                                for stat, value in stats.items() if stat in ("mean", "std", "ci_low", "ci_high")})
-            parent.log_metrics({f"cv/{key}": value for key, value in ensemble.items()})
-            parent.log_artifact(layout.metrics / "cv.json")
-    if parent_id is not None:  # for the command's summary; not in cv.json, a DVC metrics file
-        out["mlflow_run_id"] = parent_id
-    return out
+        if self.run is not None:
+            self.run.log_metrics({f"cv/{key}/{stat}": value for key, stats in summary.items()
+                                  for stat, value in stats.items() if stat in ("mean", "std", "ci_low", "ci_high")})
+            self.run.log_metrics({f"cv/{key}": value for key, value in ensemble.items()})
+            self.run.log_artifact(layout.metrics / "cv.json")
+        # For the command's summary and a comparison; not in cv.json, a DVC metrics file.
+        out[FOLD_SECONDS] = seconds
+        if self.run_id is not None:
+            out["mlflow_run_id"] = self.run_id
+        return out
+
+
+def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train one model per fold; writes `metrics/cv.json` (mean, std, 95% CI, per-fold values,
+    and the fold ensemble's `ensemble/test/*`: every fold model's test probabilities averaged,
+    as He et al. report their ensembles) and returns what it holds, keyed `val/acc` as in the
+    code (the file has `val_acc`), `mlflow_run_id`: the CV run's (when tracked), and
+    `FOLD_SECONDS`: the folds' training and evaluation time, summed.
+
+    The CV run is an MLflow parent of the fold runs (and itself a child of `parent_run_id`,
+    e.g. a comparison's run, when given).
+    """
+    with CrossValidation(cfg, parent_run_id=parent_run_id) as run:
+        if not parallel_folds(run.cfg.cv, run.cfg.tune, len(run.folds)):
+            return run.finish(run.run_sequential())
+        job = run.job()
+        run_parallel([job])
+        return run.finish(job.results(), job.data)
 
 
 def cv(cfg: DictConfig) -> dict[str, Any]:
