@@ -22,12 +22,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import confusion_matrix  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipeline.files import write_bytes, write_text  # noqa: E402
 from pipeline.reports import introspect, projection, receptive  # noqa: E402
 from pipeline.reports.figures import confusion_matrix_png  # noqa: E402
+from pipeline.training.confusion import confusion_matrix  # noqa: E402
 
 FILES = "report_files"  # the PNGs, beside report.html
 BOX_PERCENTILE = 95.0  # saliency localisation: Simonyan et al.'s foreground quantile
@@ -142,7 +142,7 @@ def _curves(rows: Sequence[dict], figs: _Figures) -> str:
 
 
 def _confusion(images, labels, pred, probs, classes, figs: _Figures, seed: int, k: int = 5) -> str:
-    cm = confusion_matrix(labels, pred, labels=list(range(len(classes))))
+    cm = confusion_matrix(labels, pred, len(classes))
     path = confusion_matrix_png(cm, list(classes), figs.folder / "confusion_matrix.png")
     parts = [figs.tag(path.read_bytes(), "confusion_matrix", "confusion matrix")]
     pairs = introspect.most_confused_pairs(cm, classes, k)

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.data.batches import TensorBatches, gather, to_batch
 from pipeline.errors import DataError
@@ -22,6 +21,7 @@ from pipeline.tasks.common import TrainingData, dataset_inputs, load_data, write
 from pipeline.tracking.mlflow_run import TrackedRun, scoped_tracking_uri
 from pipeline.tracking.registry import model_name, register
 from pipeline.tracking.server import check_tracking
+from pipeline.training.confusion import class_scores, confusion_matrix
 from pipeline.training.metrics import file_row
 from pipeline.training.network import TrainedNetwork, load_network
 from pipeline.training.regularizers import Regularizers
@@ -47,8 +47,8 @@ def predict(net: torch.nn.Module, images: np.ndarray, *, indices: np.ndarray | N
 def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[dict, list[dict], np.ndarray]:
     """Overall metrics, per-class rows and the confusion matrix."""
     pred = probs.argmax(axis=1)
-    ids = list(range(len(classes)))
-    p, r, f1, support = precision_recall_fscore_support(labels, pred, labels=ids, zero_division=0)
+    cm = confusion_matrix(labels, pred, len(classes))
+    p, r, f1, support = class_scores(cm)
     overall = {
         "acc": float((pred == labels).mean()),
         "loss": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()),
@@ -57,7 +57,7 @@ def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[d
     }
     per_class = [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
                   "support": int(support[i])} for i, c in enumerate(classes)]
-    return overall, per_class, confusion_matrix(labels, pred, labels=ids)
+    return overall, per_class, cm
 
 
 def evaluate(cfg: DictConfig, *, run: TrackedRun | None = None,
