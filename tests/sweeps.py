@@ -144,6 +144,18 @@ class WaitForTwoTrials(Callback):
             time.sleep(0.1)
 
 
+def folds_mode(base, parallel: bool, experiment: str):
+    """A copy of config `base` whose folds run in parallel (Ray tasks) or one after another,
+    tracked in its own MLflow experiment: the two modes' results and trees side by side."""
+    from omegaconf import open_dict
+
+    cfg = base.copy()
+    with open_dict(cfg):
+        cfg.cv.parallel = parallel
+        cfg.tracking.experiment_name = f"{experiment}-{parallel}"
+    return cfg
+
+
 @contextlib.contextmanager
 def data_gone_once_loaded(task: ModuleType, data_dir: Path) -> Iterator[list[Path]]:
     """Within the block, `data_dir` moves away as soon as the driver of `task` (the tune or

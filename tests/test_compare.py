@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+import sweeps
 from pipeline.analysis.stats import TESTS
 from pipeline.cli.main import main
 from pipeline.tasks.compare import alternatives, compare
@@ -81,7 +82,6 @@ def test_parallel_folds_of_every_alternative_run_as_one_batch(cfg_factory, tmp_p
     and the MLflow tree (comparison, a CV run per alternative, a run per fold) are those of a
     comparison that runs its alternatives one after another."""
     from mlflow import MlflowClient
-    from omegaconf import open_dict
 
     base = cfg_factory(["model=mlp", "data.split.folds=2", "trainer.max_epochs=2", "tracking.system_metrics=false",
                         "compare.grid=[{model.hidden_sizes: [[8], [32]]}]"])
@@ -89,10 +89,7 @@ def test_parallel_folds_of_every_alternative_run_as_one_batch(cfg_factory, tmp_p
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     stats, spans = {}, {}
     for parallel in (False, True):
-        cfg = base.copy()
-        with open_dict(cfg):
-            cfg.cv.parallel = parallel
-            cfg.tracking.experiment_name = f"compare-parallel-{parallel}"
+        cfg = sweeps.folds_mode(base, parallel, "compare-parallel")
         stats[parallel] = compare(cfg)
         runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
         assert all(r.info.status == "FINISHED" for r in runs)

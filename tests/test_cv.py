@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from omegaconf import open_dict
 from scipy import stats
 
 import sweeps
@@ -216,10 +215,7 @@ def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_fact
     ensure_data(base)
     results, trees = {}, {}
     for parallel in (False, True):
-        cfg = base.copy()
-        with open_dict(cfg):
-            cfg.cv.parallel = parallel
-            cfg.tracking.experiment_name = f"cv-parallel-{parallel}"
+        cfg = sweeps.folds_mode(base, parallel, "cv-parallel")
         hidden = sweeps.data_gone_once_loaded(cv_task, tmp_path / "data") if parallel else contextlib.nullcontext([])
         caplog.clear()
         with hidden as loads, caplog.at_level("INFO", logger="pipeline.tasks.cv"):
