@@ -94,8 +94,12 @@ def test_the_device_cache_trains_exactly_as_host_batches(cfg_factory):
     """Augmented (flips and padded crops on the batch's device) and unaugmented alike."""
     _, host = _train(cfg_factory, "data.device_cache=false")
     _, cached = _train(cfg_factory, "data.device_cache=true")
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+    for key in ("train/loss", "train/acc", "val/acc"):
         assert cached[key] == host[key], key
+    # The validation loss may differ in its last float32 bit: the cached images are slices of
+    # one tensor, whose alignment can pick another vectorised summation path (seen on one
+    # AMD EPYC host, with the code before and after 2026-12-02's changes alike).
+    assert cached["val/loss"] == pytest.approx(host["val/loss"], rel=1e-6, abs=0)
 
 
 def test_bf16_mixed_and_channels_last_train_on_the_cpu_together(cfg_factory):

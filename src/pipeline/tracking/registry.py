@@ -63,7 +63,7 @@ def register(client: MlflowClient, name: str, *, run_id: str, model_uri: str, mo
     # tracking store, not the client's.
     with scoped_tracking_uri(client.tracking_uri):
         version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id,
-                                              tags={SCORE_TAG: f"{test_acc:.6f}"}).version
+                                              tags={SCORE_TAG: repr(float(test_acc))}).version  # exact: a tie must stay a tie
     current = champion_version(client, name)
     if current is None:
         moved, reason = True, f"champion: {test_acc:.4f} (no champion before)"
