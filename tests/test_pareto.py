@@ -141,6 +141,30 @@ def test_optuna_is_given_every_objective_and_tune_none(cfg_factory, search_alg):
     assert (searcher.metric, searcher.mode) == (["val/acc", "model/macs"], ["max", "min"])
 
 
+@pytest.mark.parametrize("search_alg", ["optuna", "nsga2"])
+def test_the_search_algorithm_pickles_as_ray_keeps_it(cfg_factory, search_alg):
+    """Ray pickles the searcher into tuner.pkl (cloudpickle) and each experiment checkpoint
+    (`OptunaSearch.save`: plain pickle). Optuna 5.1's NSGA-II holds a lock that pickle refuses:
+    the CI failure of a sweep before its first trial."""
+    import pickle
+
+    from ray import cloudpickle
+
+    from pipeline.tuning.driver import _search
+
+    plan = plan_sweep(cfg_factory(["tune=pareto", f"tune.search_alg={search_alg}"]))
+    searcher, _ = _search(plan)
+    for dumps in (cloudpickle.dumps, pickle.dumps):
+        copy = pickle.loads(dumps(searcher))
+        assert (copy.metric, copy.mode) == (searcher.metric, searcher.mode)
+        sampler = copy._sampler
+        assert type(sampler) is type(searcher._sampler)
+        if hasattr(searcher._sampler, "_thread_lock"):  # Optuna >= 5.1: a lock of its own, usable
+            assert sampler._thread_lock is not searcher._sampler._thread_lock
+            with sampler._thread_lock:
+                pass
+
+
 def test_a_bad_objective_exits_2_from_the_command_line(tmp_path: Path):
     done = subprocess.run([str(BIN / "pipeline"), "tune", "tune.objectives=[{val/acc:max},{model/size:min}]",
                            f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/run"],

@@ -83,9 +83,11 @@ def _search(plan: Plan) -> tuple[Any, int | None]:
         from ray.tune.search.optuna import OptunaSearch
 
         if plan.tune["search_alg"] == "nsga2":
+            from pipeline.tuning.samplers import NSGAIISampler
+
             # At least two generations within the sweep: the first is sampled at random.
             population = max(2, min(50, int(plan.tune["num_samples"]) // 2))
-            sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+            sampler = NSGAIISampler(population_size=population, seed=seed)
         elif not plan.objectives:
             sampler = optuna.samplers.TPESampler(seed=seed)
         else:
