@@ -103,8 +103,6 @@ def tune_iteration(epoch: int) -> dict[str, int]:
     return {"epoch": epoch, "training_iteration": epoch + 1}
 
 
-
-
 def rescale_lr(trainer: L.Trainer, factor: float) -> None:
     """Multiply every learning rate the optimizers and lr schedulers hold by `factor`."""
     for optimizer in trainer.optimizers:
@@ -117,5 +115,3 @@ def rescale_lr(trainer: L.Trainer, factor: float) -> None:
             values = getattr(config.scheduler, attr, None)
             if isinstance(values, list):
                 setattr(config.scheduler, attr, [v * factor for v in values])
-
-

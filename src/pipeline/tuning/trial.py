@@ -97,10 +97,7 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
 
         run_cv_trial(plain, train, callbacks=callbacks, data=loaded)
         return
-    cfg = OmegaConf.create(plain)
-    # (Lookahead keeps its rate in optimizer.base.lr.)
-    lr = float(OmegaConf.select(cfg, "optimizer.lr", default=None) or OmegaConf.select(cfg, "optimizer.base.lr") or 0)
-
+    cfg, lr = OmegaConf.create(plain), _lr(plain)
     costs = cost_probe(plain)
     system = bool(plain["tune"].get("system_metrics"))
     checkpoint = _own_checkpoint(driver)
@@ -109,9 +106,7 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
               data=loaded)
         return
     with checkpoint.as_directory() as folder:
-        meta_file = Path(folder) / META_FILE
-        old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
-        reporter = TuneReporter(lr=lr, lr_scale=lr / old_lr if old_lr and lr else 1.0, costs=costs, system=system)
+        reporter = TuneReporter(lr=lr, lr_scale=_lr_scale(folder, lr), costs=costs, system=system)
         train(cfg, callbacks=[reporter, *callbacks], ckpt_path=str(Path(folder) / CKPT_FILE), figures=False,
               data=loaded)
 
@@ -122,18 +117,23 @@ def _lr(plain: Mapping[str, Any]) -> float:
     return float(optimizer.get("lr") or (optimizer.get("base") or {}).get("lr") or 0)
 
 
+def _lr_scale(folder: str, lr: float) -> float:
+    """This trial's learning rate over the one its checkpoint in `folder` trained with (a PBT
+    clone takes its donor's checkpoint with a perturbed rate)."""
+    meta_file = Path(folder) / META_FILE
+    old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
+    return lr / old_lr if old_lr and lr else 1.0
+
+
 def _run_ddp_trial(plain: dict[str, Any], train: TrainFn, ddp: Mapping[str, Any],
                    callbacks: Sequence[Callback], data: Shared | None, driver: str) -> None:
     from pipeline.tuning.ddp import run_ddp
 
-    lr = _lr(plain)
-    lr_scale = 1.0
+    lr, lr_scale = _lr(plain), 1.0
     checkpoint = _own_checkpoint(driver)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            meta_file = Path(folder) / META_FILE
-            old_lr = json.loads(meta_file.read_text())["lr"] if meta_file.exists() else lr
-        lr_scale = lr / old_lr if old_lr and lr else 1.0
+            lr_scale = _lr_scale(folder, lr)
     run_ddp(plain, train, workers=int(ddp["workers"]), cpu=float(ddp["cpu"]), gpu=float(ddp["gpu"]),
             storage=ddp.get("storage"), lr=lr, lr_scale=lr_scale, checkpoint=checkpoint, callbacks=callbacks,
             data=data)
