@@ -50,6 +50,9 @@ class RecordedRun(TrackedRun):
     def log_metrics(self, metrics: dict[str, float], step: int = 0, *, timestamp: int | None = None) -> None:
         self.calls.append(("log_metrics", (dict(metrics), step, timestamp or _now())))
 
+    def log_metric_rows(self, rows: list[tuple[dict[str, float], int, int]]) -> None:
+        self.calls.extend(("log_metrics", (dict(metrics), step, timestamp)) for metrics, step, timestamp in rows)
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.calls.append(("set_tags", (dict(tags),)))
 
@@ -78,18 +81,24 @@ class RecordedRun(TrackedRun):
         # artifacts by path and sends them when it can (at the latest, as it ends).
         with tempfile.TemporaryDirectory(prefix="recorded-run-") as folder:
             try:
+                rows: list[tuple[dict[str, float], int, int]] = []  # consecutive log_metrics, sent as one
                 for i, (name, args) in enumerate(self.calls):
+                    if name == "log_metrics":
+                        rows.append(args)
+                        continue
+                    if rows:
+                        run.log_metric_rows(rows)
+                        rows = []
                     if name == "log_artifact":
                         filename, content, artifact_path = args
                         path = Path(folder) / str(i) / filename  # one folder each: names may repeat
                         path.parent.mkdir()
                         path.write_bytes(content)
                         run.log_artifact(path, artifact_path)
-                    elif name == "log_metrics":
-                        metrics, step, timestamp = args
-                        run.log_metrics(metrics, step, timestamp=timestamp)
                     else:
                         getattr(run, name)(*args)
+                if rows:
+                    run.log_metric_rows(rows)
             except BaseException:
                 run.finish("FAILED")
                 raise
