@@ -123,16 +123,12 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     reports = layout.root_out / "reports"
-    # Parallel folds: one Ray for every alternative, whose workers keep their imports; started
-    # before the comparison's run, so that MLflow's store is opened while Ray starts.
+    parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=f"compare-{cfg.name}-{cfg.data.name}",
+                              tags={"dataset": cfg.data.name, "compare": "true"}) if cfg.tracking.enabled else None
+    # Parallel folds: one Ray for every alternative, whose workers keep their imports.
     folds = fold_count(cfg)
     parallel = parallel_folds(cfg.cv, cfg.tune, folds)
-    with contextlib.ExitStack() as stack:
-        if parallel:
-            stack.enter_context(fold_ray(cfg, folds))
-        parent = stack.enter_context(TrackedRun.start(
-            **tracking_target(cfg.tracking, cfg.paths.root), run_name=f"compare-{cfg.name}-{cfg.data.name}",
-            tags={"dataset": cfg.data.name, "compare": "true"})) if cfg.tracking.enabled else None
+    with parent if parent is not None else contextlib.nullcontext(), fold_ray(cfg, folds) if parallel else contextlib.nullcontext():
         scores, probs, extra = {}, {}, {}
         results = _cross_validate_all([alt_cfg for _, _, alt_cfg in planned], parent.run_id if parent else None,
                                       parallel=parallel)

@@ -38,7 +38,7 @@ from pipeline.data.store import read_raw
 from pipeline.layout import Layout
 from pipeline.quiet import quiet_ray_worker
 from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
-from pipeline.tracking.mlflow_run import TrackedRun, tracking_target, warm_up
+from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
 from pipeline.training.metrics import file_row
@@ -71,12 +71,9 @@ def parallel_folds(cv: Mapping[str, Any], tune: Mapping[str, Any], folds: int) -
 def fold_ray(cfg: Mapping[str, Any], folds: int) -> Iterator[None]:
     """Ray for `folds` parallel folds, shut down on leaving if started here: a local one with
     a CPU per fold (`cv.cpus_per_fold` each; at most the machine's). A comparison holds one
-    for all its alternatives, so their folds reuse the same workers (and their imports).
-    Entered before the MLflow runs start: the store is opened while Ray starts."""
+    for all its alternatives, so their folds reuse the same workers (and their imports)."""
     from pipeline.tuning.ray_init import init_ray
 
-    if cfg["tracking"]["enabled"]:
-        warm_up(tracking_target(cfg["tracking"], cfg["paths"]["root"])["tracking_uri"])
     per_fold = int(cfg["cv"]["cpus_per_fold"])
     started = init_ray(cfg["tune"], num_cpus=max(per_fold, min(folds * per_fold, os.cpu_count() or 1)))
     try:
@@ -320,11 +317,9 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
     The CV run is an MLflow parent of the fold runs (and itself a child of `parent_run_id`,
     e.g. a comparison's run, when given).
     """
-    run = CrossValidation(cfg, parent_run_id=parent_run_id)
-    if not parallel_folds(run.cfg.cv, run.cfg.tune, len(run.folds)):
-        with run:
+    with CrossValidation(cfg, parent_run_id=parent_run_id) as run:
+        if not parallel_folds(run.cfg.cv, run.cfg.tune, len(run.folds)):
             return run.finish(run.run_sequential())
-    with fold_ray(run.plain, len(run.folds)), run:
         job = run.job()
         run_parallel([job])
         return run.finish(job.results(), job.data)

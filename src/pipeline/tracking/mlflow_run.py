@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,39 +97,10 @@ def open_client(tracking_uri: str) -> MlflowClient:
     missing or half-migrated and failed ("table ... already exists", "duplicate column").
     Once the store exists, opening it only reads and SQLite's own locking is enough.
     """
-    if (warming := _warm_ups.pop(tracking_uri, None)) is not None:
-        warming.join()
-    return _open_client(tracking_uri)
-
-
-def _open_client(tracking_uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     with _store_creation_lock(tracking_uri):
         return MlflowClient(tracking_uri)
-
-
-_warm_ups: dict[str, threading.Thread] = {}
-
-
-def warm_up(tracking_uri: str) -> None:
-    """Import MLflow and open the store at `tracking_uri` in a background thread, which the
-    next `open_client` of that URI waits for. That is 2 s of CPU here (MLflow's imports and
-    the SQLite schema check) that a driver can spend while `ray.init` waits on the processes
-    it starts: tune, cv and compare each begin 1.3-2 s sooner (bench/README.md)."""
-    # Two threads importing modules that import each other can deadlock. What MLflow imports and
-    # what ray.init imports were checked to share only click, whose modules form no such cycle.
-    if tracking_uri in _warm_ups:
-        return
-
-    def warm() -> None:
-        try:
-            _open_client(tracking_uri)  # MLflow keeps the opened store for the process's next clients
-        except Exception as err:  # noqa: BLE001 - the caller's own open_client raises it properly
-            log.debug("warming up %s failed: %s", tracking_uri, err)
-
-    _warm_ups[tracking_uri] = thread = threading.Thread(target=warm, name="mlflow-warm-up", daemon=True)
-    thread.start()
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import flatten
 from pipeline.errors import ConfigError, PipelineError, Terminated
 from pipeline.quiet import verbose
-from pipeline.tracking.mlflow_run import tracking_target, warm_up
+from pipeline.tracking.mlflow_run import tracking_target
 from pipeline.tracking.provenance import git_commit
 from pipeline.tracking.server import check_tracking
 from pipeline.tuning.plan import Plan, plan_sweep
@@ -244,8 +244,6 @@ def run_sweep(cfg: DictConfig, *, train: TrainFn, load: Callable[[DictConfig], A
     base = OmegaConf.create(plan.base)
     data = load(base) if load is not None else None
     datasets = inputs(base, data) if inputs is not None and data is not None else None
-    if plan.cfg.tracking.enabled:  # the store opened while Ray starts
-        warm_up(tracking_target(plan.cfg.tracking, plan.cfg.paths.root)["tracking_uri"])
     started = init_ray(plan.tune)
     import ray
 
