@@ -114,7 +114,7 @@ class _Cell:
 def _mosaic(rows: int, cols: int, figsize: tuple[float, float], title: str = "", *, titles: bool = True):
     """A figure of rows x cols image cells (`_Cell`) drawn on a single axes, and `title`
     above them. A grid of `plt.subplots` costs about 10 ms an axes to make and as much to
-    draw: the report's 390 took 7 s of its 16 here. `titles`: leave room above each image
+    draw: the report's 388 took 7 s of its 16 here. `titles`: leave room above each image
     for a title (a quarter of the cell, as subplots' spacing did)."""
     width, height = figsize
     fig = plt.figure(figsize=figsize)

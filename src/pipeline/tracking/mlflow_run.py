@@ -237,10 +237,7 @@ class TrackedRun:
     def log_metrics(self, metrics: dict[str, float], step: int = 0, *, timestamp: int | None = None) -> None:
         import time
 
-        from mlflow.entities import Metric
-
-        now = timestamp or int(time.time() * 1000)
-        self._send("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.log_metric_rows([(metrics, step, timestamp or int(time.time() * 1000))])
 
     def log_metric_rows(self, rows: list[tuple[dict[str, float], int, int]]) -> None:
         """Many steps' metrics, each row (metrics, step, timestamp), in as few requests as
