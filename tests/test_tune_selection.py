@@ -57,6 +57,16 @@ def test_mcnemar_exact_matches_scipys_binomial_test():
         assert mcnemar_exact(a, b) == pytest.approx(reference, rel=1e-9, abs=1e-12)
 
 
+def test_mcnemar_exact_stays_exact_on_large_validation_sets():
+    """The tail is summed in integers: far past the doubles 2**-n underflows (n > 1074), and
+    still matching scipy where the p-value is representable."""
+    for only_a, only_b in [(1500, 1400), (30_000, 29_000), (3, 2_000), (10, 10)]:
+        a = np.array([True] * only_a + [False] * only_b)
+        reference = binomtest(only_a, only_a + only_b, 0.5).pvalue
+        assert mcnemar_exact(a, ~a) == pytest.approx(reference, rel=1e-9, abs=1e-300)
+        assert mcnemar_exact(~a, a) == mcnemar_exact(a, ~a)
+
+
 def test_mcnemar_refuses_unpaired_vectors():
     with pytest.raises(ValueError, match="differ in length: 3 and 4"):
         mcnemar_exact(np.ones(3, bool), np.ones(4, bool))
