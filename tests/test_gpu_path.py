@@ -5,6 +5,7 @@ and their refusals."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -216,6 +217,39 @@ def test_a_stage_that_never_trains_checks_its_config_without_torch_dynamo(cfg_fa
     prepare(cfg_factory(bad), trains=False)
     with pytest.raises(ConfigError, match="optimizer"):
         prepare(cfg_factory(bad))
+
+
+DATA_STAGES = """
+import sys
+from pipeline.cli.stages import run_stage
+codes = [run_stage(stage) for stage in ("fetch", "split")]
+print("RESULT", codes, "torch" in sys.modules)
+"""
+
+
+def test_the_data_stages_run_without_importing_torch(cfg_factory, tmp_path):
+    """fetch and split build no model: their config check (`models=False`) leaves the model,
+    optimizer, schedule, regularizer and init settings to the stages that build one (those
+    registries are torch modules, 1.8 s a stage here) and still checks every block's keys and
+    the values the data stages read."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    proc = subprocess.run([sys.executable, "-c", DATA_STAGES], cwd=project, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 0, proc.stderr
+    assert "RESULT [0, 0] False" in proc.stdout, proc.stdout + proc.stderr
+    assert (project / "data/splits/digits/split.json").is_file()
+
+    for bad, key in ((["+trainer.bogus=1"], "trainer.bogus"), (["data.split.folds=1"], "data.split.folds"),
+                     (["cv.repeats=0"], "cv.repeats")):
+        with pytest.raises(ConfigError, match=key):
+            prepare(cfg_factory(bad), trains=False, models=False)
+    left_to_training = ["model.dropout=7"]
+    prepare(cfg_factory(left_to_training), trains=False, models=False)
+    with pytest.raises(ConfigError, match="model.dropout"):
+        prepare(cfg_factory(left_to_training), trains=False)
 
 
 def test_a_cut_short_or_foreign_checkpoint_is_a_data_error(tmp_path):

@@ -54,9 +54,25 @@ def test_digits_offline(tmp_path):
     assert images.max() == 255 and images.min() == 0
     from sklearn.datasets import load_digits
 
-    raw = load_digits().images
-    np.testing.assert_array_equal(images[..., 0], np.round(raw * 255 / 16).astype(np.uint8))
+    bunch = load_digits()
+    np.testing.assert_array_equal(images[..., 0], np.round(bunch.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(labels, bunch.target)
     assert info["name"] == "digits"
+
+
+def test_digits_without_the_shipped_table_come_from_load_digits(tmp_path, monkeypatch):
+    """The fetch reads scikit-learn's digits table directly (no `sklearn.datasets` import);
+    a scikit-learn that keeps it elsewhere falls back to `load_digits`, with the same arrays."""
+    from pipeline.data import sources
+
+    direct = load_source("digits", download_dir=tmp_path, download=False)
+    assert sources._sklearn_digits_file() is not None  # this scikit-learn's layout: the direct read ran
+    monkeypatch.setattr(sources, "_sklearn_digits_file", lambda: None)
+    fallback = load_source("digits", download_dir=tmp_path, download=False)
+    for got, expected in zip(fallback[:2], direct[:2]):
+        np.testing.assert_array_equal(got, expected)
+        assert got.dtype == expected.dtype
+    assert fallback[2:] == direct[2:]
 
 
 # --------------------------------------------------------------------------- MNIST-style

@@ -72,19 +72,17 @@ INPUT_SIZE = "input_size"
 OPTIMIZED_METRICS = ("val/acc", "train/acc")
 
 
-def validate(cfg: DictConfig, *, trains: bool = True) -> None:
+def validate(cfg: DictConfig, *, trains: bool = True, models: bool = True) -> None:
     """Check every value the pipeline reads, before any data is touched.
 
     Each group's own module checks its part (the model registry dry-builds the network,
     the optimizer and scheduler tables dry-build theirs unless `trains` is false, each
     regularizer entry checks its key), so a new option is validated by the same code that
-    builds it.
+    builds it. `models=False` leaves those groups (model, optimizer, scheduler, regularizer,
+    init) to the stages that build a model: their registries are torch modules.
     """
     from pipeline.data.residency import check_device_cache, check_in_memory
     from pipeline.data.sources import list_sources
-    from pipeline.training.optim import validate_optimizer
-    from pipeline.training.regularizers import check_regularizers
-    from pipeline.training.schedules import validate_scheduler
 
     for block, known in KEYS.items():
         check_keys(cfg, block, known)
@@ -151,11 +149,6 @@ def validate(cfg: DictConfig, *, trains: bool = True) -> None:
     _check_string(cfg, "tracking.run_name", optional=True)
     _check_string(cfg, "tracking.artifact_location", optional=True)
 
-    check_regularizers(get_required(cfg, "regularizer"))
-    from pipeline.models.init import INITS
-
-    check_choice(cfg, "init.scheme", ["default", *INITS])
-    check_number(cfg, "init.std", low=0, low_open=True)
     source = get_required(cfg, "transfer.source")
     if source is not None and not isinstance(source, str):
         raise ConfigError(f"transfer.source must be a path or URI string, got {source!r}.")
@@ -163,6 +156,20 @@ def validate(cfg: DictConfig, *, trains: bool = True) -> None:
         raise ConfigError("transfer.freeze must be a list of parameter-name prefixes, e.g. [features].")
     check_number(cfg, "transfer.pretrained_lr_ratio", low=0)
     _validate_report(cfg)
+    if models:
+        _validate_builders(cfg, trains=trains)
+
+
+def _validate_builders(cfg: DictConfig, *, trains: bool) -> None:
+    """The groups whose own code builds what they name, checked by that code."""
+    from pipeline.models.init import INITS
+    from pipeline.training.optim import validate_optimizer
+    from pipeline.training.regularizers import check_regularizers
+    from pipeline.training.schedules import validate_scheduler
+
+    check_regularizers(get_required(cfg, "regularizer"))
+    check_choice(cfg, "init.scheme", ["default", *INITS])
+    check_number(cfg, "init.std", low=0, low_open=True)
     _validate_model(cfg)
     validate_optimizer(dict(cfg.optimizer), dry_build=trains)
     validate_scheduler(dict(cfg.scheduler), max_epochs=cfg.trainer.max_epochs, dry_build=trains)
@@ -298,18 +305,22 @@ def model_args(cfg: DictConfig, *, num_classes: int) -> dict[str, Any]:
                 image_size=int(cfg.data.resize or cfg.data.image_size), **kwargs)
 
 
-def prepare(cfg: DictConfig, *, trains: bool = True) -> DictConfig:
+def prepare(cfg: DictConfig, *, trains: bool = True, models: bool = True) -> DictConfig:
     """Validate and make paths absolute: the first call of every stage and task. `trains=False`
     (a stage that never trains: fetch, split, evaluate, report) checks the optimizer and
     schedule settings without building them: the first optimizer a process builds imports
-    `torch._dynamo`, a CPU second for nothing there (bench/startup.py)."""
+    `torch._dynamo`, a CPU second for nothing there (bench/startup.py). `models=False` (the
+    data stages, fetch and split, which build no model) checks every block's keys and the
+    values they read and leaves the model, optimizer, schedule and regularizer settings to
+    the stages that build a model: their registries import torch, 1.8 s a stage here."""
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err)) from err
-    cfg = _complete_regularizer(cfg)
+    if models:
+        cfg = _complete_regularizer(cfg)
     cfg = _intended_input(cfg)
-    validate(cfg, trains=trains)
+    validate(cfg, trains=trains, models=models)
     cfg = resolve_paths(cfg)
     if cfg.trainer.get("resume_from") is not None:
         with open_dict(cfg):

@@ -33,8 +33,10 @@ STAGES: dict[str, str] = {
     "compare": "pipeline.tasks.compare:compare",
     "report": "pipeline.tasks.report:report",
 }
-# Stages that never train: their config check builds no optimizer (`prepare(trains=False)`).
+# Stages that never train: their config check builds no optimizer (`prepare(trains=False)`);
+# of those, the data stages build no model either (`prepare(models=False)`: no torch import).
 NOT_TRAINING = ("fetch", "split", "evaluate", "report")
+NO_MODEL = ("fetch", "split")
 
 
 # What a stage prints when its task returns (`pipeline.cli.summaries`: what its command
@@ -146,7 +148,7 @@ def run_stage(stage: str, params: str = "params.yaml") -> int:
         cfg = load_params(params)
         try:
             # Before the task's (slow) imports: a bad value fails in a second, naming the file.
-            prepare(copy.deepcopy(cfg), trains=stage not in NOT_TRAINING)
+            prepare(copy.deepcopy(cfg), trains=stage not in NOT_TRAINING, models=stage not in NO_MODEL)
         except ConfigError as err:
             raise ConfigError(f"{params}: {err} ({params} {PARAMS_FIX}.)") from err
         module, _, name = STAGES[stage].partition(":")

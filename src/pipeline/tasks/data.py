@@ -13,7 +13,7 @@ from pipeline.validation import prepare
 
 def fetch(cfg: DictConfig) -> dict:
     """Write `data/raw/<dataset>/` (arrays + manifest); returns the manifest."""
-    cfg = prepare(cfg, trains=False)
+    cfg = prepare(cfg, trains=False, models=False)
     layout = Layout.from_cfg(cfg)
     d = cfg.data
     # data.num_workers: the image-folder fetch's decoding threads (0 counts as 1); the output
@@ -24,7 +24,7 @@ def fetch(cfg: DictConfig) -> dict:
 
 def split(cfg: DictConfig) -> dict:
     """Write `data/splits/<dataset>/` (train/val/test and cv.repeats x k folds); returns split sizes."""
-    cfg = prepare(cfg, trains=False)
+    cfg = prepare(cfg, trains=False, models=False)
     layout = Layout.from_cfg(cfg)
     raw = read_raw(layout.raw, in_memory=False)  # the labels are all it needs
     s = cfg.data.split
@@ -36,7 +36,7 @@ def split(cfg: DictConfig) -> dict:
 
 def ensure_data(cfg: DictConfig) -> None:
     """Fetch and split if their outputs are missing (ad-hoc CLI runs outside `dvc repro`)."""
-    layout = Layout.from_cfg(prepare(cfg, trains=False))
+    layout = Layout.from_cfg(prepare(cfg, trains=False, models=False))
     if not (layout.raw / "manifest.json").exists():
         fetch(cfg)
     if not (layout.splits / "split.json").exists():
