@@ -4,10 +4,11 @@ the model builder's arguments.
 Stage and task functions are the only code that sees the whole config; they call
 `prepare(cfg)` first, which validates every value and makes every path absolute, so a
 bad config fails before any data is read or any MLflow run is created, and Ray trials do
-not depend on their working directory. (The data stages, which build no model, leave the
-model-building groups to the stages that do: `prepare(models=False)`.) Each group's own module checks its part (the model
+not depend on their working directory. Each group's own module checks its part (the model
 registry dry-builds the network, the optimizer and scheduler tables dry-build theirs, each
-regularizer entry checks its key), so a new option is validated by the same code that builds it.
+regularizer entry checks its key), so a new option is validated by the same code that builds
+it. The data stages, which build no model, leave those groups to the stages that do
+(`prepare(models=False)`).
 """
 
 from __future__ import annotations
