@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import sqlite3
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from scipy import stats
 
+import no_mlflow
 import sweeps
 from pipeline.data.splits import load_splits
 from pipeline.tasks import cv as cv_task
 from pipeline.tasks.cv import cross_validate
 from pipeline.tasks.data import ensure_data
+from pipeline.tasks.fold_pool import ProcessPool
 from pipeline.training.metrics import file_row
+from procs import project_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -139,34 +148,35 @@ def test_a_recorded_run_is_written_as_it_happened(tmp_path: Path):
     assert Path(local).read_text() == '{"epochs": 2}'
 
 
-def _no_mlflow() -> None:
-    """A Ray worker's setup hook: importing mlflow fails there."""
-    import sys
-
-    class NoMlflow:
-        def find_spec(self, name, path=None, target=None):
-            if name == "mlflow" or name.startswith("mlflow."):
-                raise ImportError(f"a parallel fold imported {name}: only the CV driver may write to MLflow")
-            return None
-
-    sys.meta_path.insert(0, NoMlflow())
-
-
 @pytest.fixture
 def no_mlflow_ray():
     """A local Ray (2 CPUs) whose workers cannot import mlflow; `cross_validate` uses it."""
     import ray
     from ray import cloudpickle
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    cloudpickle.register_pickle_by_value(no_mlflow)  # Ray's workers cannot import tests/
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"worker_process_setup_hook": _no_mlflow})
+             runtime_env={"worker_process_setup_hook": no_mlflow.block_mlflow})
     with pytest.raises(ray.exceptions.RayTaskError, match="only the CV driver"):
         ray.get(ray.remote(lambda: __import__("mlflow")).remote())  # the hook holds
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def no_mlflow_pool(monkeypatch):
+    """No Ray in this process: `cross_validate` runs parallel folds in its local pool, whose
+    workers cannot import mlflow."""
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+    monkeypatch.setattr(cv_task, "_fold_worker_setup", no_mlflow.fold_worker_setup)
+    with ProcessPool(1, setup=no_mlflow.fold_worker_setup) as pool:
+        [(_, error)] = list(pool.run([("mlflow", no_mlflow.import_mlflow, ())]))
+    assert "only the CV driver" in str(error)  # the set-up holds
 
 
 def _tree(client: MlflowClient, experiment: str) -> list[dict]:
@@ -205,11 +215,15 @@ def test_parallel_auto_runs_folds_side_by_side_where_two_fit(monkeypatch, parall
     assert cv_task.parallel_folds(cv, {"address": address, "num_cpus": num_cpus}, folds) is expected
 
 
-def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_factory, tmp_path: Path, caplog):
-    """Parallel folds (Ray workers that cannot even import mlflow) leave the same results and
-    the same MLflow tree as sequential ones: the driver writes every fold's run. They also
-    run without the data folders, gone once the driver has read them (it hands the folds the
-    data through Ray's object store), and still match the sequential folds, which read them."""
+@pytest.mark.parametrize("where", ["ray", "pool"])
+def test_parallel_folds_write_the_sequential_mlflow_tree(where, request, cfg_factory, tmp_path: Path, caplog):
+    """Parallel folds (Ray tasks, or a local pool's workers where this process has no Ray and
+    tune.address is null; either way unable to even import mlflow) leave the same results
+    and the same MLflow tree as sequential ones: the driver writes every fold's run. On Ray
+    they also run without the data folders, gone once the driver has read them (it hands the
+    folds the data through Ray's object store), and still match the sequential folds, which
+    read them; local workers read the folders themselves."""
+    request.getfixturevalue(f"no_mlflow_{where}")
     # No system metrics: samples of this machine's load differ from run to run, and parallel
     # folds (which do not write to MLflow themselves) record none.
     base = cfg_factory([f"data.split.folds={FOLDS}", "model=mlp", "trainer.max_epochs=2",
@@ -218,11 +232,12 @@ def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_fact
     results, trees = {}, {}
     for parallel in (False, True):
         cfg = sweeps.folds_mode(base, parallel, "cv-parallel")
-        hidden = sweeps.data_gone_once_loaded(cv_task, tmp_path / "data") if parallel else contextlib.nullcontext([])
+        on_ray = parallel and where == "ray"
+        hidden = sweeps.data_gone_once_loaded(cv_task, tmp_path / "data") if on_ray else contextlib.nullcontext([])
         caplog.clear()
         with hidden as loads, caplog.at_level("INFO", logger="pipeline.tasks.cv"):
             results[parallel] = cross_validate(cfg)
-        assert len(loads) == parallel  # read once, by the driver
+        assert len(loads) == on_ray  # on Ray, read once, by the driver
         # A line as each fold ends, in the order they end: the fold, how many, its scores.
         lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.tasks.cv"]
         assert sorted(int(line.split()[1]) for line in lines) == list(range(FOLDS)), lines
@@ -235,6 +250,9 @@ def test_parallel_folds_write_the_sequential_mlflow_tree(no_mlflow_ray, cfg_fact
     assert results[True]["ensemble/test/acc"] == results[False]["ensemble/test/acc"]
     assert "test_probs" not in json.dumps(results[True])
 
+    # Side by side: the second fold's run began before the first fold's ended.
+    (_, first_end), (second_start, _) = trees[True][1]["span"], trees[True][2]["span"]
+    assert second_start < first_end
     for sequential, parallel in zip(trees[False], trees[True]):
         durations = {}
         for run, value in ((sequential, "False"), (parallel, "True")):
@@ -295,3 +313,37 @@ def test_repeated_folds_train_every_repetition_with_its_labels(cfg_factory, tmp_
         ("0", "0", "rep-rep0-fold0"), ("0", "1", "rep-rep0-fold1"),
         ("1", "0", "rep-rep1-fold0"), ("1", "1", "rep-rep1-fold1")]
     np.testing.assert_allclose(result["val/acc"]["values"], [r.data.metrics["best/val/acc"] for r in children])
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_ends_the_local_fold_workers_and_the_runs(cfg_factory, tmp_path: Path, sig, status):
+    """A real signal to the cv stage's process while its local pool's workers train: the
+    workers are gone when it exits (130 or 143), the CV run ends KILLED, no fold run was
+    written (the folds only recorded theirs) and no cv.json either."""
+    cfg = cfg_factory([f"data.split.folds={FOLDS}", "model=mlp", "trainer.max_epochs=500", "cv.parallel=true",
+                       "regularizer.early_stopping.enabled=false"])
+    ensure_data(cfg)
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(cfg, params)
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", "cv", str(params)], cwd=tmp_path,
+                                env=project_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not list((tmp_path / "out" / "cv").glob("fold_*/models/last.ckpt")):  # an epoch done
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            children = psutil.Process(proc.pid).children()  # with multiprocessing's resource tracker
+            workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+            assert len(workers) == 2, children  # two folds side by side, no Ray
+            proc.send_signal(sig)
+            assert proc.wait(timeout=120) == status, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as con:
+        runs = con.execute("SELECT name, status FROM runs").fetchall()
+    assert [status for _, status in runs] == ["KILLED"], runs  # the CV run alone
+    assert not (tmp_path / "out" / "metrics" / "cv.json").exists()

@@ -111,9 +111,9 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def quiet_ray_worker(*more: str) -> None:
-    """In a Ray worker, where trainings run side by side and the driver reports their
-    progress: Lightning's per-Trainer lines ("GPU available", "Checkpoint successfully
+def quiet_worker(*more: str) -> None:
+    """In a worker process (Ray's, a local fold pool's), where trainings run side by side and
+    the driver reports their progress: Lightning's per-Trainer lines ("GPU available", "Checkpoint successfully
     created") and the loggers `more` at WARNING."""
     import lightning.pytorch  # noqa: F401  # first: its import sets its loggers' levels
 

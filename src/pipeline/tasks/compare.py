@@ -34,6 +34,7 @@ from pipeline.errors import ConfigError
 from pipeline.files import save_figure, write_text
 from pipeline.layout import Layout
 from pipeline.tasks.common import write_json
+from pipeline.tasks.fold_pool import ProcessPool
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.server import check_tracking
 from pipeline.training.metrics import best_epoch, read_curves
@@ -117,21 +118,28 @@ def check_compare(cfg: DictConfig) -> DictConfig:
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Run the grid; writes reports/compare.md, reports/compare.json, a per-fold plot and the
     accuracy-against-cost figure."""
-    from pipeline.tasks.cv import FOLD_SECONDS, fold_ray, parallel_folds
+    from pipeline.tasks.cv import FOLD_SECONDS, fold_ray, local_fold_pool, parallel_folds
 
     cfg, planned = _plan(cfg)
     check_tracking(cfg.tracking, cfg.paths.root)
     layout = Layout.from_cfg(cfg)
     reports = layout.root_out / "reports"
-    parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root), run_name=f"compare-{cfg.name}-{cfg.data.name}",
-                              tags={"dataset": cfg.data.name, "compare": "true"}) if cfg.tracking.enabled else None
-    # Parallel folds: one Ray for every alternative, whose workers keep their imports.
-    folds = fold_count(cfg)
+    # Parallel folds: one pool of workers (or one Ray) for every alternative, whose workers keep
+    # their imports; the pool's start before the MLflow runs', so that the two overlap.
+    folds = fold_count(cfg) * len(planned)
     parallel = parallel_folds(cfg.cv, cfg.tune, folds)
-    with parent if parent is not None else contextlib.nullcontext(), fold_ray(cfg, folds) if parallel else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(local_fold_pool(cfg, folds)) if parallel else None
+        parent = TrackedRun.start(**tracking_target(cfg.tracking, cfg.paths.root),
+                                  run_name=f"compare-{cfg.name}-{cfg.data.name}",
+                                  tags={"dataset": cfg.data.name, "compare": "true"}) if cfg.tracking.enabled else None
+        if parent is not None:
+            stack.enter_context(parent)
+        if parallel and pool is None:
+            stack.enter_context(fold_ray(cfg, folds))
         scores, probs, extra = {}, {}, {}
         results = _cross_validate_all([alt_cfg for _, _, alt_cfg in planned], parent.run_id if parent else None,
-                                      parallel=parallel)
+                                      parallel=parallel, pool=pool)
         for (label, _out, alt_cfg), result in zip(planned, results):
             scores[label] = result[cfg.compare.metric]["values"]
             fold_probs = [np.load(Path(fold_config(alt_cfg, i).paths.out_dir) / "metrics" / "test_probs.npy")
@@ -175,10 +183,12 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     return stats
 
 
-def _cross_validate_all(cfgs: list[DictConfig], parent_run_id: str | None, *, parallel: bool) -> list[dict[str, Any]]:
+def _cross_validate_all(cfgs: list[DictConfig], parent_run_id: str | None, *, parallel: bool,
+                        pool: ProcessPool | None = None) -> list[dict[str, Any]]:
     """Each alternative's `cross_validate` result, its CV run a child of `parent_run_id`.
-    Parallel folds go to Ray as one batch, every alternative's side by side (so no core waits
-    at the end of each alternative's last round); else one alternative after another."""
+    Parallel folds go to `pool` (else Ray) as one batch, every alternative's side by side (so
+    no core waits at the end of each alternative's last round); else one alternative after
+    another."""
     from pipeline.tasks.cv import CrossValidation, cross_validate, run_parallel
 
     if not parallel:
@@ -190,11 +200,11 @@ def _cross_validate_all(cfgs: list[DictConfig], parent_run_id: str | None, *, pa
             stacks.append(stack := contextlib.ExitStack())
             stack.enter_context(run)
         jobs, loaded = [], {}
-        for run in runs:  # the data read once for the alternatives that share it
+        for run in runs:  # on Ray, the data read once for the alternatives that share it
             key = (run.layout.raw, run.layout.splits)
-            jobs.append(job := run.job(loaded.get(key)))
+            jobs.append(job := run.job(loaded.get(key), load=pool is None))
             loaded[key] = job.data
-        run_parallel(jobs)
+        run_parallel(jobs, pool)
         results: list[dict[str, Any]] = []
         failure: Exception | None = None
         for run, job, stack in zip(runs, jobs, stacks):

@@ -5,11 +5,13 @@ Fold i trains on the other k-1 folds and validates on fold i (`data.fold`); the 
 is never seen during training. With `cv.repeats` = r > 1 the split holds r independent
 k-fold partitions and r x k models are trained, labelled by repetition and fold. Folds run
 one after another, or in parallel as Ray tasks (`cv.parallel`, on the Ray `tune.address`
-names, as sweeps do; `auto`, the default, where two folds fit at once). Each fold is seeded
-and deterministic on its own, so the same settings give the same numbers; a parallel fold
-trains with `cv.cpus_per_fold` threads, and a sequential one with every core, which sums in
-another order (equal results when the thread counts agree). Parallel folds get the data
-from the driver through Ray's object store, so they need no access to the data folders.
+names, as sweeps do; `auto`, the default, where two folds fit at once), or on this machine
+alone in a pool of worker processes (`pipeline.tasks.fold_pool`: no Ray to start). Each fold
+is seeded and deterministic on its own, so the same settings give the same numbers; a
+parallel fold trains with `cv.cpus_per_fold` threads, and a sequential one with every core,
+which sums in another order (equal results when the thread counts agree). Folds on Ray get
+the data from the driver through Ray's object store, so they need no access to the data
+folders; local workers read them, as sequential folds do.
 
 One writer per MLflow store, as in sweeps: sequential folds write their runs themselves, one
 after another; a parallel fold records its run (`RecordedRun`) and the driver writes it when
@@ -22,6 +24,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Iterator, Mapping
@@ -36,8 +39,9 @@ from pipeline.config import flatten, fold_config, fold_count, fold_position, to_
 from pipeline.data.splits import load_splits
 from pipeline.data.store import read_raw
 from pipeline.layout import Layout
-from pipeline.quiet import quiet_ray_worker
+from pipeline.quiet import quiet, quiet_worker
 from pipeline.tasks.common import TrainingData, load_data, write_json, write_run_file
+from pipeline.tasks.fold_pool import ProcessPool, worker_env
 from pipeline.tracking.mlflow_run import TrackedRun, tracking_target
 from pipeline.tracking.recorded import RecordedRun
 from pipeline.tracking.server import check_tracking
@@ -55,9 +59,9 @@ ENSEMBLE_METRICS = ("acc", "loss", "f1_macro")  # of the fold ensemble, as ensem
 
 
 def parallel_folds(cv: Mapping[str, Any], tune: Mapping[str, Any], folds: int) -> bool:
-    """Whether `folds` folds run as parallel Ray tasks: `cv.parallel`, where `auto` means when
-    two folds or more can train at once: on the cluster `tune.address` names, or here with
-    2 x `cv.cpus_per_fold` CPUs (of `tune.num_cpus`, if set). Starting Ray and its workers
+    """Whether `folds` folds run in parallel: `cv.parallel`, where `auto` means when two folds
+    or more can train at once: on the cluster `tune.address` names, or here with 2 x
+    `cv.cpus_per_fold` CPUs (of `tune.num_cpus`, if set). Starting workers (and their imports)
     costs seconds, which one fold at a time would never win back. Nested CV is sequential
     (each outer fold's sweep is the parallel part)."""
     if cv["parallel"] != "auto":
@@ -67,15 +71,52 @@ def parallel_folds(cv: Mapping[str, Any], tune: Mapping[str, Any], folds: int) -
     return bool(tune.get("address")) or (tune.get("num_cpus") or os.cpu_count() or 1) >= 2 * int(cv["cpus_per_fold"])
 
 
+def _local_cpus(cfg: Mapping[str, Any], folds: int) -> int:
+    """The CPUs `folds` parallel folds get on this machine: `tune.num_cpus`, else one set of
+    `cv.cpus_per_fold` per fold, at most the machine's (at least one fold's)."""
+    per_fold = int(cfg["cv"]["cpus_per_fold"])
+    return cfg["tune"].get("num_cpus") or max(per_fold, min(folds * per_fold, os.cpu_count() or 1))
+
+
+def on_ray(tune: Mapping[str, Any]) -> bool:
+    """Whether parallel folds are Ray tasks: on the cluster `tune.address` names, or on a Ray
+    this process is already connected to (a caller's); else they run in a local pool."""
+    ray = sys.modules.get("ray")  # never imported: never started either
+    return bool(tune.get("address")) or (ray is not None and ray.is_initialized())
+
+
+def _fold_worker_setup() -> None:
+    """A local fold worker's start: the training code's imports, while the driver goes on."""
+    import pipeline.tasks.evaluate  # noqa: F401
+    import pipeline.tasks.train  # noqa: F401
+
+    quiet()
+    quiet_worker()
+
+
+@contextlib.contextmanager
+def local_fold_pool(cfg: Mapping[str, Any], folds: int) -> Iterator[ProcessPool | None]:
+    """For `folds` parallel folds: a pool of local worker processes, started now so that their
+    imports overlap what the caller does next (its MLflow runs, its data), and stopped on
+    leaving; or None, where the folds run on Ray (`on_ray`, started by `run_parallel`). A
+    comparison holds one for all its alternatives, whose folds reuse its workers."""
+    if on_ray(cfg["tune"]):
+        yield None
+        return
+    per_fold = int(cfg["cv"]["cpus_per_fold"])
+    with ProcessPool(max(1, min(folds, _local_cpus(cfg, folds) // per_fold)), setup=_fold_worker_setup,
+                     env=worker_env(per_fold), name="fold-worker") as pool:
+        yield pool
+
+
 @contextlib.contextmanager
 def fold_ray(cfg: Mapping[str, Any], folds: int) -> Iterator[None]:
-    """Ray for `folds` parallel folds, shut down on leaving if started here: a local one with
-    a CPU per fold (`cv.cpus_per_fold` each; at most the machine's). A comparison holds one
-    for all its alternatives, so their folds reuse the same workers (and their imports)."""
+    """Ray for `folds` parallel folds, shut down on leaving if started here: the one
+    `tune.address` names, else a local one (`_local_cpus`). A comparison holds one for all its
+    alternatives, so their folds reuse the same workers (and their imports)."""
     from pipeline.tuning.ray_init import init_ray
 
-    per_fold = int(cfg["cv"]["cpus_per_fold"])
-    started = init_ray(cfg["tune"], num_cpus=max(per_fold, min(folds * per_fold, os.cpu_count() or 1)))
+    started = init_ray(cfg["tune"], num_cpus=_local_cpus(cfg, folds))
     try:
         yield
     finally:
@@ -137,15 +178,15 @@ class FoldOutcome:
 
 
 def _fold_task(cfg: dict[str, Any], fold: int, parent_run_id: str | None, threads: int,
-               data: TrainingData) -> FoldOutcome:
-    """One fold on a Ray worker, which never opens the MLflow store (see the module docstring)
-    nor the data folders (`data` comes from the object store)."""
+               data: TrainingData | None) -> FoldOutcome:
+    """One fold in a worker (Ray's or a local pool's), which never opens the MLflow store (see
+    the module docstring); on Ray nor the data folders (`data` comes from the object store)."""
     import torch
 
     torch.set_num_threads(threads)
-    # Folds side by side: their progress bars and Lightning's header would interleave under
-    # Ray's prefixes; the driver says when each fold is done.
-    quiet_ray_worker()
+    # Folds side by side: their progress bars and Lightning's header would interleave; the
+    # driver says when each fold is done.
+    quiet_worker()
     cfg = {**cfg, "trainer": {**cfg["trainer"], "enable_progress_bar": False}}
     outcome = FoldOutcome(fold, socket.gethostname(), RecordedRun() if cfg["tracking"]["enabled"] else None)
     try:
@@ -167,13 +208,13 @@ def _write_fold_run(cfg: dict[str, Any], outcome: FoldOutcome) -> None:
 
 @dataclass
 class FoldJob:
-    """One cross-validation's folds as parallel Ray tasks (`run_parallel`), trained on `data`;
-    once run, what each fold sent back."""
+    """One cross-validation's folds as parallel tasks (`run_parallel`), trained on `data` (None:
+    each fold reads the data folders); once run, what each fold sent back."""
 
     plain: dict[str, Any]
     folds: list[int]
     parent_run_id: str | None
-    data: TrainingData
+    data: TrainingData | None
     outcomes: list[FoldOutcome] = field(default_factory=list)
 
     def results(self) -> list[dict[str, Any]]:
@@ -185,10 +226,22 @@ class FoldJob:
         return [o.result for o in outcomes]
 
 
-def run_parallel(jobs: list[FoldJob]) -> None:
-    """Every job's folds as Ray tasks in one queue (a comparison's alternatives side by side:
-    no core idles at the end of each); each fold's run is written here as the fold returns.
-    Fold errors are kept in the jobs' outcomes; a stop signal cancels the folds under way."""
+def _received(job: FoldJob, outcome: FoldOutcome, start: float) -> None:
+    """A fold's outcome is back: keep it, write its run, say so."""
+    job.outcomes.append(outcome)
+    _write_fold_run(job.plain, outcome)
+    if outcome.result is not None:
+        log.info(_fold_line(outcome.result, job.plain, len(job.outcomes), len(job.folds), time.monotonic() - start))
+
+
+def run_parallel(jobs: list[FoldJob], pool: ProcessPool | None = None) -> None:
+    """Every job's folds in one queue (a comparison's alternatives side by side: no core idles
+    at the end of each), on `pool` (`local_fold_pool`), else as Ray tasks; each fold's run is
+    written here as the fold returns. Fold errors are kept in the jobs' outcomes; a stop
+    signal stops the folds under way."""
+    if pool is not None:
+        _run_local(jobs, pool)
+        return
     import ray
 
     from pipeline.tuning.stopping import sigterm_interrupts_ray
@@ -209,11 +262,7 @@ def run_parallel(jobs: list[FoldJob]) -> None:
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=1)
                     job = pending.pop(done[0])
-                    job.outcomes.append(outcome := ray.get(done[0]))
-                    _write_fold_run(job.plain, outcome)
-                    if outcome.result is not None:
-                        log.info(_fold_line(outcome.result, job.plain, len(job.outcomes), len(job.folds),
-                                            time.monotonic() - start))
+                    _received(job, ray.get(done[0]), start)
         except BaseException:
             # A stop signal: ray.shutdown would kill the running folds mid-step. Cancelling raises
             # KeyboardInterrupt in each, which ends it cleanly; folds not finished write no run
@@ -222,6 +271,23 @@ def run_parallel(jobs: list[FoldJob]) -> None:
                 ray.cancel(ref)
             ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_TIMEOUT_S)
             raise
+
+
+def _run_local(jobs: list[FoldJob], pool: ProcessPool) -> None:
+    """`run_parallel` on a local pool. A stop signal (KeyboardInterrupt, `Terminated`) ends the
+    workers at once: their folds only recorded their runs, so nothing half-written remains."""
+    start = time.monotonic()
+    tasks = [((job, fold), _fold_task, (job.plain, fold, job.parent_run_id, int(job.plain["cv"]["cpus_per_fold"]),
+                                        job.data))
+             for job in jobs for fold in job.folds]
+    try:
+        for (job, fold), outcome in pool.run(tasks):
+            if isinstance(outcome, Exception):  # the worker died, or the task could not run
+                outcome = FoldOutcome(fold, socket.gethostname(), None, error=outcome, trace=str(outcome))
+            _received(job, outcome, start)
+    except BaseException:
+        pool.terminate()
+        raise
 
 
 class CrossValidation:
@@ -263,9 +329,11 @@ class CrossValidation:
     def run_id(self) -> str | None:
         return self.run.run_id if self.run is not None else None
 
-    def job(self, data: TrainingData | None = None) -> FoldJob:
-        """The folds as a job for `run_parallel`, on `data` (else read here)."""
-        return FoldJob(self.plain, self.folds, self.run_id, load_data(self.cfg, self.layout, data))
+    def job(self, data: TrainingData | None = None, *, load: bool = True) -> FoldJob:
+        """The folds as a job for `run_parallel`, on `data` (else read here; with `load`
+        false, by each fold: local workers share this machine's folders)."""
+        return FoldJob(self.plain, self.folds, self.run_id,
+                       load_data(self.cfg, self.layout, data) if load else None)
 
     def run_sequential(self) -> list[dict[str, Any]]:
         """Every fold here, one after another, each reading the data folders."""
@@ -317,11 +385,14 @@ def cross_validate(cfg: DictConfig, *, parent_run_id: str | None = None) -> dict
     The CV run is an MLflow parent of the fold runs (and itself a child of `parent_run_id`,
     e.g. a comparison's run, when given).
     """
-    with CrossValidation(cfg, parent_run_id=parent_run_id) as run:
-        if not parallel_folds(run.cfg.cv, run.cfg.tune, len(run.folds)):
+    run = CrossValidation(cfg, parent_run_id=parent_run_id)
+    if not parallel_folds(run.cfg.cv, run.cfg.tune, len(run.folds)):
+        with run:
             return run.finish(run.run_sequential())
-        job = run.job()
-        run_parallel([job])
+    # The pool's workers start before the run does: their imports overlap its MLflow set-up.
+    with local_fold_pool(run.cfg, len(run.folds)) as pool, run:
+        job = run.job(load=pool is None)
+        run_parallel([job], pool)
         return run.finish(job.results(), job.data)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.quiet import quiet_ray_worker
+from pipeline.quiet import quiet_worker
 from pipeline.tuning.pareto import cost_probe
 from pipeline.tuning.ray_init import Shared
 from pipeline.tuning.recovery import CKPT_FILE, META_FILE, resume_checkpoint
@@ -75,7 +75,7 @@ def run_trial(config: dict[str, Any], *, train: TrainFn, base: Mapping[str, Any]
     from pipeline.tuning.reporter import TuneReporter
 
     # "GPU available: ..." and "Checkpoint successfully created at ..." every trial and epoch.
-    quiet_ray_worker("ray.train", "ray.tune")
+    quiet_worker("ray.train", "ray.tune")
     # Restoring another trial's checkpoint (PBT) or a resumed one moves the checkpoint folder.
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
