@@ -347,3 +347,20 @@ def test_a_stop_signal_ends_the_local_fold_workers_and_the_runs(cfg_factory, tmp
         runs = con.execute("SELECT name, status FROM runs").fetchall()
     assert [status for _, status in runs] == ["KILLED"], runs  # the CV run alone
     assert not (tmp_path / "out" / "metrics" / "cv.json").exists()
+
+
+def test_a_local_worker_reads_the_data_once_for_all_its_folds(cfg_factory, monkeypatch):
+    """A local pool's worker keeps the data it read for its first fold: the others (and a
+    comparison's other alternatives on the same data) reuse it instead of reading the arrays
+    and dvc.lock again; another residency (data.in_memory) is read anew."""
+    cfg = cfg_factory([f"data.split.folds={FOLDS}", "model=mlp"])
+    ensure_data(cfg)
+    monkeypatch.setattr(cv_task, "_WORKER_DATA", {})
+    reads = []
+    real = cv_task.load_data
+    monkeypatch.setattr(cv_task, "load_data", lambda *a, **k: reads.append(a) or real(*a, **k))
+    plain = cv_task.to_container(cfg)
+    first = cv_task._worker_data(plain)
+    assert cv_task._worker_data({**plain, "model": {"name": "lenet5"}}) is first and len(reads) == 1
+    mapped = cv_task._worker_data({**plain, "data": {**plain["data"], "in_memory": False}})
+    assert mapped is not first and len(reads) == 2

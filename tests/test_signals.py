@@ -41,9 +41,12 @@ LONG = ["model=mlp", "trainer.max_epochs=1000", "regularizer.early_stopping.enab
         "trainer.enable_progress_bar=false", "tune.use_best=false"]
 
 
-def _query(db: Path, sql: str) -> list[tuple]:
+def _query(db: Path, sql: str, *, writer_gone: bool = False) -> list[tuple]:
+    """Read-only while the stage may write; once its writer is gone, read-write: a writer
+    killed inside a transaction leaves a hot journal, which only a connection that may write
+    rolls back (MLflow's next client does; a read-only one gets SQLITE_READONLY_ROLLBACK)."""
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        with sqlite3.connect(f"file:{db}" + ("" if writer_gone else "?mode=ro"), uri=True, timeout=5) as con:
             return con.execute(sql).fetchall()
     except sqlite3.Error:  # not created yet, or being written
         return []
@@ -55,7 +58,8 @@ def _epochs_logged(db: Path) -> int:
 
 
 def _run_statuses(db: Path) -> list[str]:
-    return [status for (status,) in _query(db, "SELECT status FROM runs")]
+    """The runs' statuses once every process that wrote them has ended."""
+    return [status for (status,) in _query(db, "SELECT status FROM runs", writer_gone=True)]
 
 
 def _wait_for_an_epoch(db: Path, proc: subprocess.Popen, log: Path, timeout: float = 180, *,

@@ -113,8 +113,8 @@ def quiet() -> None:
 
 def quiet_worker(*more: str) -> None:
     """In a worker process (Ray's, a local fold pool's), where trainings run side by side and
-    the driver reports their progress: Lightning's per-Trainer lines ("GPU available", "Checkpoint successfully
-    created") and the loggers `more` at WARNING."""
+    the driver reports their progress: Lightning's per-Trainer lines ("GPU available",
+    "Checkpoint successfully created") and the loggers `more` at WARNING."""
     import lightning.pytorch  # noqa: F401  # first: its import sets its loggers' levels
 
     for name in ("lightning.pytorch", "lightning.fabric", *more):

@@ -37,12 +37,16 @@ class TrainingData:
     tags: dict[str, str]  # split_sha256, dvc_split_md5, data_manifest_sha256, git_commit, git_dirty
 
 
-def load_data(cfg: DictConfig, layout: Layout, data: TrainingData | None = None) -> TrainingData:
+def load_data(cfg: DictConfig, layout: Layout, data: TrainingData | None = None, *,
+              in_memory: bool | str | None = None) -> TrainingData:
     """The verified raw arrays and the split made with the configured parameters, read from
-    `layout`'s folders (the images in memory or memory-mapped, as `data.in_memory` says); or
-    `data`, as a driver read them there. Either way checked against `cfg`."""
+    `layout`'s folders (the images in memory or memory-mapped, as `in_memory` or else
+    `data.in_memory` says); or `data`, as a driver read them there. Either way checked against
+    `cfg`."""
     if data is None:
-        raw = read_raw(layout.raw, in_memory=cfg.data.get("in_memory", "auto"))  # absent from older runs' configs
+        if in_memory is None:
+            in_memory = cfg.data.get("in_memory", "auto")  # absent from older runs' configs
+        raw = read_raw(layout.raw, in_memory=in_memory)
         data = TrainingData(raw, load_splits(layout.splits), provenance_tags(layout))
     raw = data.raw
     if raw.manifest.get("dataset") != cfg.data.name:

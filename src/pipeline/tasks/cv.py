@@ -177,10 +177,25 @@ class FoldOutcome:
     trace: str = ""  # the error's traceback, which pickling drops
 
 
+# A local worker's data, read for its first fold and kept for the others (each fold's train
+# and evaluate would otherwise read the arrays and dvc.lock again), by folder and residency.
+_WORKER_DATA: dict[tuple[str, str, Any], TrainingData] = {}
+
+
+def _worker_data(cfg: dict[str, Any]) -> TrainingData:
+    plain = OmegaConf.create(cfg)
+    layout = Layout.from_cfg(plain)
+    key = (str(layout.raw), str(layout.splits), plain.data.get("in_memory"))
+    if key not in _WORKER_DATA:
+        _WORKER_DATA[key] = load_data(plain, layout)
+    return _WORKER_DATA[key]
+
+
 def _fold_task(cfg: dict[str, Any], fold: int, parent_run_id: str | None, threads: int,
                data: TrainingData | None) -> FoldOutcome:
     """One fold in a worker (Ray's or a local pool's), which never opens the MLflow store (see
-    the module docstring); on Ray nor the data folders (`data` comes from the object store)."""
+    the module docstring). On Ray it does not open the data folders either (`data` comes from
+    the object store); a local worker reads them once for all its folds."""
     import torch
 
     torch.set_num_threads(threads)
@@ -190,7 +205,8 @@ def _fold_task(cfg: dict[str, Any], fold: int, parent_run_id: str | None, thread
     cfg = {**cfg, "trainer": {**cfg["trainer"], "enable_progress_bar": False}}
     outcome = FoldOutcome(fold, socket.gethostname(), RecordedRun() if cfg["tracking"]["enabled"] else None)
     try:
-        outcome.result = run_fold(cfg, fold, parent_run_id, outcome.record, data)
+        outcome.result = run_fold(cfg, fold, parent_run_id, outcome.record,
+                                  data if data is not None else _worker_data(cfg))
     except Exception as err:  # returned, so the driver still writes the failed fold's run
         outcome.error, outcome.trace = err, traceback.format_exc()
     return outcome
@@ -330,8 +346,11 @@ class CrossValidation:
         return self.run.run_id if self.run is not None else None
 
     def job(self, data: TrainingData | None = None, *, load: bool = True) -> FoldJob:
-        """The folds as a job for `run_parallel`, on `data` (else read here; with `load`
-        false, by each fold: local workers share this machine's folders)."""
+        """The folds as a job for `run_parallel`, on `data` (else read here). With `load`
+        false the workers read the folders (local ones share this machine's), which are only
+        checked here, memory-mapped, so that a stale split fails once, before any fold."""
+        if not load:
+            load_data(self.cfg, self.layout, in_memory=False)
         return FoldJob(self.plain, self.folds, self.run_id,
                        load_data(self.cfg, self.layout, data) if load else None)
 
