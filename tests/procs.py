@@ -6,8 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 BIN = Path(sys.executable).parent  # the venv's: dvc, and the python DVC's stages run
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +23,26 @@ def project_env() -> dict[str, str]:
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
     env.pop("VIRTUAL_ENV", None)
     return env
+
+
+def start_stage(stage: str, cfg, folder: Path, out: IO) -> subprocess.Popen:
+    """`python -m pipeline.cli.stages <stage>` on the config `cfg` (saved as
+    `<folder>/<stage>.yaml`), run in `folder` with its output to `out`: a stage to signal."""
+    from omegaconf import OmegaConf
+
+    params = folder / f"{stage}.yaml"
+    OmegaConf.save(cfg, params)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", stage, str(params)], cwd=folder,
+                            env=project_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until `ready()`; fails, with the end of `log`, if `proc` exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
 
 
 def git_project(dest: Path, *, leave_out: Sequence[str] = (), commit: bool = True) -> Path:

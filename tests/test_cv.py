@@ -7,16 +7,13 @@ import contextlib
 import json
 import signal
 import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 from mlflow import MlflowClient
-from omegaconf import OmegaConf
 from scipy import stats
 
 import no_mlflow
@@ -27,7 +24,7 @@ from pipeline.tasks.cv import cross_validate
 from pipeline.tasks.data import ensure_data
 from pipeline.tasks.fold_pool import ProcessPool
 from pipeline.training.metrics import file_row
-from procs import project_env
+from procs import start_stage, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -323,18 +320,11 @@ def test_a_stop_signal_ends_the_local_fold_workers_and_the_runs(cfg_factory, tmp
     cfg = cfg_factory([f"data.split.folds={FOLDS}", "model=mlp", "trainer.max_epochs=500", "cv.parallel=true",
                        "regularizer.early_stopping.enabled=false"])
     ensure_data(cfg)
-    params = tmp_path / "params.yaml"
-    OmegaConf.save(cfg, params)
     log = tmp_path / "stage.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", "cv", str(params)], cwd=tmp_path,
-                                env=project_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = start_stage("cv", cfg, tmp_path, out)
         try:
-            deadline = time.monotonic() + 300
-            while not list((tmp_path / "out" / "cv").glob("fold_*/models/last.ckpt")):  # an epoch done
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+            wait_until(lambda: any((tmp_path / "out" / "cv").glob("fold_*/models/last.ckpt")), proc, log)  # an epoch
             children = psutil.Process(proc.pid).children()  # with multiprocessing's resource tracker
             workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
             assert len(workers) == 2, children  # two folds side by side, no Ray

@@ -9,14 +9,11 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from omegaconf import OmegaConf
 
 from pipeline.cli.stages import STAGES
 from pipeline.data.nested import derived_seed, outer_fold
@@ -24,7 +21,7 @@ from pipeline.data.splits import load_splits, make_splits
 from pipeline.errors import ConfigError
 from pipeline.tasks.cv import check_cv, cv
 from pipeline.tasks.data import ensure_data
-from procs import BIN, git_project, project_env
+from procs import BIN, git_project, project_env, start_stage, wait_until
 
 # Uneven classes (one small), so stratification has something to get wrong.
 LABELS = np.repeat(np.arange(4), [40, 31, 25, 12])
@@ -236,20 +233,14 @@ def test_a_stopped_nested_cv_ends_its_run_tree_killed(cfg_factory, tmp_path: Pat
     cfg = cfg_factory([*NESTED, "tune.num_samples=2", "tune.max_epochs=500", "tune.scheduler=fifo", "tune.num_cpus=2",
                        "regularizer.early_stopping.enabled=false"])
     ensure_data(cfg)
-    params = tmp_path / "params.yaml"
-    OmegaConf.save(cfg, params)
     log = tmp_path / "stage.log"
     db = tmp_path / "mlflow.db"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", "cv", str(params)], cwd=tmp_path,
-                                env=project_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = start_stage("cv", cfg, tmp_path, out)
         try:
-            deadline = time.monotonic() + 300
             # A trial's first epoch of its first inner fold (its checkpoint; it reports per fold).
-            while not list(tmp_path.glob("out/results/ray/*-nested-outer0-*/*/cv/fold_0/models/last.ckpt")):
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+            wait_until(lambda: any(tmp_path.glob("out/results/ray/*-nested-outer0-*/*/cv/fold_0/models/last.ckpt")),
+                       proc, log)
             proc.send_signal(sig)
             assert proc.wait(timeout=180) == status, log.read_text()[-3000:]
         finally:

@@ -33,7 +33,7 @@ from pipeline.tasks.data import ensure_data
 from pipeline.tasks.train import train
 from pipeline.tuning.stopping import sigterm_interrupts_ray
 from pipeline.validation import prepare
-from procs import BIN, project_env
+from procs import BIN, project_env, start_stage
 
 REPO = Path(__file__).resolve().parents[1]
 # Long enough that a run is still training when the signal comes (it stops at once).
@@ -272,12 +272,9 @@ def test_sweep_terminated_ends_as_interrupted(cfg_factory, tmp_path: Path):
     cfg = cfg_factory(["model=mlp", "tune.num_cpus=2", "tune.max_concurrent_trials=2", "tune.num_samples=4",
                        "tune.scheduler=fifo", "tune.max_epochs=500"])
     ensure_data(cfg)
-    params = tmp_path / "sweep.yaml"
-    OmegaConf.save(cfg, params)
     log = tmp_path / "stage.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", "tune", str(params)], cwd=tmp_path,
-                                env=project_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = start_stage("tune", cfg, tmp_path, out)
         try:
             _wait_for_an_epoch(tmp_path / "mlflow.db", proc, log)
             proc.send_signal(signal.SIGTERM)
