@@ -31,6 +31,10 @@ def _fail() -> None:
     raise ValueError("a fold's own error")
 
 
+def _broken_setup() -> None:
+    raise ImportError("a worker's set-up failed")
+
+
 def _sleep(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
@@ -101,3 +105,10 @@ def test_workers_ignore_sigint_which_the_driver_handles():
         threading.Timer(1.0, os.kill, (pool.pids[0], signal.SIGINT)).start()
         [(_, pid)] = list(pool.run([("task", _sleep, (2.5,))]))
     assert isinstance(pid, int)
+
+
+def test_workers_whose_set_up_fails_fail_each_task_instead_of_hanging():
+    with ProcessPool(2, setup=_broken_setup, env=worker_env(1)) as pool:
+        results = dict(pool.run([(i, _sleep, (0,)) for i in range(3)]))
+    assert sorted(results) == [0, 1, 2]
+    assert all(isinstance(r, WorkerLost) and "exit status 1" in str(r) for r in results.values()), results

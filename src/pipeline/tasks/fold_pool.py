@@ -121,7 +121,10 @@ class ProcessPool:
                 if worker.task is None and queue:
                     worker.task = queue.pop()
                     _, fn, args = worker.task
-                    worker.conn.send((fn, args))
+                    try:
+                        worker.conn.send((fn, args))
+                    except OSError:  # it died idle (its set-up failed, say): its sentinel tells below
+                        pass
             busy = [w for w in self._workers if w.task is not None]
             if not busy:
                 return
