@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Warm stages (pipeline.cli.warm): each stage that builds a model runs in a process forked
+# from one that has imported torch, Lightning, MLflow and Ray already (README, "Start-up").
 run: install
-	$(BIN)/dvc repro
+	PIPELINE_WARM=1 $(BIN)/dvc repro
 
 test: install
 	$(BIN)/python -m pytest

@@ -25,15 +25,16 @@ def project_env() -> dict[str, str]:
     return env
 
 
-def start_stage(stage: str, cfg, folder: Path, out: IO) -> subprocess.Popen:
+def start_stage(stage: str, cfg, folder: Path, out: IO, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`python -m pipeline.cli.stages <stage>` on the config `cfg` (saved as
-    `<folder>/<stage>.yaml`), run in `folder` with its output to `out`: a stage to signal."""
+    `<folder>/<stage>.yaml`), run in `folder` with its output to `out` (and `env` added to its
+    environment): a stage to signal."""
     from omegaconf import OmegaConf
 
     params = folder / f"{stage}.yaml"
     OmegaConf.save(cfg, params)
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli.stages", stage, str(params)], cwd=folder,
-                            env=project_env(), stdout=out, stderr=subprocess.STDOUT)
+                            env={**project_env(), **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:

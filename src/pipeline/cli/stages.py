@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.cli import exits
+from pipeline.cli import exits, warm
 from pipeline.errors import ConfigError
 from pipeline.quiet import quiet
 
@@ -133,9 +133,11 @@ def _show_progress() -> None:
             progress.setLevel(logging.INFO)
 
 
-def run_stage(stage: str, params: str = "params.yaml") -> int:
-    """Run one stage's task on `params`; its exit status."""
-    _end_with_dvc()
+def run_stage(stage: str, params: str = "params.yaml", *, watch_dvc: bool = True) -> int:
+    """Run one stage's task on `params`; its exit status. `watch_dvc=False` in a warm
+    server's child, whose client watches DVC."""
+    if watch_dvc:
+        _end_with_dvc()
     quiet()  # PIPELINE_VERBOSE=1 dvc repro shows everything
     _show_progress()
 
@@ -161,5 +163,24 @@ def run_stage(stage: str, params: str = "params.yaml") -> int:
     return exits.run(body)
 
 
+def main(argv: list[str]) -> int:
+    """The stage `argv` (name, params file) in this process, or with `PIPELINE_WARM=1` in a
+    warm server's child (`pipeline.cli.warm`) for the stages that build a model."""
+    args = argv[:2] or [""]
+    if warm.wanted():
+        if args[0] in NO_MODEL:  # quick without torch: the server imports while they run
+            warm.start_server()
+        elif args[0] in STAGES:
+            _end_with_dvc()
+            try:
+                status = warm.delegate(args)
+            except KeyboardInterrupt:  # before the stage began
+                return exits.INTERRUPTED
+            if status is not None:
+                return status
+            return run_stage(*args, watch_dvc=False)
+    return run_stage(*args)
+
+
 if __name__ == "__main__":
-    exits.leave(run_stage(*sys.argv[1:3]) if len(sys.argv) > 1 else run_stage(""))
+    exits.leave(main(sys.argv[1:]))

@@ -1,0 +1,180 @@
+"""Warm stages (`PIPELINE_WARM=1`, `pipeline.cli.warm`): a stage runs in a child forked from a
+server that has imported torch, Lightning, MLflow and Ray, and behaves as in its own process:
+the same outputs, exit statuses and signals; a client killed takes its stage with it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import make_cfg
+from pipeline.cli import warm
+from pipeline.tasks.data import ensure_data
+from procs import start_stage, wait_until
+
+
+def _warm(proc: psutil.Process | None) -> bool:
+    return proc is not None and "pipeline.cli.warm" in " ".join(proc.cmdline())
+
+
+def _servers(folder: Path, *, below: bool = False) -> list[psutil.Process]:
+    """The warm servers started from `folder` (a server's working directory is its first
+    client's), or from any folder below it; not the stages they forked."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            cwd = Path(proc.cwd())
+            if _warm(proc) and (cwd == folder or below and folder in cwd.parents) and not _warm(proc.parent()):
+                found.append(proc)
+    return found
+
+
+@pytest.fixture
+def warm_env(tmp_path: Path):
+    """PIPELINE_WARM=1 with a folder of servers of this test's own (TMPDIR); the servers it
+    started are stopped at the end."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    yield {"PIPELINE_WARM": "1", "TMPDIR": str(tmp)}
+    for server in _servers(tmp_path, below=True):
+        with contextlib.suppress(psutil.Error):
+            server.kill()
+
+
+def _run(stage: str, cfg, folder: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    log = folder / f"{stage}.log"
+    with log.open("w") as out:
+        proc = start_stage(stage, cfg, folder, out, env)
+        proc.wait(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text())
+
+
+def test_a_warm_stage_writes_and_prints_what_a_cold_one_does(tmp_path: Path, warm_env):
+    """The same train stage cold and warm: the same metrics file, summary and exit status; then a
+    bad value fails warm as it fails cold (status 2, the same message), in the same server."""
+    results = {}
+    for mode in ("cold", "warm"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        cfg = make_cfg(folder, ["model=mlp", "trainer.deterministic=true"], epochs=2)
+        ensure_data(cfg)
+        done = _run("train", cfg, folder, warm_env if mode == "warm" else None)
+        assert done.returncode == 0, done.stdout[-3000:]
+        metrics = {k: v for k, v in json.loads((folder / "out" / "metrics" / "train.json").read_text()).items()
+                   if not k.startswith("time_")}  # the seconds it took differ
+        summary = [line for line in done.stdout.splitlines() if line.startswith("val/")]
+        results[mode] = metrics, summary
+    assert results["warm"] == results["cold"]
+    assert results["cold"][1], "the train summary's metrics line"
+    [server] = _servers(tmp_path / "warm")
+    assert not _servers(tmp_path / "cold")
+
+    bad = {}
+    for mode in ("cold", "warm"):
+        cfg = make_cfg(tmp_path / mode, ["model=mlp", "optimizer.lr=-1"])
+        done = _run("train", cfg, tmp_path / mode, warm_env if mode == "warm" else None)
+        assert done.returncode == 2, done.stdout[-3000:]
+        bad[mode] = done.stdout.replace(str(tmp_path / mode), "<folder>")
+    assert bad["warm"] == bad["cold"]
+    assert "optimizer.lr" in bad["warm"] and "Traceback" not in bad["warm"]
+    assert _servers(tmp_path / "warm") == [server]  # it served both
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_client_ends_its_warm_stage_as_it_would_a_cold_one(tmp_path: Path, warm_env, sig, status):
+    """The stage trains in the server's child, not in the process DVC started (which has no
+    child); a signal to that process reaches the stage, which ends its MLflow run KILLED, and
+    the process exits with the stage's status. The server lives on for the next stage."""
+    cfg = make_cfg(tmp_path, ["model=mlp", "regularizer.early_stopping.enabled=false"], epochs=500)
+    ensure_data(cfg)
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:
+        proc = start_stage("train", cfg, tmp_path, out, warm_env)
+        try:
+            wait_until(lambda: (tmp_path / "out" / "models" / "last.ckpt").exists(), proc, log)  # an epoch
+            [server] = _servers(tmp_path)
+            assert psutil.Process(proc.pid).children() == [server]  # it started the server, trains nothing
+            [stage] = server.children()
+            assert stage.cwd() == str(tmp_path)
+            proc.send_signal(sig)
+            assert proc.wait(timeout=120) == status, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    psutil.wait_procs([stage], timeout=10)
+    assert not stage.is_running()
+    assert server.is_running()
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as con:
+        assert [s for (s,) in con.execute("SELECT status FROM runs")] == ["KILLED"]
+
+
+def test_a_killed_client_takes_its_warm_stage_with_it(tmp_path: Path, warm_env):
+    """SIGKILL to the process DVC started: nothing can be passed on, so the server, seeing its
+    connection close, kills the stage (and whatever it started) rather than let it write on."""
+    cfg = make_cfg(tmp_path, ["model=mlp", "regularizer.early_stopping.enabled=false"], epochs=500)
+    ensure_data(cfg)
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:
+        proc = start_stage("train", cfg, tmp_path, out, warm_env)
+        try:
+            wait_until(lambda: (tmp_path / "out" / "models" / "last.ckpt").exists(), proc, log)
+            [server] = _servers(tmp_path)
+            [stage] = server.children()
+            proc.kill()
+            proc.wait(timeout=10)
+        finally:
+            proc.kill()
+    _, alive = psutil.wait_procs([stage], timeout=10)  # (the server reaps it: no status to read here)
+    assert not alive
+    assert server.is_running()
+
+
+def test_an_idle_server_exits_and_a_stage_without_one_runs_in_its_own_process(tmp_path: Path, warm_env):
+    """A server with nothing to do exits after PIPELINE_WARM_IDLE_S and removes its socket; a
+    stage that finds no usable folder for servers (not this user's alone) runs itself."""
+    cfg = make_cfg(tmp_path, ["model=mlp", "optimizer.lr=-1"])
+    done = _run("train", cfg, tmp_path, {**warm_env, "PIPELINE_WARM_IDLE_S": "1"})
+    assert done.returncode == 2, done.stdout[-3000:]
+    [server] = _servers(tmp_path)
+    server.wait(timeout=30)
+    folder = Path(warm_env["TMPDIR"]) / f"pipeline-warm-{os.getuid()}"
+    assert not list(folder.glob("*.sock"))
+
+    folder.chmod(0o755)  # others could reach a socket there: no server is started nor used
+    done = _run("train", cfg, tmp_path, warm_env)
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert "optimizer.lr" in done.stdout
+    assert not _servers(tmp_path)
+
+
+def test_the_key_follows_the_python_the_import_path_the_code_and_load_time_settings(monkeypatch):
+    """A server serves only clients of its own code and settings: another import path, a
+    setting the libraries read as they load, or a changed file of the package is another key
+    (the file's time is put back after)."""
+    key = warm.key()
+    assert warm.key() == key
+    monkeypatch.setattr(sys, "path", [*sys.path, "/elsewhere"])
+    assert warm.key() != key
+    monkeypatch.undo()
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # read when torch loads: another server
+    assert warm.key() != key
+    monkeypatch.undo()
+    monkeypatch.setenv("DVC_STAGE", "train")  # differs every stage: the same server
+    assert warm.key() == key
+    monkeypatch.undo()
+    source = Path(warm.__file__)
+    before = source.stat()
+    try:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+        assert warm.key() != key
+    finally:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert warm.key() == key
