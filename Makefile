@@ -23,6 +23,7 @@ install: $(VENV)/.installed
 # Warm stages (pipeline.cli.warm): each stage that builds a model runs in a process forked
 # from one that has imported torch, Lightning, MLflow and Ray already (README, "Start-up").
 run: install
+	$(BIN)/python -m pipeline.cli.warm start
 	PIPELINE_WARM=1 $(BIN)/dvc repro
 
 test: install

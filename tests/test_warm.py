@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -19,7 +20,7 @@ import pytest
 from conftest import make_cfg
 from pipeline.cli import warm
 from pipeline.tasks.data import ensure_data
-from procs import start_stage, wait_until
+from procs import project_env, start_stage, wait_until
 
 
 def _warm(proc: psutil.Process | None) -> bool:
@@ -146,7 +147,23 @@ def test_an_idle_server_exits_and_a_stage_without_one_runs_in_its_own_process(tm
     [server] = _servers(tmp_path)
     server.wait(timeout=30)
     folder = Path(warm_env["TMPDIR"]) / f"pipeline-warm-{os.getuid()}"
-    assert not list(folder.glob("*.sock"))
+    assert not list(folder.iterdir())  # its socket, lock and (empty) log
+
+    # `start` ahead of DVC (make run), then `stop` while it still imports.
+    def warm_cli(command: str) -> int:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli.warm", command], cwd=tmp_path,
+                              env={**project_env(), **warm_env}).returncode
+
+    assert warm_cli("start") == 0
+    deadline = time.monotonic() + 30
+    while not _servers(tmp_path):  # its process starts in the background
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    [server] = _servers(tmp_path)
+    assert warm_cli("stop") == 0
+    server.wait(timeout=30)
+    assert not list(folder.iterdir())
+    assert warm_cli("stop") == 1  # none left
 
     folder.chmod(0o755)  # others could reach a socket there: no server is started nor used
     done = _run("train", cfg, tmp_path, warm_env)

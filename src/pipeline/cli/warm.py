@@ -207,20 +207,45 @@ def serve(name: str) -> dict[str, Any] | None:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return None  # another server of this code runs or is starting
+    os.ftruncate(lock_fd, 0)
+    os.write(lock_fd, str(os.getpid()).encode())  # for `stop`, even while it imports
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is for the stages, which their clients pass on
     signal.signal(signal.SIGTERM, _exit_on_signal)  # `stop`: through the `finally` below
-    import importlib
+    request = None
+    try:
+        import importlib
 
-    from pipeline.cli import stages
-    for module in (*WARM_MODULES, *{m for stage in stages.STAGES for m in stages.stage_modules(stage)}):
-        importlib.import_module(module)
-    with contextlib.suppress(FileNotFoundError):
-        sock_path.unlink()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(sock_path))
-    listener.listen(8)
+        from pipeline.cli import stages
+        for module in (*WARM_MODULES, *{m for stage in stages.STAGES for m in stages.stage_modules(stage)}):
+            importlib.import_module(module)
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(sock_path))
+            listener.listen(8)
+            request = _fork_per_request(listener)
+    finally:
+        if request is None:  # the server's end (a child leaves the files to it)
+            log_path = sock_path.with_suffix(".log")  # kept if something went wrong
+            for path in (sock_path, *([log_path] if _empty(log_path) else []), lock):  # the lock last, still held
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+    if request is not None:
+        os.close(lock_fd)
+    return request
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return False
+
+
+def _fork_per_request(listener: socket.socket) -> dict[str, Any] | None:
+    """The server's loop: a child per request, its status to its client when it ends. Returns
+    the request in each child; None in the server once idle for PIPELINE_WARM_IDLE_S."""
     children: dict[int, socket.socket] = {}  # a running stage's pid: its client's connection
-    child = False
     idle_s = float(os.environ.get(f"{ENV}_IDLE_S", IDLE_S))
     idle_since = time.monotonic()
     try:
@@ -229,24 +254,22 @@ def serve(name: str) -> dict[str, Any] | None:
             if listener in ready:
                 conn, _ = listener.accept()
                 request = _receive(conn)
-                if request is not None:
-                    for stream in (sys.stdout, sys.stderr):  # nothing of ours for the stage's streams
-                        stream.flush()
-                    pid = os.fork()
-                    if pid == 0:
-                        listener.close()
-                        for other in (conn, *children.values()):
-                            other.close()
-                        os.close(lock_fd)
-                        children, child = {}, True  # the `finally` below is the server's
-                        return _become(request)
-                    for fd in request["fds"]:
-                        os.close(fd)
-                    with contextlib.suppress(OSError):
-                        conn.sendall(_HEADER.pack(pid))
-                    children[pid] = conn
-                else:
+                if request is None:
                     conn.close()
+                    continue
+                for stream in (sys.stdout, sys.stderr):  # nothing of ours for the stage's streams
+                    stream.flush()
+                pid = os.fork()
+                if pid == 0:
+                    for other in (conn, *children.values()):
+                        other.close()
+                    children = {}  # (for the `finally` below: the server's alone)
+                    return _become(request)
+                for fd in request["fds"]:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    conn.sendall(_HEADER.pack(pid))
+                children[pid] = conn
             for pid, conn in list(children.items()):
                 if conn in ready:  # a client never writes after its request: it is gone
                     with contextlib.suppress(ProcessLookupError):
@@ -261,15 +284,6 @@ def serve(name: str) -> dict[str, Any] | None:
                     del children[pid]
                     idle_since = time.monotonic()
     finally:
-        if not child:
-            with contextlib.suppress(FileNotFoundError):
-                sock_path.unlink()
-            listener.close()
-            log_path = sock_path.with_suffix(".log")
-            with contextlib.suppress(OSError):
-                if not log_path.stat().st_size:  # nothing went wrong: nothing to keep
-                    log_path.unlink()
-                lock.unlink()  # (still held: a client that opened it just now starts a new server)
         for pid in children:  # stopped under a running stage: it ends as on SIGTERM
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
@@ -325,15 +339,15 @@ def _become(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def stop(name: str | None = None) -> bool:
-    """Stop this code's server (`python -m pipeline.cli.warm stop`); whether one ran."""
-    sock_path, _ = _paths(name or key())
-    sock = _connect(sock_path)
-    if sock is None:
+    """Stop this code's server (`python -m pipeline.cli.warm stop`), ready or still importing;
+    whether one ran. A stage it runs ends as on SIGTERM."""
+    _, lock = _paths(name or key())
+    if not _held(lock):
         return False
-    with sock:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    os.kill(struct.unpack("3i", creds)[0], signal.SIGTERM)
-    return True
+    with contextlib.suppress(ValueError, OSError):
+        os.kill(int(lock.read_text()), signal.SIGTERM)
+        return True
+    return False
 
 
 def main(argv: list[str]) -> int:
@@ -343,9 +357,12 @@ def main(argv: list[str]) -> int:
             return 0
         from pipeline.cli.stages import run_stage
         return run_stage(*request["argv"][:2], watch_dvc=False)
+    if argv == ["start"]:  # ahead of `dvc repro` (make run): its imports overlap DVC's start
+        start_server()
+        return 0
     if argv == ["stop"]:
         return 0 if stop() else 1
-    print("usage: python -m pipeline.cli.warm serve <key> | stop", file=sys.stderr)
+    print("usage: python -m pipeline.cli.warm start | stop | serve <key>", file=sys.stderr)
     return 2
 
 
