@@ -195,3 +195,53 @@ def test_the_key_follows_the_python_the_import_path_the_code_and_load_time_setti
     finally:
         os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert warm.key() == key
+
+
+def test_a_warm_stages_fold_workers_are_forked_by_the_server_and_agree_with_spawned_ones(tmp_path: Path, warm_env):
+    """Parallel folds in a warm cv stage: the pool's workers come from the server (its
+    children beside the stage, with their imports done), and cv.json is the cold stage's."""
+    results = {}
+    for mode in ("cold", "warm"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        cfg = make_cfg(folder, ["model=mlp", "data.split.folds=3", "cv.parallel=true"], epochs=2)
+        ensure_data(cfg)
+        log = folder / "cv.log"
+        most = 0  # the most processes the server had at once
+        with log.open("w") as out:
+            proc = start_stage("cv", cfg, folder, out, warm_env if mode == "warm" else None)
+            while proc.poll() is None:
+                with contextlib.suppress(psutil.Error, ValueError):
+                    [server] = _servers(folder)
+                    most = max(most, len(server.children()))
+                time.sleep(0.1)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        results[mode] = json.loads((folder / "out" / "metrics" / "cv.json").read_text()), most
+    assert results["warm"][0] == results["cold"][0]
+    assert results["cold"][1] == 0
+    assert results["warm"][1] == 3  # the stage and its two workers
+
+
+def test_a_stopped_warm_cv_stage_ends_its_forked_workers(tmp_path: Path, warm_env):
+    """SIGTERM to a warm cv stage's client while its forked workers train: the stage stops
+    them (they are not its children: it signals them by pid), exits 143 and ends its run KILLED."""
+    cfg = make_cfg(tmp_path, ["model=mlp", "data.split.folds=3", "cv.parallel=true",
+                              "regularizer.early_stopping.enabled=false"], epochs=500)
+    ensure_data(cfg)
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:
+        proc = start_stage("cv", cfg, tmp_path, out, warm_env)
+        try:
+            wait_until(lambda: any((tmp_path / "out" / "cv").glob("fold_*/models/last.ckpt")), proc, log)
+            [server] = _servers(tmp_path)
+            forked = server.children()
+            assert len(forked) == 3  # the stage and its two workers
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    _, alive = psutil.wait_procs(forked, timeout=10)
+    assert not alive
+    assert server.is_running()
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as con:
+        assert [s for (s,) in con.execute("SELECT status FROM runs")] == ["KILLED"]

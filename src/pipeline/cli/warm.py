@@ -23,12 +23,14 @@ What keeps this safe:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import pickle
 import select
 import signal
 import socket
@@ -37,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +51,9 @@ READY_WAIT_S = 60  # how long a stage waits for a server still importing, then r
 WARM_MODULES = ("torch", "lightning", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "ray", "ray.tune")
 
 LOAD_TIME_ENV = ("OMP_", "MKL_", "KMP_", "CUDA_", "PYTORCH_", "TORCH_", "LD_", "PYTHON")
-_HEADER = struct.Struct("!Q")
+_server: Path | None = None  # in a server's child: that server's socket
+_HEADER = struct.Struct("!Q")  # a request's length; a child's pid
+_STATUS = struct.Struct("!q")  # a child's exit status, -N if signal N killed it
 log = logging.getLogger(__name__)
 
 
@@ -164,14 +170,16 @@ def delegate(argv: list[str]) -> int | None:
         forwarded = {sig: signal.signal(sig, lambda signum, _: _forward(child, signum))
                      for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
-            reply = _recv_exact(sock, _HEADER.size)
+            reply = _recv_exact(sock, _STATUS.size)
         except OSError:
             reply = None
         finally:
             for sig, previous in forwarded.items():
                 signal.signal(sig, previous)
-    # Without a status the server died under the stage (its child with it): a failure.
-    return 1 if reply is None else _HEADER.unpack(reply)[0]
+    if reply is None:  # the server died under the stage (and the stage with it): a failure
+        return 1
+    code = _STATUS.unpack(reply)[0]
+    return code if code >= 0 else 128 - code  # as a shell reports a signal
 
 
 def _forward(child: int, signum: int) -> None:
@@ -264,7 +272,7 @@ def _fork_per_request(listener: socket.socket) -> dict[str, Any] | None:
                     for other in (conn, *children.values()):
                         other.close()
                     children = {}  # (for the `finally` below: the server's alone)
-                    return _become(request)
+                    return _become(request, Path(listener.getsockname()))
                 for fd in request["fds"]:
                     os.close(fd)
                 with contextlib.suppress(OSError):
@@ -277,9 +285,8 @@ def _fork_per_request(listener: socket.socket) -> dict[str, Any] | None:
             for pid, conn in list(children.items()):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
-                    code = os.waitstatus_to_exitcode(status)  # -N: killed by signal N
                     with contextlib.suppress(OSError):
-                        conn.sendall(_HEADER.pack(code if code >= 0 else 128 - code))
+                        conn.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
                     conn.close()
                     del children[pid]
                     idle_since = time.monotonic()
@@ -301,8 +308,8 @@ def _receive(conn: socket.socket) -> dict[str, Any] | None:
         return None
     conn.settimeout(10)
     try:
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-        if len(fds) != 3 or len(data) < _HEADER.size:
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 4)
+        if len(fds) < 3 or len(data) < _HEADER.size:
             return None
         size = _HEADER.unpack(data[:_HEADER.size])[0]
         data = data[_HEADER.size:]
@@ -317,14 +324,17 @@ def _receive(conn: socket.socket) -> dict[str, Any] | None:
     return {**json.loads(data), "fds": fds}
 
 
-def _become(request: dict[str, Any]) -> dict[str, Any]:
-    """Make this forked child the stage's process, as its client was started."""
+def _become(request: dict[str, Any], server: Path) -> dict[str, Any]:
+    """Make this forked child the stage's process (or a stage's worker), as its client was
+    started; its own pool workers will be forked by `server` too."""
+    global _server
+    _server = server
     os.setpgid(0, 0)  # its own group: the server ends it and what it started at once
     os.chdir(request["cwd"])
     os.umask(request["umask"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for target, fd in enumerate(request["fds"]):
+    for target, fd in enumerate(request["fds"][:3]):
         os.dup2(fd, target)
         os.close(fd)
     # Python's own streams keep their objects (libraries hold them since their import) and
@@ -334,8 +344,64 @@ def _become(request: dict[str, Any]) -> dict[str, Any]:
     sys.stderr.reconfigure(line_buffering=True, write_through=unbuffered)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sys.argv = [str(Path(__file__).with_name("stages.py")), *request["argv"]]
+    sys.argv = [str(Path(__file__).with_name("stages.py")), *request.get("argv", [])]
+    from pipeline.tasks import fold_pool
+    fold_pool.start_workers_with(fork_worker)
     return request
+
+
+# A stage's pool workers -----------------------------------------------------------------
+
+def fork_worker(target: Callable[..., Any], conn: Connection, args: tuple[Any, ...]) -> _Forked | None:
+    """A pool worker running `target(conn, *args)`, forked by the server this stage came
+    from (its imports done: no 8 s wait for torch and Lightning); None if it cannot."""
+    sock = _connect(_server) if _server is not None else None
+    if sock is None:
+        return None
+    call = base64.b64encode(pickle.dumps((target, args))).decode()
+    request = json.dumps({"kind": "worker", "call": call, "cwd": os.getcwd(), "env": dict(os.environ),
+                          "umask": _umask()}).encode()
+    try:
+        socket.send_fds(sock, [_HEADER.pack(len(request)) + request], [0, 1, 2, conn.fileno()])
+        reply = _recv_exact(sock, _HEADER.size)
+    except OSError:
+        reply = None
+    if reply is None:
+        sock.close()
+        return None
+    return _Forked(sock, _HEADER.unpack(reply)[0])
+
+
+class _Forked:
+    """A worker forked by the server, with what `ProcessPool` uses of a `multiprocessing.Process`.
+    Its connection to the server is its sentinel: the server sends the exit status, then
+    closes it; closing it first (this process dying) makes the server kill the worker."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self._sock, self.pid = sock, pid
+        self.sentinel = sock.fileno()
+        self.exitcode: int | None = None
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.exitcode is None and select.select([self._sock], [], [], timeout)[0]:
+            reply = _recv_exact(self._sock, _STATUS.size)
+            self.exitcode = _STATUS.unpack(reply)[0] if reply is not None else -signal.SIGKILL  # server gone
+            self._sock.close()
+
+    def is_alive(self) -> bool:
+        self.join(0)
+        return self.exitcode is None
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        if self.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
 
 
 def stop(name: str | None = None) -> bool:
@@ -354,6 +420,10 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"] and len(argv) == 2:
         request = serve(argv[1])
         if request is None:
+            return 0
+        if request.get("kind") == "worker":
+            target, args = pickle.loads(base64.b64decode(request["call"]))
+            target(Connection(request["fds"][3]), *args)
             return 0
         from pipeline.cli.stages import run_stage
         return run_stage(*request["argv"][:2], watch_dvc=False)

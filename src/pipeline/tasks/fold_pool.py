@@ -14,7 +14,9 @@ not survive a fork), with the environment a Ray task of `threads` CPUs gets: tha
 threads, and no GPU (`CUDA_VISIBLE_DEVICES` empty), so folds train alike on either path. They
 ignore SIGINT: a Ctrl+C reaches the whole process group, and the driver stops them itself
 (`terminate`), as it does on SIGTERM. A worker that dies (SIGKILL, out of memory) fails the task
-it held, which the caller reports; a fresh worker takes its place for the tasks left.
+it held, which the caller reports; a fresh worker takes its place for the tasks left. In a
+warm stage (`PIPELINE_WARM=1`) the workers are forked by the warm server instead, whose
+imports are done (`start_workers_with`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -42,6 +45,21 @@ class RemoteError(RuntimeError):
     """A task raised in its worker; the message holds the worker's traceback."""
 
 
+# How a worker process starts: spawned by the pool, unless the entry layer set another way
+# (`pipeline.cli.warm` forks workers from its server, whose imports are done). Called as
+# `start(target, conn, args)` for a process that runs `target(conn, *args)`; it returns the
+# started process (what the pool uses of `multiprocessing.Process`: pid, sentinel, is_alive,
+# join, exitcode, terminate, kill), or None to have the pool spawn it after all.
+WorkerStart = Callable[[Callable[..., Any], Connection, tuple[Any, ...]], Any]
+_start_elsewhere: WorkerStart | None = None
+
+
+def start_workers_with(start: WorkerStart | None) -> None:
+    """Start this process's pools' workers with `start` (None: spawn them)."""
+    global _start_elsewhere
+    _start_elsewhere = start
+
+
 def worker_env(threads: int) -> dict[str, str]:
     """What a Ray task of `threads` CPUs and no GPU finds in its environment."""
     return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "CUDA_VISIBLE_DEVICES": ""}
@@ -51,6 +69,8 @@ def _serve(conn: Connection, setup: Callable[[], Any] | None, env: Mapping[str, 
     """A worker's life: set up, then run each `(fn, args)` received and send back its result
     (or a `RemoteError`), until told to stop (None) or the driver is gone."""
     os.environ.update(env)
+    if "torch" in sys.modules and "OMP_NUM_THREADS" in env:  # loaded before this (a forked worker):
+        sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))  # the variable came too late
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if setup is not None:
         setup()
@@ -74,7 +94,7 @@ def _serve(conn: Connection, setup: Callable[[], Any] | None, env: Mapping[str, 
 
 @dataclass
 class _Worker:
-    process: multiprocessing.process.BaseProcess
+    process: Any  # a multiprocessing.Process, or what `_start_elsewhere` returned
     conn: Connection
     task: tuple[Any, Callable[..., Any], tuple[Any, ...]] | None = None  # (key, fn, args) under way
 
@@ -101,9 +121,12 @@ class ProcessPool:
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_serve, args=(child, self._setup, self._env), name=self._name,
-                                    daemon=True)  # never outlives the driver, whatever ends it
-        process.start()
+        args = (self._setup, self._env)
+        process = _start_elsewhere(_serve, child, args) if _start_elsewhere is not None else None
+        if process is None:
+            process = self._ctx.Process(target=_serve, args=(child, *args), name=self._name,
+                                        daemon=True)  # never outlives the driver, whatever ends it
+            process.start()
         child.close()
         return _Worker(process, parent)
 
