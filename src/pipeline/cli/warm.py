@@ -2,8 +2,10 @@
 forked from a server that has already imported torch, Lightning, MLflow and Ray.
 
 Every stage that builds a model otherwise pays those imports before its first useful step:
-3-10 s each, six stages a run. The first stage to start (fetch) starts the server in the
-background; it imports while the data stages run, then forks one child per stage. The stage's
+3-10 s each, six stages a run. `python -m pipeline.cli.warm start` (`make run`, before DVC)
+or the first stage starts the server in the background; it imports while DVC and the data
+stages run, then forks one child per stage, and the workers of a stage's parallel folds
+(`fold_pool.start_workers_with`), which would otherwise import for 8 s each. The stage's
 own process stays a thin client: it hands the server its arguments, working directory,
 environment and standard streams (the file descriptors themselves, so output goes straight to
 DVC or the terminal), passes on the signals it gets (SIGINT, SIGTERM, SIGHUP) and exits with
@@ -11,8 +13,9 @@ the child's status. The child runs the stage exactly as `python -m pipeline.cli.
 
 What keeps this safe:
 - The server is keyed by the Python executable, `sys.path` (and site-packages' modification
-  time, which installing or removing a package changes) and every file of this package (path,
-  time, size): changed code gets a new server, and an idle one exits after `IDLE_S`.
+  time, which installing or removing a package changes), the settings libraries read as they
+  load (`LOAD_TIME_ENV`) and every file of this package (path, time, size): changed code gets
+  a new server, and an idle one exits after `IDLE_S`.
 - The server imports only: it runs no torch operation, so no thread pool exists to be broken
   by `fork`. Its socket sits in a folder only this user can open, and it serves this user only.
 - A client that dies (SIGKILL) takes its stage with it: the server kills the child's process
