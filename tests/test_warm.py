@@ -142,7 +142,7 @@ def test_an_idle_server_exits_and_a_stage_without_one_runs_in_its_own_process(tm
     """A server with nothing to do exits after PIPELINE_WARM_IDLE_S and removes its socket; a
     stage that finds no usable folder for servers (not this user's alone) runs itself."""
     cfg = make_cfg(tmp_path, ["model=mlp", "optimizer.lr=-1"])
-    done = _run("train", cfg, tmp_path, {**warm_env, "PIPELINE_WARM_IDLE_S": "1"})
+    done = _run("train", cfg, tmp_path, {**warm_env, "PIPELINE_WARM_IDLE_S": "8"})
     assert done.returncode == 2, done.stdout[-3000:]
     [server] = _servers(tmp_path)
     server.wait(timeout=30)

@@ -50,8 +50,11 @@ from typing import Any
 ENV = "PIPELINE_WARM"
 IDLE_S = 120       # a server with no stage for this long exits (`PIPELINE_WARM_IDLE_S`)
 READY_WAIT_S = 60  # how long a stage waits for a server still importing, then runs on its own
-# What the server imports before it serves: what the stages that build a model import.
-WARM_MODULES = ("torch", "lightning", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "ray", "ray.tune")
+# What the server imports before it serves (6 s here): what every stage that builds a model
+# needs, the sweep's driver (the first of them) included; then, between requests, Lightning
+# (3.4 s; the stages that train) and the stages' own modules.
+WARM_FIRST = ("torch", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "ray", "ray.tune")
+WARM_LATER = ("lightning",)
 
 LOAD_TIME_ENV = ("OMP_", "MKL_", "KMP_", "CUDA_", "PYTORCH_", "TORCH_", "LD_", "PYTHON")
 _server: Path | None = None  # in a server's child: that server's socket
@@ -227,14 +230,15 @@ def serve(name: str) -> dict[str, Any] | None:
         import importlib
 
         from pipeline.cli import stages
-        for module in (*WARM_MODULES, *{m for stage in stages.STAGES for m in stages.stage_modules(stage)}):
+        for module in WARM_FIRST:
             importlib.import_module(module)
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(str(sock_path))
             listener.listen(8)
-            request = _fork_per_request(listener)
+            later = [*WARM_LATER, *dict.fromkeys(m for stage in stages.STAGES for m in stages.stage_modules(stage))]
+            request = _fork_per_request(listener, later)
     finally:
         if request is None:  # the server's end (a child leaves the files to it)
             log_path = sock_path.with_suffix(".log")  # kept if something went wrong
@@ -253,15 +257,20 @@ def _empty(path: Path) -> bool:
         return False
 
 
-def _fork_per_request(listener: socket.socket) -> dict[str, Any] | None:
-    """The server's loop: a child per request, its status to its client when it ends. Returns
-    the request in each child; None in the server once idle for PIPELINE_WARM_IDLE_S."""
+def _fork_per_request(listener: socket.socket, later: list[str]) -> dict[str, Any] | None:
+    """The server's loop: a child per request, its status to its client when it ends, and the
+    `later` modules imported one by one while nothing else is to be done. Returns the request
+    in each child; None in the server once idle for PIPELINE_WARM_IDLE_S."""
+    import importlib
+
     children: dict[int, socket.socket] = {}  # a running stage's pid: its client's connection
     idle_s = float(os.environ.get(f"{ENV}_IDLE_S", IDLE_S))
     idle_since = time.monotonic()
     try:
         while children or time.monotonic() - idle_since < idle_s:
-            ready, _, _ = select.select([listener, *children.values()], [], [], 0.2)
+            ready, _, _ = select.select([listener, *children.values()], [], [], 0 if later else 0.2)
+            if not ready and later:
+                importlib.import_module(later.pop(0))
             if listener in ready:
                 conn, _ = listener.accept()
                 request = _receive(conn)
