@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 
 def wanted() -> bool:
+    """Whether this process is to run its stage warm (`PIPELINE_WARM=1`)."""
     return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -78,7 +79,8 @@ def _folder() -> Path:
 
 
 def key() -> str:
-    """What a server must match to serve this process: its Python, its import path and code."""
+    """What a server must match to serve this process: its Python, import path, code and the
+    settings libraries read as they load."""
     digest = hashlib.sha256(sys.executable.encode())
     # Read once, when the libraries load (OpenMP, MKL, CUDA's and torch's own settings): a
     # server started under other values would not honour this stage's.
@@ -314,26 +316,31 @@ def _exit_on_signal(signum: int, _: Any) -> None:
 
 
 def _receive(conn: socket.socket) -> dict[str, Any] | None:
-    """One request: the stage's arguments, directory, environment, and its three streams."""
+    """One request: the stage's arguments, directory, environment, and its three streams (a
+    worker's request: also its end of the pipe to the pool). None from another user, or if
+    the request is cut short."""
     if conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))[4:8] != \
             struct.pack("i", os.getuid()):
         return None
     conn.settimeout(10)
+    fds: list[int] = []
     try:
         data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 4)
-        if len(fds) < 3 or len(data) < _HEADER.size:
-            return None
-        size = _HEADER.unpack(data[:_HEADER.size])[0]
+        size = _HEADER.unpack(data[:_HEADER.size])[0] if len(data) >= _HEADER.size else -1
         data = data[_HEADER.size:]
-        while len(data) < size:
+        while 0 <= size and len(data) < size:
             chunk = conn.recv(size - len(data))
             if not chunk:
-                return None
+                break
             data += chunk
-    except OSError:
-        return None
-    conn.settimeout(None)
-    return {**json.loads(data), "fds": fds}
+        if len(fds) >= 3 and 0 <= size == len(data):
+            conn.settimeout(None)
+            return {**json.loads(data), "fds": fds}
+    except (OSError, ValueError):  # (a json.JSONDecodeError is a ValueError)
+        pass
+    for fd in fds:
+        os.close(fd)
+    return None
 
 
 def _become(request: dict[str, Any], server: Path) -> dict[str, Any]:
