@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def test_an_idle_server_exits_and_a_stage_without_one_runs_in_its_own_process(tm
 
     assert warm_cli("start") == 0
     deadline = time.monotonic() + 30
-    while not _servers(tmp_path):  # its process starts in the background
+    while not any(lock.read_text() for lock in folder.glob("*.lock")):  # it starts in the background
         assert time.monotonic() < deadline
         time.sleep(0.1)
     [server] = _servers(tmp_path)
@@ -229,3 +230,15 @@ def test_a_stopped_warm_cv_stage_ends_its_forked_workers(tmp_path: Path, warm_en
     assert server.is_running()
     with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as con:
         assert [s for (s,) in con.execute("SELECT status FROM runs")] == ["KILLED"]
+
+
+def test_a_temporary_folder_too_deep_for_a_socket_means_cold_stages(tmp_path: Path, monkeypatch, caplog):
+    """A Unix socket's path has at most 103 bytes (macOS; 107 on Linux): under a deeper TMPDIR
+    no server is started and the stage runs in its own process, saying why."""
+    deep = tmp_path / ("x" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    warm.start_server()
+    assert warm.delegate(["report"]) is None
+    assert "set TMPDIR to a shorter folder" in caplog.text
+    assert not list((deep / f"pipeline-warm-{os.getuid()}").iterdir())

@@ -57,6 +57,7 @@ WARM_FIRST = ("torch", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "ray"
 WARM_LATER = ("lightning",)
 
 LOAD_TIME_ENV = ("OMP_", "MKL_", "KMP_", "CUDA_", "PYTORCH_", "TORCH_", "LD_", "PYTHON")
+MAX_SOCKET_PATH = 103  # bytes of a Unix socket's path: 107 on Linux, 103 on macOS
 _server: Path | None = None  # in a server's child: that server's socket
 _HEADER = struct.Struct("!Q")  # a request's length; a child's pid
 _STATUS = struct.Struct("!q")  # a child's exit status, -N if signal N killed it
@@ -95,12 +96,16 @@ def key() -> str:
     for path in sorted(package.rglob("*.py")):
         info = path.stat()
         digest.update(f"{path}\0{info.st_mtime_ns}\0{info.st_size}\0".encode())
-    return digest.hexdigest()[:20]
+    return digest.hexdigest()[:16]
 
 
 def _paths(name: str) -> tuple[Path, Path]:
     folder = _folder()
-    return folder / f"{name}.sock", folder / f"{name}.lock"
+    sock = folder / f"{name}.sock"
+    if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+        raise OSError(f"{sock} is too long for a socket's path ({len(os.fsencode(sock))} bytes, at most "
+                      f"{MAX_SOCKET_PATH}): set TMPDIR to a shorter folder")
+    return sock, folder / f"{name}.lock"
 
 
 def _held(lock: Path) -> bool:
